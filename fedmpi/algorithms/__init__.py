@@ -1,0 +1,21 @@
+"""Algorithm registry: config ``algorithm`` name → class."""
+from __future__ import annotations
+
+from .base import Algorithm, ClientResult, ClientTask, ModelInfo
+from .fedavg import FedAvg, FedAvgM, FedProx
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedProx)}
+
+
+def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:
+    from ..errors import ConfigError
+
+    try:
+        cls = ALGORITHMS[cfg["algorithm"]]
+    except KeyError:
+        raise ConfigError("algorithm", f"'{cfg['algorithm']}' is not available; choose one of "
+                          f"{', '.join(ALGORITHMS)}") from None
+    return cls(cfg, info)
+
+
+__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "ClientTask", "ModelInfo", "build_algorithm"]

@@ -1,0 +1,70 @@
+"""FedAvg (McMahan et al. 2017), FedAvgM (Hsu et al. 2019) and FedProx (Li et al. 2020)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..aggregate import weighted_average
+from ..comm.codec import ModelUpdate
+from .base import Algorithm, ClientResult, ClientTask
+
+
+class FedAvg(Algorithm):
+    """Clients run local SGD from the global model; the server takes the sample-weighted mean."""
+
+    name = "fedavg"
+    prox_mu = 0.0
+
+    def local_update(self, task: ClientTask, trainer) -> ClientResult:
+        weights, loss, processed = trainer.train(
+            task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
+            client_id=task.client_id, prox_mu=self.prox_mu)
+        return ClientResult(task.client_id, len(task.y), ModelUpdate(weights), loss, processed)
+
+    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
+        self.weights = weighted_average([r.update.values for r in results],
+                                        [r.num_samples for r in results])
+
+
+class FedProx(FedAvg):
+    """FedAvg plus μ/2·‖θ − θ_global‖² in every client's local objective."""
+
+    name = "fedprox"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.prox_mu = cfg["fedprox"]["mu"]
+
+
+def server_momentum_step(weights, averaged, velocity, momentum: float, server_lr: float):
+    """FedAvgM: pseudo-gradient Δ = θ − avg, v ← β·v + Δ, θ ← θ − η·v (float64, cast back)."""
+    new_weights, new_velocity = {}, {}
+    for name, theta in weights.items():
+        delta = theta.astype(np.float64) - averaged[name].astype(np.float64)
+        v = momentum * velocity.get(name, np.zeros_like(delta)) + delta
+        new_velocity[name] = v
+        new_weights[name] = (theta.astype(np.float64) - server_lr * v).astype(np.float32)
+    return new_weights, new_velocity
+
+
+class FedAvgM(FedAvg):
+    """FedAvg whose server applies momentum to the round's pseudo-gradient."""
+
+    name = "fedavgm"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.momentum = cfg["fedavgm"]["momentum"]
+        self.server_lr = cfg["fedavgm"]["server_lr"]
+        self.velocity: dict[str, np.ndarray] = {}
+
+    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
+        averaged = weighted_average([r.update.values for r in results], [r.num_samples for r in results])
+        self.weights, self.velocity = server_momentum_step(
+            self.weights, averaged, self.velocity, self.momentum, self.server_lr)
+
+    def state_dict(self):
+        return {**super().state_dict(), "velocity": self.velocity}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.velocity = state["velocity"]

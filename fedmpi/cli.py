@@ -1,0 +1,191 @@
+"""Command line: ``fedmpi run | info | summarize | plots | sweep`` (see CONTRACT.md)."""
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, FedmpiError
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def _versions() -> dict:
+    import h5py
+    import mpi4py
+    import numpy
+    import torch
+    from mpi4py import MPI
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "mpi4py": mpi4py.__version__,
+            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+
+
+def default_out_path(cfg: dict, config_path: str | None) -> Path:
+    stem = cfg["experiment"] or (Path(config_path).stem if config_path else cfg["data"]["name"])
+    return Path("results") / f"{stem}_{cfg['algorithm']}_seed{cfg['seed']}.h5"
+
+
+def _out_decision(out: Path, resume: bool, force: bool) -> tuple[str, str]:
+    """What rank 0 decides about an existing results file: ('run'|'done'|'error', message)."""
+    checkpoint = out.with_suffix(".ckpt")
+    if resume and checkpoint.exists():
+        return "run", ""
+    if out.exists():
+        if resume:
+            try:
+                import h5py
+
+                with h5py.File(out, "r") as f:
+                    if "finished" in f.attrs:
+                        return "done", f"{out} is already finished; nothing to resume"
+            except OSError:
+                pass
+            return "run", ""   # partial file without checkpoint: start over
+        if not force:
+            return "error", f"{out} exists; pass --force to overwrite it or --resume to continue it"
+    return "run", ""
+
+
+def cmd_run(args) -> int:
+    from .comm.transport import Communicator
+    from .config import load_config
+    from .loop import Run, report_failure
+
+    comm = Communicator()
+    try:
+        cfg = load_config(args.config, args.set or [])
+        if args.progress is not None:
+            cfg["output"]["progress"] = args.progress
+    except ConfigError as exc:
+        # every rank parses the same config and fails the same way: no message exchange needed
+        if comm.is_server:
+            print(f"fedmpi: {exc}", file=sys.stderr)
+        return exc.exit_code
+    comm.wait_mode = cfg["mpi"]["wait"]
+    out = Path(args.out) if args.out else default_out_path(cfg, args.config)
+    decision, message = comm.bcast_object(_out_decision(out, args.resume, args.force) if comm.is_server else None)
+    if decision != "run":
+        if comm.is_server:
+            print(f"fedmpi: {message}", file=sys.stderr)
+        return 0 if decision == "done" else 2
+    progress = cfg["output"]["progress"]
+    run = Run(cfg, comm, out, resume=args.resume, progress=None if progress == "auto" else progress,
+              versions=_versions() if comm.is_server else None, version=__version__,
+              commit=_git_commit() if comm.is_server else "")
+    try:
+        run.setup()
+    except FedmpiError as exc:
+        if comm.is_server:
+            print(f"fedmpi: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        code = run.execute()
+    except BaseException as exc:  # noqa: BLE001 - any failure on any rank ends every rank
+        code = exc.exit_code if isinstance(exc, FedmpiError) else (130 if isinstance(exc, KeyboardInterrupt) else 1)
+        if not isinstance(exc, FedmpiError):
+            traceback.print_exc()
+        report_failure(comm.rank, comm.size, exc)
+        if comm.size > 1:
+            comm.abort(code)
+        return code
+    if comm.is_server and code == 0:
+        print(f"fedmpi: results in {out}", file=sys.stderr)
+    return code
+
+
+def cmd_info(args) -> int:
+    from .report import info_text
+
+    for path in args.files:
+        if not Path(path).exists():
+            print(f"fedmpi: {path}: no such file", file=sys.stderr)
+            return 2
+        print(info_text(path))
+    return 0
+
+
+def cmd_summarize(args) -> int:
+    from .report import read_runs, summarize_table
+
+    runs = read_runs(args.paths)
+    if not runs:
+        print(f"fedmpi: no readable results in {' '.join(args.paths)}", file=sys.stderr)
+        return 2
+    print(summarize_table(runs))
+    return 0
+
+
+def cmd_plots(args) -> int:
+    from .plotting import draw_all
+
+    draw_all(args.results, args.plots)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmpi", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"fedmpi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment (under mpiexec for P > 1 ranks)")
+    run.add_argument("config", help="YAML config file")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key by its dotted name (repeatable)")
+    run.add_argument("--out", help="results file (default: results/<experiment>_<algorithm>_seed<seed>.h5)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the checkpoint beside --out (start afresh if there is none)")
+    run.add_argument("--force", action="store_true", help="overwrite an existing results file")
+    group = run.add_mutually_exclusive_group()
+    group.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
+                       help="print one line per round (for batch logs)")
+    group.add_argument("--quiet", dest="progress", action="store_const", const=False,
+                       help="no progress output")
+    run.set_defaults(func=cmd_run)
+
+    info = sub.add_parser("info", help="summary of result files")
+    info.add_argument("files", nargs="+")
+    info.set_defaults(func=cmd_info)
+
+    summarize = sub.add_parser("summarize", help="table over all runs in directories or files")
+    summarize.add_argument("paths", nargs="*", default=["results"])
+    summarize.set_defaults(func=cmd_summarize)
+
+    plots = sub.add_parser("plots", help="draw every figure from the results files")
+    plots.add_argument("--results", default="results")
+    plots.add_argument("--plots", default="plots")
+    plots.set_defaults(func=cmd_plots)
+
+    try:
+        from .sweep import add_sweep_parser
+    except ImportError:
+        pass
+    else:
+        add_sweep_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FedmpiError as exc:
+        print(f"fedmpi: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -1,0 +1,142 @@
+"""The only code in fedmpi that calls MPI.
+
+Every exchange is a collective on a flat ``uint8`` buffer (payloads) or a pickled object
+(small control messages): broadcast of the global model, scatter of per-rank downloads and device
+state, gather of variable-length client payloads. Each call counts the bytes it moved.
+
+MPI implementations busy-poll inside blocking calls, so a waiting server or idle worker would burn
+a core that training needs when ranks outnumber cores (a laptop, a 2-core CI box). In ``sleep``
+mode every collective is started non-blocking and completed by ``Test`` with a short, growing
+sleep between polls (10 µs up to 2 ms), which frees the core at a latency cost far below one
+round's training time. ``spin`` mode uses the blocking calls, for comparison (bench/overhead.py).
+"""
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+_MAX_SLEEP = 2e-3
+
+
+@dataclass
+class TrafficCounter:
+    payload_bytes: int = 0    # model payload buffers (what upload/download metrics come from)
+    control_bytes: int = 0    # plans, metadata, evaluation results
+
+
+class Communicator:
+    def __init__(self, mpi_comm=None, wait: str = "sleep"):
+        if mpi_comm is None:
+            from mpi4py import MPI
+
+            mpi_comm = MPI.COMM_WORLD
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = mpi_comm
+        self.rank = mpi_comm.Get_rank()
+        self.size = mpi_comm.Get_size()
+        self.wait_mode = wait
+        self.traffic = TrafficCounter()
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def worker_ranks(self) -> list[int]:
+        """Ranks that train clients: 1..P-1, or rank 0 alone when P = 1."""
+        return list(range(1, self.size)) if self.size > 1 else [0]
+
+    # -- waiting ----------------------------------------------------------------------------
+    def _complete(self, request) -> None:
+        if self.wait_mode == "spin":
+            request.Wait()
+            return
+        delay = 1e-5
+        while not request.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_SLEEP)
+
+    # -- buffers ----------------------------------------------------------------------------
+    def bcast_buffer(self, data: np.ndarray | None, *, payload: bool = True) -> np.ndarray:
+        """Root's uint8 buffer to every rank."""
+        length = np.array([0 if data is None else data.size], dtype=np.int64)
+        if self.size > 1:
+            self._complete(self.comm.Ibcast(length, root=0))
+        buf = data if self.is_server else np.empty(int(length[0]), dtype=np.uint8)
+        if self.size > 1 and length[0] > 0:
+            self._complete(self.comm.Ibcast(buf, root=0))
+        self._count(int(length[0]) * (self.size - 1), payload)
+        return buf
+
+    def scatter_buffers(self, per_rank: list[np.ndarray] | None, *, payload: bool = True) -> np.ndarray:
+        """Root sends ``per_rank[r]`` (uint8) to rank r."""
+        if self.size == 1:
+            return per_rank[0]
+        counts = np.array([b.size for b in per_rank], dtype=np.int64) if self.is_server else None
+        my_count = np.zeros(1, dtype=np.int64)
+        self._complete(self.comm.Iscatter(counts, my_count, root=0))
+        recv = np.empty(int(my_count[0]), dtype=np.uint8)
+        if self.is_server:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            send = np.concatenate(per_rank) if counts.sum() else np.zeros(1, np.uint8)
+            spec = [send, counts, displs, self._MPI.BYTE]
+            self._count(int(counts.sum() - counts[0]), payload)
+        else:
+            spec = None
+        self._complete(self.comm.Iscatterv(spec, recv, root=0))
+        return recv
+
+    def gather_buffers(self, data: np.ndarray, *, payload: bool = True) -> list[np.ndarray] | None:
+        """Every rank's uint8 buffer to root, as a list indexed by rank."""
+        if self.size == 1:
+            return [data]
+        my_count = np.array([data.size], dtype=np.int64)
+        counts = np.zeros(self.size, dtype=np.int64) if self.is_server else None
+        self._complete(self.comm.Igather(my_count, counts, root=0))
+        if self.is_server:
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            recv = np.empty(max(int(counts.sum()), 1), dtype=np.uint8)
+            spec = [recv, counts, displs, self._MPI.BYTE]
+        else:
+            spec = None
+        self._complete(self.comm.Igatherv(data, spec, root=0))
+        if not self.is_server:
+            return None
+        self._count(int(counts.sum() - counts[0]), payload)
+        return [recv[d:d + c] for d, c in zip(displs, counts)]
+
+    # -- objects (control messages) ---------------------------------------------------------
+    def bcast_object(self, obj=None):
+        data = _pickle(obj) if self.is_server else None
+        return _unpickle(self.bcast_buffer(data, payload=False))
+
+    def scatter_objects(self, per_rank: list | None):
+        data = [_pickle(o) for o in per_rank] if self.is_server else None
+        return _unpickle(self.scatter_buffers(data, payload=False))
+
+    def gather_objects(self, obj) -> list | None:
+        gathered = self.gather_buffers(_pickle(obj), payload=False)
+        return None if gathered is None else [_unpickle(b) for b in gathered]
+
+    def _count(self, nbytes: int, payload: bool) -> None:
+        if payload:
+            self.traffic.payload_bytes += nbytes
+        else:
+            self.traffic.control_bytes += nbytes
+
+    def abort(self, code: int) -> None:
+        """End every rank of the job (used when this rank failed)."""
+        self.comm.Abort(code)
+
+
+def _pickle(obj) -> np.ndarray:
+    return np.frombuffer(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), dtype=np.uint8)
+
+
+def _unpickle(buf: np.ndarray):
+    return pickle.loads(buf.tobytes())

@@ -1,0 +1,49 @@
+"""The two data containers shared by readers, partitioners and the training code."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Partition:
+    """Which samples each client holds.
+
+    ``train_indices[k]`` indexes the dataset's train arrays, ``test_indices[k]`` its TEST
+    arrays (client k's local test set); both int64 and sorted ascending.
+    """
+
+    train_indices: list[np.ndarray]
+    test_indices: list[np.ndarray]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.train_indices)
+
+    def num_samples(self) -> np.ndarray:
+        """Training-set size per client (the FedAvg aggregation weights)."""
+        return np.array([len(ix) for ix in self.train_indices], dtype=np.int64)
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory, already normalised.
+
+    Images are float32 (N, C, H, W); synthetic features float32 (N, D); labels int64 (N,).
+    ``natural_partition`` is set only where the data comes with its own per-user split
+    (LEAF Synthetic).
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    input_shape: tuple
+    natural_partition: Partition | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
+                f"classes={self.num_classes}, input_shape={self.input_shape})")

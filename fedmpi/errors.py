@@ -1,0 +1,44 @@
+"""Errors that map to the exit statuses promised in CONTRACT.md."""
+
+
+class FedmpiError(Exception):
+    """Base class; ``exit_code`` is the process exit status the CLI uses."""
+
+    exit_code = 1
+
+
+class ConfigError(FedmpiError):
+    """Bad config or command line: names the key and what is wrong (exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config key '{key}': {problem}")
+
+
+class DataError(FedmpiError):
+    """Missing, truncated or malformed data file: names the path (exit 2)."""
+
+    exit_code = 2
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class DivergenceError(FedmpiError):
+    """Non-finite training loss (exit 3)."""
+
+    exit_code = 3
+
+    def __init__(self, round_: int, client: int, loss: float):
+        super().__init__(f"training diverged at round {round_}, client {client} (loss={loss})")
+
+
+class PreemptedError(FedmpiError):
+    """SIGTERM received: checkpoint written, run can be resumed (exit 75)."""
+
+    exit_code = 75

@@ -1,0 +1,145 @@
+"""Model registry: ``build_model(name, input_shape, num_classes)`` and helpers for sparse methods.
+
+A builder is ``builder(input_shape: tuple[int, ...], num_classes: int) -> nn.Module``; it is
+called with an already-normalised shape and raises ``ConfigError("model", ...)`` when the
+model cannot take that shape. To add a model, write a builder and put it in ``MODELS``.
+"""
+from collections.abc import Callable
+
+from torch import nn
+
+from fedmpi.errors import ConfigError
+from fedmpi.models.nets import CIFAR10Net, FEMNISTCNN, MLP, MNISTNet
+
+# Layer types whose ``weight`` sparse methods (FedDST, PruneFL, LotteryFL) mask and whose
+# FLOPs flops.py counts; biases and norm parameters stay dense.
+MASKABLE_LAYER_TYPES = (nn.Conv2d, nn.Linear)
+
+# Input shape of each dataset named in CONTRACT.md, only to tell the user which dataset a
+# model needs; the data package is the authority on shapes.
+_DATASET_SHAPES = {
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+    "svhn": (3, 32, 32),
+    "synthetic": (60,),
+}
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _datasets_with(accepts: Callable[[tuple[int, ...]], bool]) -> str:
+    names = [name for name, shape in _DATASET_SHAPES.items() if accepts(shape)]
+    return ", ".join(names) if names else "none of the built-in datasets"
+
+
+def _shape_error(model: str, needs: str, accepts, got: tuple[int, ...]) -> ConfigError:
+    fitting = [name for name, fits in _ACCEPTS.items() if fits(got)]
+    return ConfigError(
+        "model",
+        f"{model} needs {needs} inputs (data.name: {_datasets_with(accepts)}), "
+        f"data.name gives {_fmt(got)}; models that take {_fmt(got)}: "
+        f"{', '.join(fitting) if fitting else 'none'}",
+    )
+
+
+def _exact(shape: tuple[int, ...]) -> Callable[[tuple[int, ...]], bool]:
+    return lambda got: got == shape
+
+
+def _any_channels_28x28(got: tuple[int, ...]) -> bool:
+    return len(got) == 3 and got[1:] == (28, 28)
+
+
+# Which input shapes each model accepts (used for validation and for the hint in errors).
+_ACCEPTS: dict[str, Callable[[tuple[int, ...]], bool]] = {
+    "mnistnet": _exact((1, 28, 28)),
+    "cifar10net": _exact((3, 32, 32)),
+    "femnist_cnn": _any_channels_28x28,
+    "mlp": lambda got: True,
+}
+
+
+def _build_mnistnet(input_shape, num_classes):
+    if not _ACCEPTS["mnistnet"](input_shape):
+        raise _shape_error("mnistnet", "1x28x28", _ACCEPTS["mnistnet"], input_shape)
+    return MNISTNet(num_classes)
+
+
+def _build_cifar10net(input_shape, num_classes):
+    if not _ACCEPTS["cifar10net"](input_shape):
+        raise _shape_error("cifar10net", "3x32x32", _ACCEPTS["cifar10net"], input_shape)
+    return CIFAR10Net(num_classes)
+
+
+def _build_femnist_cnn(input_shape, num_classes):
+    if not _ACCEPTS["femnist_cnn"](input_shape):
+        raise _shape_error("femnist_cnn", "Cx28x28", _ACCEPTS["femnist_cnn"], input_shape)
+    return FEMNISTCNN(input_shape[0], num_classes)
+
+
+def _build_mlp(input_shape, num_classes):
+    return MLP(input_shape, num_classes)
+
+
+MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
+    "mnistnet": _build_mnistnet,
+    "cifar10net": _build_cifar10net,
+    "femnist_cnn": _build_femnist_cnn,
+    "mlp": _build_mlp,
+}
+
+
+def _normalise_shape(input_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in input_shape)
+        valid = len(shape) > 0 and all(d > 0 and d == orig for d, orig in zip(shape, input_shape))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ConfigError("model", f"input shape must be a non-empty tuple of positive integers, "
+                                   f"got {input_shape!r}")
+    return shape
+
+
+def build_model(name: str, input_shape: tuple, num_classes: int) -> nn.Module:
+    """Build model ``name`` for samples of ``input_shape`` (no batch dim) and ``num_classes``."""
+    if name not in MODELS:
+        raise ConfigError("model", f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    shape = _normalise_shape(input_shape)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError("model", f"number of classes must be a positive integer, got {num_classes!r}")
+    return MODELS[name](shape, num_classes)
+
+
+def maskable_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """state_dict name of each maskable weight -> the Conv2d/Linear module that owns it."""
+    return {
+        (f"{prefix}.weight" if prefix else "weight"): module
+        for prefix, module in model.named_modules()
+        if isinstance(module, MASKABLE_LAYER_TYPES)
+    }
+
+
+def maskable_parameter_names(model: nn.Module) -> list[str]:
+    """The ``weight`` of every Conv2d and Linear, in state_dict order (what sparse methods mask)."""
+    maskable = maskable_weight_modules(model)
+    return [key for key in model.state_dict() if key in maskable]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of scalar parameters (shared parameters counted once); buffers excluded."""
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "MASKABLE_LAYER_TYPES",
+    "MODELS",
+    "build_model",
+    "count_parameters",
+    "maskable_parameter_names",
+    "maskable_weight_modules",
+]

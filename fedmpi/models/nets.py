@@ -1,0 +1,97 @@
+"""Network modules of the suite. Every model returns logits (no softmax): the loss applies it.
+
+Layers that sparse methods mask (Conv2d / Linear) are named submodules, so their weights have
+stable state_dict names (``conv1.weight``, ``fc1.weight``, ...). Parameter-free operations
+(ReLU, max-pool, flatten) are functional calls and add nothing to the state_dict.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MNISTNet(nn.Module):
+    """FedDST's MNIST CNN for 1x28x28 inputs; 261,840 parameters with 10 classes.
+
+    conv(1->10,5) -> maxpool(3,s1) -> relu -> conv(10->20,5) -> maxpool(3,s1) -> relu
+    -> FC 5120->50 -> relu -> FC 50->classes.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, 5)   # 28 -> 24, pool(3,s1) -> 22
+        self.conv2 = nn.Conv2d(10, 20, 5)  # 22 -> 18, pool(3,s1) -> 16
+        self.fc1 = nn.Linear(20 * 16 * 16, 50)
+        self.fc2 = nn.Linear(50, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 3, stride=1))
+        x = F.relu(F.max_pool2d(self.conv2(x), 3, stride=1))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+class CIFAR10Net(nn.Module):
+    """FedDST's CIFAR-10 CNN for 3x32x32 inputs; 782,006 parameters with 10 classes.
+
+    conv(3->6,5) -> maxpool(3,s1) -> relu -> conv(6->16,5) -> maxpool(3,s1) -> relu
+    -> FC 6400->120 -> relu -> FC 120->84 -> relu -> FC 84->classes.
+    Pool-then-relu follows the public FedDST code (bibikar/feddst, models.py); relu and
+    max-pool commute, so the order does not change the function.
+    """
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)   # 32 -> 28, pool(3,s1) -> 26
+        self.conv2 = nn.Conv2d(6, 16, 5)  # 26 -> 22, pool(3,s1) -> 20
+        self.fc1 = nn.Linear(16 * 20 * 20, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(x), 3, stride=1))
+        x = F.relu(F.max_pool2d(self.conv2(x), 3, stride=1))
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class FEMNISTCNN(nn.Module):
+    """LEAF's FEMNIST CNN for Cx28x28 inputs (6,603,710 parameters with 1 channel, 62 classes).
+
+    conv(C->32,5,pad 2) -> relu -> maxpool 2 -> conv(32->64,5,pad 2) -> relu -> maxpool 2
+    -> FC 3136->2048 -> relu -> FC 2048->classes.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 5, padding=2)  # 28 -> 28, pool 2 -> 14
+        self.conv2 = nn.Conv2d(32, 64, 5, padding=2)           # 14 -> 14, pool 2 -> 7
+        self.fc1 = nn.Linear(64 * 7 * 7, 2048)
+        self.fc2 = nn.Linear(2048, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        return self.fc2(x)
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 200 units on the flattened input; any input shape."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, hidden: int = 200):
+        super().__init__()
+        self.fc1 = nn.Linear(math.prod(input_shape), hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)

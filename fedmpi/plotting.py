@@ -1,0 +1,174 @@
+"""Figures and tables from results files (``make plots``).
+
+One set per experiment (config `experiment`, else the dataset name), every algorithm group on
+the same axes: a line for the mean over seeds and, for groups with several seeds, a band from
+the minimum to the maximum seed. Rounds without evaluation (NaN) are left out of the lines.
+Figures are drawn with matplotlib's object API on the Agg canvas, so importing this module
+never changes the caller's pyplot backend.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from fedmpi.report import (
+    RunGroup,
+    budget_summary,
+    budget_table,
+    group_runs,
+    read_runs,
+    summarize_table,
+)
+
+ACCURACY_PANELS = [
+    ("client_accuracy", "client accuracy (mean over clients' local test sets)"),
+    ("test_accuracy", "test accuracy (global test set)"),
+]
+BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
+
+
+def draw_all(results_dir, plots_dir) -> list[Path]:
+    """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths."""
+    results_dir, plots_dir = Path(results_dir), Path(plots_dir)
+    if not results_dir.is_dir() or not any(results_dir.glob("*.h5")):
+        print(f"no results in {results_dir}/*.h5 yet: run `make bench` or "
+              "`python -m fedmpi run CONFIG.yaml --out results/NAME.h5` first")
+        return []
+    runs = read_runs(results_dir)
+    if not runs:
+        print(f"no readable results in {results_dir}/*.h5 (see warnings above)")
+        return []
+    plots_dir.mkdir(parents=True, exist_ok=True)
+
+    written: list[Path] = []
+    groups_by_experiment: dict[str, list[RunGroup]] = {}
+    for group in group_runs(runs):
+        groups_by_experiment.setdefault(group.experiment, []).append(group)
+
+    for experiment, groups in groups_by_experiment.items():
+        stem = _file_stem(experiment)
+        colors = {g.label: _color(i) for i, g in enumerate(groups)}
+        budgets = budget_summary([r for g in groups for r in g.runs])
+        budget = budgets[0].budget_mib_per_client if budgets else None
+
+        figures = [
+            (f"{stem}_accuracy_vs_upload.png", "accuracy vs cumulative upload", "upload",
+             "cumulative upload per client (MiB) = cum_upload_bytes / clients.total",
+             ACCURACY_PANELS),
+            (f"{stem}_accuracy_vs_round.png", "accuracy vs round", "round", "round",
+             ACCURACY_PANELS),
+            (f"{stem}_density_vs_round.png", "global model density vs round", "round", "round",
+             [("density", "density (nonzero fraction of maskable weights)")]),
+            (f"{stem}_accuracy_vs_time.png", "accuracy vs modelled time", "time",
+             "modelled time (s, cumulative sim_seconds under the device profile)",
+             ACCURACY_PANELS),
+        ]
+        for filename, title, x_name, x_label, panels in figures:
+            path = plots_dir / filename
+            drawn = _draw_figure(path, f"{experiment}: {title}", groups, colors, x_name, x_label,
+                                 panels, budget if x_name == "upload" else None)
+            if drawn:
+                written.append(path)
+            else:
+                print(f"skipped {path}: no group has data for it")
+
+        table_path = plots_dir / f"{stem}_budget_table.md"
+        table_path.write_text(budget_table([r for g in groups for r in g.runs]) + "\n")
+        written.append(table_path)
+
+    summary_path = plots_dir / "summary.md"
+    summary_path.write_text("# fedmpi results summary\n\n" + summarize_table(runs) + "\n")
+    written.append(summary_path)
+
+    for path in written:
+        print(f"wrote {path}")
+    return written
+
+
+def _x_values(run, x_name: str) -> np.ndarray:
+    if x_name == "round":
+        return run.round_numbers().astype(float)
+    if x_name == "upload":
+        return run.upload_mib_per_client()
+    if x_name == "time":
+        return run.column("cum_sim_seconds")
+    raise ValueError(f"unknown x axis {x_name!r}")
+
+
+def _aligned(runs, x_name: str, metric: str):
+    """x and metric per run laid out on the union of round numbers: (x[n_runs, R], y[n_runs, R]).
+
+    Seeds are matched by round number, so a run cut short just stops contributing.
+    """
+    all_rounds = np.unique(np.concatenate([r.round_numbers() for r in runs]))
+    xs = np.full((len(runs), all_rounds.size), np.nan)
+    ys = np.full_like(xs, np.nan)
+    for i, run in enumerate(runs):
+        where = np.searchsorted(all_rounds, run.round_numbers())
+        xs[i, where] = _x_values(run, x_name)
+        ys[i, where] = run.column(metric)
+    return xs, ys
+
+
+def _draw_figure(path: Path, title: str, groups, colors, x_name, x_label, panels, budget) -> bool:
+    """One figure, a panel per metric; False (nothing written) if no group has any data."""
+    fig = Figure(figsize=(6.2 * len(panels), 4.6), dpi=110, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    anything = False
+    for ax, (metric, y_label) in zip(axes, panels):
+        for group in groups:
+            runs = [r for r in group.runs if r.rounds_done]
+            if runs:
+                anything |= _plot_group(ax, runs, group, colors[group.label], x_name, metric)
+        if budget is not None and math.isfinite(budget) and budget > 0:
+            ax.axvline(budget, color="0.4", linestyle="--", linewidth=0.9,
+                       label=f"B = {budget:.3g} MiB (sparse run's total)")
+            ax.axvline(2 * budget, color="0.4", linestyle=":", linewidth=0.9, label="2B")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    if not anything:
+        return False
+    fig.suptitle(f"{title}\n({BAND_NOTE})")
+    fig.savefig(path)
+    return True
+
+
+def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str) -> bool:
+    xs, ys = _aligned(runs, x_name, metric)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rounds (no evaluation)
+        x = np.nanmean(xs, axis=0)
+        mean = np.nanmean(ys, axis=0)
+        low, high = np.nanmin(ys, axis=0), np.nanmax(ys, axis=0)
+    keep = np.isfinite(x) & np.isfinite(mean)
+    if not keep.any():
+        return False
+    seeds = len(runs)
+    label = f"{group.label} ({seeds} seed{'s' if seeds > 1 else ''})"
+    # markers only when sparse enough to tell points apart (short runs, eval every k rounds)
+    marker = "o" if keep.sum() <= 40 else None
+    ax.plot(x[keep], mean[keep], color=color, label=label, marker=marker, markersize=3,
+            linewidth=1.5)
+    if seeds > 1:
+        ax.fill_between(x[keep], low[keep], high[keep], color=color, alpha=0.2, linewidth=0)
+    return True
+
+
+def _color(index: int):
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+               "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+    return palette[index % len(palette)]
+
+
+def _file_stem(experiment: str) -> str:
+    """The experiment name made safe for a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("._") or "results"
+

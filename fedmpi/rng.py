@@ -1,0 +1,26 @@
+"""Every random draw in fedmpi derives from (seed, purpose, round, client) -- never from the rank.
+
+``generator(seed, PURPOSE, round, client)`` returns a fresh numpy Generator; ``torch_seed``
+gives an int to seed torch for the same key. Purposes are small fixed integers so that adding
+a new purpose never shifts the streams of the existing ones.
+"""
+import numpy as np
+
+PARTITION = 1
+SAMPLING = 2
+CLIENT = 3
+INIT = 4
+SYNTHETIC = 5
+SERVER = 6
+
+
+def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([int(seed), *(int(k) for k in keys)])
+
+
+def generator(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(seed_sequence(seed, *keys)))
+
+
+def torch_seed(seed: int, *keys: int) -> int:
+    return int(seed_sequence(seed, *keys).generate_state(1, dtype=np.uint64)[0] & 0x7FFF_FFFF_FFFF_FFFF)

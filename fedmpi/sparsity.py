@@ -1,0 +1,306 @@
+"""Sparse-training toolkit shared by FedDST, PruneFL and LotteryFL: layer densities, masks,
+magnitude pruning, gradient regrowth, the cosine readjustment schedule.
+
+Weights, gradients and masks are ``dict[str, np.ndarray]`` keyed by state_dict name, in model
+order (float weights, bool masks). Only the tensors present in the masks are "maskable"; other
+entries (biases, norms) pass through untouched. Everything is deterministic: rankings use stable
+sorts on flat indices, so ties always go to the lower flat index (it ranks first: kept before
+pruned, grown before not grown). No random state is ever consulted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from fedmpi.errors import ConfigError
+
+DISTRIBUTIONS = ("erk", "uniform", "erk_public")
+
+
+# --------------------------------------------------------------------------- layer densities
+
+def _check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not (0.0 <= s < 1.0):  # also rejects NaN
+        raise ConfigError("sparsity", f"must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def _erk_score(shape: tuple) -> float:
+    """RigL's Erdős–Rényi-Kernel score: (sum of the dims) / (product of the dims)."""
+    return float(sum(shape)) / float(math.prod(shape))
+
+
+def layer_densities(shapes: Mapping[str, tuple], sparsity: float,
+                    distribution: str = "erk") -> dict[str, float]:
+    """Per-layer kept fraction for a global target ``sparsity`` (fraction of zeros).
+
+    ``erk`` (default, the paper's): RigL's ERK, density_l = ε·score_l with
+    score_l = sum(shape)/prod(shape); one ε for all layers so that Σ density_l·n_l = (1−S)·Σ n_l.
+    A layer whose density would exceed 1 is made dense and ε is re-solved over the others,
+    repeated until no layer exceeds 1 (capping only raises ε, so capping every exceeding layer
+    at once gives the same result as RigL's one-at-a-time loop).
+
+    ``uniform``: every layer 1−S.
+
+    ``erk_public``: the public FedDST code (bibikar/feddst, models.py ``_weights_by_layer``) —
+    per-layer *sparsity* ∝ (1 − score_l), scaled so Σ s_l·n_l = S·Σ n_l. Since score_l ≪ 1 for
+    all but tiny layers this is nearly uniform, and nothing is capped or redistributed; we clip
+    densities to [0, 1] so the result stays valid (the global density then misses 1−S only if
+    clipping bites). Differences from that code: n_l counts the weight tensor only (the code
+    adds the layer's bias) and counts are rounded by ``kept_counts`` (the code floors). It is
+    an option for reproducing the code, not the paper's distribution.
+    """
+    s = _check_sparsity(sparsity)
+    if distribution not in DISTRIBUTIONS:
+        raise ConfigError("sparse.distribution",
+                          f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+    for name, shape in shapes.items():
+        if len(shape) == 0 or math.prod(shape) <= 0:
+            raise ValueError(f"layer {name!r}: cannot mask a tensor of shape {shape}")
+    if s == 0.0 or not shapes:
+        return {name: 1.0 for name in shapes}
+    if distribution == "uniform":
+        return {name: 1.0 - s for name in shapes}
+
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    scores = {name: _erk_score(shape) for name, shape in shapes.items()}
+    total = sum(sizes.values())
+
+    if distribution == "erk_public":
+        layer_sparsity = {name: 1.0 - scores[name] for name in shapes}
+        weighted = sum(layer_sparsity[name] * sizes[name] for name in shapes)
+        scale = s * total / weighted
+        return {name: min(1.0, max(0.0, 1.0 - scale * layer_sparsity[name])) for name in shapes}
+
+    dense: set[str] = set()
+    while True:
+        free = [name for name in shapes if name not in dense]
+        budget = (1.0 - s) * total - sum(sizes[name] for name in dense)
+        epsilon = budget / sum(scores[name] * sizes[name] for name in free)
+        exceeding = [name for name in free if epsilon * scores[name] > 1.0]
+        if not exceeding:
+            break
+        # Cannot empty `free` for S > 0: the last free layer would need more than all weights.
+        dense.update(exceeding)
+    return {name: 1.0 if name in dense else min(1.0, epsilon * scores[name]) for name in shapes}
+
+
+def kept_counts(shapes: Mapping[str, tuple], densities: Mapping[str, float]) -> dict[str, int]:
+    """Weights to keep per layer: density·n rounded half up, at least 1 if density > 0, at most n."""
+    counts = {}
+    for name, shape in shapes.items():
+        n = math.prod(int(d) for d in shape)
+        density = float(densities[name])
+        if not (0.0 <= density <= 1.0):
+            raise ValueError(f"layer {name!r}: density {density} outside [0, 1]")
+        count = int(math.floor(density * n + 0.5))
+        if density > 0.0:
+            count = max(count, 1)
+        counts[name] = min(count, n)
+    return counts
+
+
+def shapes_of(arrays: Mapping[str, object]) -> dict[str, tuple]:
+    """``{name: shape}`` of numpy arrays or torch tensors."""
+    return {name: tuple(int(d) for d in a.shape) for name, a in arrays.items()}
+
+
+# --------------------------------------------------------------------------- ranking and masks
+
+def _top_flat(scores: np.ndarray, k: int, candidates: np.ndarray | None = None) -> np.ndarray:
+    """Flat indices of the k largest ``scores`` among ``candidates`` (all if None).
+
+    Ties go to the lower flat index: candidates are listed in ascending order and the sort
+    is stable, so equal scores keep that order.
+    """
+    flat = np.asarray(scores).reshape(-1)
+    index = np.arange(flat.size) if candidates is None else np.flatnonzero(candidates)
+    if k <= 0 or index.size == 0:
+        return np.empty(0, dtype=np.int64)
+    order = np.argsort(-flat[index], kind="stable")
+    return index[order[:k]]
+
+
+def magnitude_masks(weights: Mapping[str, np.ndarray], counts: Mapping[str, int],
+                    within: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Per layer in ``counts``, keep the ``counts[l]`` largest-|w| positions (bool masks).
+
+    ``within`` (optional masks) restricts the choice to those positions, e.g. to prune only
+    among currently active weights when some active weights are exactly 0 (LotteryFL,
+    server re-pruning); if fewer candidates than the count exist, all of them are kept.
+    """
+    masks = {}
+    for name, count in counts.items():
+        w = np.asarray(weights[name])
+        count = int(count)
+        if not (0 <= count <= w.size):
+            raise ValueError(f"layer {name!r}: keep count {count} outside [0, {w.size}]")
+        candidates = None if within is None else np.asarray(within[name], dtype=bool).reshape(-1)
+        keep = _top_flat(np.abs(w), count, candidates)
+        mask = np.zeros(w.size, dtype=bool)
+        mask[keep] = True
+        masks[name] = mask.reshape(w.shape)
+    return masks
+
+
+def nonzero_masks(weights: Mapping[str, np.ndarray], names: Iterable[str] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The nonzero pattern of each named weight (all entries if ``names`` is None)."""
+    names = weights.keys() if names is None else names
+    return {name: np.asarray(weights[name]) != 0 for name in names}
+
+
+def apply_masks(weights: Mapping[str, object], masks: Mapping[str, np.ndarray]) -> None:
+    """Zero, in place, every weight outside its mask; values are numpy arrays or torch tensors.
+
+    Uses assignment, not multiplication, so a NaN/inf at a pruned position also becomes 0.
+    Entries of ``weights`` without a mask are left alone.
+    """
+    for name, mask in masks.items():
+        w = weights[name]
+        if isinstance(w, np.ndarray):
+            m = np.asarray(mask, dtype=bool)
+            if m.shape != w.shape:
+                raise ValueError(f"layer {name!r}: mask shape {m.shape} != weight shape {w.shape}")
+            w[~m] = 0
+        else:
+            _zero_outside_torch(name, w, mask)
+
+
+def _zero_outside_torch(name: str, tensor, mask) -> None:
+    import torch
+
+    m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask, dtype=bool))
+    m = m.to(device=tensor.device, dtype=torch.bool)
+    if m.shape != tensor.shape:
+        raise ValueError(f"layer {name!r}: mask shape {tuple(m.shape)} != weight shape "
+                         f"{tuple(tensor.shape)}")
+    with torch.no_grad():
+        tensor.masked_fill_(~m, 0)
+
+
+def apply_masks_torch(module_or_named_params, masks: Mapping[str, object]) -> None:
+    """Zero, in place and under no_grad, every parameter entry outside its mask.
+
+    Takes an ``nn.Module`` (its ``named_parameters()``), a ``{name: tensor}`` mapping or an
+    iterable of ``(name, tensor)``. Call it after every optimizer step: momentum and weight
+    decay move pruned weights off 0 (the momentum buffer keeps the dense gradient), and this
+    puts them back to exactly 0. Masks may be numpy or torch bool arrays.
+    """
+    if hasattr(module_or_named_params, "named_parameters"):
+        params = dict(module_or_named_params.named_parameters())
+    else:
+        params = dict(module_or_named_params)  # a mapping or (name, tensor) pairs
+    for name, mask in masks.items():
+        if name not in params:
+            raise KeyError(f"mask {name!r} has no matching parameter")
+        _zero_outside_torch(name, params[name], mask)
+
+
+def mask_density(masks: Mapping[str, object], shapes: Mapping[str, tuple] | None = None) -> float:
+    """Kept fraction over all masked weights.
+
+    Without ``shapes`` the totals are the mask sizes. With ``shapes``, the totals come from the
+    shapes and a mask entry may also be a plain kept count (e.g. from ``kept_counts``).
+    """
+    kept = 0
+    total = 0
+    for name, mask in masks.items():
+        if shapes is not None and isinstance(mask, (int, np.integer)):
+            kept += int(mask)
+        else:
+            kept += int(np.count_nonzero(np.asarray(mask)))
+        total += math.prod(shapes[name]) if shapes is not None else int(np.asarray(mask).size)
+    return kept / total if total else 1.0
+
+
+def mask_equal(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    """Same names and the same pattern for each."""
+    if a.keys() != b.keys():
+        return False
+    return all(np.array_equal(np.asarray(a[name], dtype=bool), np.asarray(b[name], dtype=bool))
+               for name in a)
+
+
+# --------------------------------------------------------------------------- dynamic sparsity
+
+def prune_and_grow(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
+                   gradients: Mapping[str, np.ndarray], fraction: float, *,
+                   regrow_pruned: bool = True, grow_over_all_positions: bool = False
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One FedDST/RigL mask readjustment; returns (new_weights, new_masks), inputs untouched.
+
+    Per masked layer with a active weights: k = floor(fraction·a) (RigL truncates too, so a
+    layer never moves more than the fraction). Prune the k active weights of smallest |w|
+    (mask False, weight 0), then grow k positions of largest |g| among the positions inactive
+    *after* pruning, so a just-pruned weight may come straight back (the spec's "currently
+    inactive", and RigL's rule). Grown weights start at exactly 0 — including a just-pruned
+    one that is regrown (RigL would keep its old value there; the spec says prune, then grow
+    at 0). The active count is unchanged.
+
+    ``regrow_pruned=False``: candidates are only positions inactive *before* the readjustment;
+    k is then capped at their number so the active count still stays the same.
+
+    ``grow_over_all_positions=True``: the public FedDST code's growth — top-k |g| over all
+    positions, active ones included; each chosen position is set active with weight 0, so an
+    active weight can be reset to 0 and the active count can drop below the target.
+
+    Weights without a mask are copied unchanged; masked weights come back zero outside
+    their new mask.
+    """
+    fraction = float(fraction)
+    if not (0.0 <= fraction <= 1.0):
+        raise ValueError(f"readjustment fraction must be in [0, 1], got {fraction}")
+    readjusted = {}
+    new_masks = {}
+    for name, mask in masks.items():
+        w = np.asarray(weights[name])
+        m = np.asarray(mask, dtype=bool)
+        g = np.asarray(gradients[name])
+        if m.shape != w.shape or g.shape != w.shape:
+            raise ValueError(f"layer {name!r}: shapes differ (weight {w.shape}, mask {m.shape}, "
+                             f"gradient {g.shape})")
+        flat_w = w.reshape(-1).copy()  # a fresh copy whatever the input's memory layout
+        was_active = m.reshape(-1)
+        active = int(np.count_nonzero(was_active))
+        k = int(math.floor(fraction * active))
+        if not regrow_pruned and not grow_over_all_positions:
+            k = min(k, was_active.size - active)
+
+        # Prune = keep the (active - k) largest |w| among the active ones.
+        survivors = _top_flat(np.abs(flat_w), active - k, was_active)
+        new_flat = np.zeros(was_active.size, dtype=bool)
+        new_flat[survivors] = True
+
+        abs_g = np.abs(g.reshape(-1))
+        if grow_over_all_positions:
+            grown = _top_flat(abs_g, k)
+        elif regrow_pruned:
+            grown = _top_flat(abs_g, k, ~new_flat)
+        else:
+            grown = _top_flat(abs_g, k, ~was_active)
+        new_flat[grown] = True
+        flat_w[grown] = 0
+        flat_w[~new_flat] = 0
+        readjusted[name] = flat_w.reshape(w.shape)
+        new_masks[name] = new_flat.reshape(m.shape)
+    # Keep the input's (model) order.
+    new_weights = {name: readjusted[name] if name in readjusted else np.array(w, copy=True)
+                   for name, w in weights.items()}
+    return new_weights, new_masks
+
+
+def cosine_readjust_fraction(alpha: float, round_: int, r_end: int) -> float:
+    """FedDST's readjustment fraction α_r = α/2·(1 + cos(π r / R_end)); 0 for r ≥ R_end."""
+    alpha = float(alpha)
+    if not (0.0 <= alpha <= 1.0):
+        raise ConfigError("feddst.alpha", f"must be in [0, 1], got {alpha!r}")
+    if round_ < 0:
+        raise ValueError(f"round must be >= 0, got {round_}")
+    if round_ >= r_end:
+        return 0.0
+    return alpha / 2.0 * (1.0 + math.cos(math.pi * round_ / r_end))

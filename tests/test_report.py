@@ -1,0 +1,283 @@
+"""Reading results files, summaries, the upload-budget table and the figures."""
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fake_results import MIB, make_config, make_rounds, write_fake_run
+from fedmpi.errors import DataError
+from fedmpi.plotting import draw_all
+from fedmpi.report import (
+    budget_summary,
+    budget_table,
+    group_key,
+    group_runs,
+    info_text,
+    read_run,
+    read_runs,
+    summarize_table,
+)
+
+NAN = math.nan
+# Accuracies per round; NaN = round not evaluated. Dense uploads 1 MiB per client per round,
+# the sparse run a quarter of that, so after 8 rounds it has uploaded 2 MiB per client (= B).
+FEDAVGM_SEED0 = [0.10, 0.20, NAN, 0.35, 0.40, NAN, 0.50, 0.55]
+FEDAVGM_SEED1 = [0.12, 0.18, NAN, 0.33, 0.45, NAN, 0.52, 0.60]
+FEDDST_SEED0 = [0.15, 0.30, NAN, 0.45, 0.50, NAN, 0.58, 0.62]
+CLIENTS = 10
+DENSE_UPLOAD_PER_ROUND = CLIENTS * MIB
+SPARSE_UPLOAD_PER_ROUND = CLIENTS * MIB // 4
+
+
+@pytest.fixture
+def results(tmp_path):
+    """Two seeds of dense FedAvgM and one sparse FedDST run, in tmp_path/results."""
+    directory = tmp_path / "results"
+    directory.mkdir()
+    arrays = {
+        "fedavgm_s0": make_rounds(FEDAVGM_SEED0, DENSE_UPLOAD_PER_ROUND),
+        "fedavgm_s1": make_rounds(FEDAVGM_SEED1, DENSE_UPLOAD_PER_ROUND),
+        "feddst_s0": make_rounds(FEDDST_SEED0, SPARSE_UPLOAD_PER_ROUND, density=0.2,
+                                 sim_seconds_per_round=1.0),
+    }
+    configs = {
+        "fedavgm_s0": make_config("fedavgm", seed=0),
+        # a different data root is output-only: still the same group
+        "fedavgm_s1": make_config("fedavgm", seed=1, data={**make_config()["data"], "root": "/x"}),
+        "feddst_s0": make_config("feddst", seed=0, sparsity=0.8),
+    }
+    for name in arrays:
+        write_fake_run(directory / f"{name}.h5", configs[name], arrays[name])
+    return directory, arrays
+
+
+def test_read_run_returns_config_attributes_and_rounds(results):
+    directory, arrays = results
+    run = read_run(directory / "feddst_s0.h5")
+    assert run.config["algorithm"] == "feddst" and run.config["sparsity"] == 0.8
+    assert run.finished
+    assert run.attrs["mpi_size"] == 3 and run.attrs["git_commit"] == "abc1234"
+    assert run.rounds_done == 8 and run.rounds_total == 8
+    for name, values in arrays["feddst_s0"].items():
+        np.testing.assert_array_equal(run.rounds[name], values)
+    assert run.rounds["cum_upload_bytes"].dtype == np.int64
+    assert run.final("client_accuracy") == 0.62 and run.best("test_accuracy") == pytest.approx(0.57)
+    np.testing.assert_allclose(run.upload_mib_per_client(), 0.25 * np.arange(1, 9))
+    assert len(run.clients["client_id"]) == 8 * 5
+
+
+def test_missing_optional_datasets_are_rebuilt_or_tolerated(tmp_path):
+    rounds = make_rounds([0.1, 0.2, 0.3], DENSE_UPLOAD_PER_ROUND)
+    path = write_fake_run(tmp_path / "old.h5", make_config(rounds=3), rounds, versions=False,
+                          omit=("cum_download_bytes", "cum_wall_seconds", "cum_sim_seconds",
+                                "train_flops", "cum_train_flops"))
+    run = read_run(path)
+    np.testing.assert_array_equal(run.rounds["cum_sim_seconds"], np.cumsum(rounds["sim_seconds"]))
+    np.testing.assert_array_equal(run.rounds["cum_download_bytes"],
+                                  np.cumsum(rounds["download_bytes"]))
+    assert "cum_train_flops" not in run.rounds and np.isnan(run.final("cum_train_flops"))
+    text = info_text(path)
+    assert "versions:" in text and "not recorded" in text
+
+
+def test_info_text_reports_the_run(results):
+    directory, _ = results
+    text = info_text(directory / "fedavgm_s1.h5")
+    assert "fedavgm" in text and "fashion_mnist" in text and "shards" in text and "mnistnet" in text
+    assert "10 total, 5 per round" in text
+    assert "8/8 done, finished" in text
+    assert "final 0.6000 (round 8), best 0.6000 (round 8)" in text  # client_accuracy
+    assert "80.00 MiB total (8.00 MiB per client)" in text  # upload: 8 rounds × 10 MiB
+    assert "160.00 MiB total" in text  # download
+    assert "mpi_size: " in text and "3" in text.split("mpi_size:")[1].splitlines()[0]
+    assert "torch 2.3.0" in text
+
+
+def test_group_key_groups_seeds_and_labels_groups(results, tmp_path):
+    directory, _ = results
+    runs = {r.path.stem: r for r in read_runs(directory)}
+    assert group_key(runs["fedavgm_s0"]) == group_key(runs["fedavgm_s1"])
+    assert group_key(runs["fedavgm_s0"]) != group_key(runs["feddst_s0"])
+
+    groups = group_runs(runs.values())
+    assert [(g.label, len(g.runs), g.seeds) for g in groups] == [
+        ("fedavgm", 2, [0, 1]), ("feddst S=0.8", 1, [0])]
+
+    # a second FedDST setting in the same experiment: the differing setting enters the label
+    other = make_config("feddst", seed=0, sparsity=0.8,
+                        feddst={"alpha": 0.01, "readjust_every": 2, "r_end": 4})
+    path = write_fake_run(tmp_path / "feddst_alpha.h5", other,
+                          make_rounds(FEDDST_SEED0, SPARSE_UPLOAD_PER_ROUND, density=0.2))
+    labels = [g.label for g in group_runs([*runs.values(), read_run(path)])]
+    assert labels == ["fedavgm", "feddst S=0.8 alpha=0.01", "feddst S=0.8 alpha=0.05"]
+
+
+def _table_row(table: str, label: str) -> list[str]:
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) > 1 and label in cells:
+            return cells
+    raise AssertionError(f"no row {label!r} in\n{table}")
+
+
+def test_summarize_table_means_over_seeds(results):
+    directory, arrays = results
+    table = summarize_table(read_runs(directory))
+    headers = [c.strip() for c in table.splitlines()[0].strip("|").split("|")]
+    row = dict(zip(headers, _table_row(table, "fedavgm")))
+
+    finals = [arrays[k]["client_accuracy"][-1] for k in ("fedavgm_s0", "fedavgm_s1")]
+    test_finals = [arrays[k]["test_accuracy"][-1] for k in ("fedavgm_s0", "fedavgm_s1")]
+    uploads = [arrays[k]["cum_upload_bytes"][-1] / MIB for k in ("fedavgm_s0", "fedavgm_s1")]
+    sim = [arrays[k]["cum_sim_seconds"][-1] for k in ("fedavgm_s0", "fedavgm_s1")]
+    assert row["experiment"] == "toy"
+    assert row["seeds (n)"] == "0, 1 (2)"
+    assert row["rounds"] == "8/8"
+    assert row["final client_accuracy"] == f"{np.mean(finals):.4f} ± {np.std(finals, ddof=1):.4f}"
+    assert row["final test_accuracy"] == (
+        f"{np.mean(test_finals):.4f} ± {np.std(test_finals, ddof=1):.4f}")
+    assert row["best client_accuracy"] == f"{np.mean([np.nanmax(FEDAVGM_SEED0), np.nanmax(FEDAVGM_SEED1)]):.4f}"
+    assert row["cum upload (MiB, all clients)"] == f"{np.mean(uploads):.2f}"
+    assert row["modelled time (s)"] == f"{np.mean(sim):.1f}"
+    assert row["finished"] == "2/2"
+
+    single = dict(zip(headers, _table_row(table, "feddst S=0.8")))
+    assert single["final client_accuracy"] == "0.6200"  # one seed: no ± part
+
+
+def test_budget_table_against_hand_computation(results):
+    directory, _ = results
+    runs = read_runs(directory)
+    [summary] = budget_summary(runs)
+    # B = FedDST's final upload per client: 8 rounds × 0.25 MiB.
+    assert summary.experiment == "toy"
+    assert summary.budget_mib_per_client == pytest.approx(2.0)
+    rows = {row.label: row for row in summary.rows}
+    # FedAvgM uploads 1 MiB/client/round: rounds 1–2 fit B, rounds 1–4 fit 2B (round 3 not evaluated)
+    assert rows["fedavgm"].best_within_budget == pytest.approx(np.mean([0.20, 0.18]))
+    assert rows["fedavgm"].best_within_2budget == pytest.approx(np.mean([0.35, 0.33]))
+    assert rows["fedavgm"].final == pytest.approx(np.mean([0.55, 0.60]))
+    assert rows["fedavgm"].best == pytest.approx(np.mean([0.55, 0.60]))
+    assert rows["fedavgm"].final_upload_mib_per_client == pytest.approx(8.0)
+    assert rows["feddst S=0.8"].best_within_budget == pytest.approx(0.62)
+    assert rows["feddst S=0.8"].best_within_2budget == pytest.approx(0.62)
+
+    table = budget_table(runs)
+    assert "B = 2.000 MiB per client" in table and "set by feddst S=0.8" in table
+    assert _table_row(table, "fedavgm")[3:5] == ["0.1900", "0.3400"]
+
+    # test_accuracy is client_accuracy − 0.05 in the fixture
+    [summary] = budget_summary(runs, metric="test_accuracy")
+    assert {r.label: r for r in summary.rows}["fedavgm"].best_within_budget == pytest.approx(0.14)
+
+
+def test_budget_without_sparse_group_uses_smallest_upload(results):
+    directory, _ = results
+    runs = [r for r in read_runs(directory) if r.algorithm == "fedavgm"]
+    [summary] = budget_summary(runs)
+    assert summary.budget_mib_per_client == pytest.approx(8.0)
+    assert "no sparse group" in summary.budget_source
+
+
+def test_draw_all_writes_figures_and_tables(results, tmp_path, capsys):
+    directory, _ = results
+    plots = tmp_path / "plots"
+    written = draw_all(directory, plots)
+    expected = {f"toy_{kind}.png" for kind in
+                ("accuracy_vs_upload", "accuracy_vs_round", "density_vs_round", "accuracy_vs_time")}
+    expected |= {"toy_budget_table.md", "summary.md"}
+    assert {p.name for p in written} == expected
+    for path in written:
+        assert path.parent == plots and path.stat().st_size > 0
+    for name in expected:
+        if name.endswith(".png"):
+            assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| fedavgm" in (plots / "toy_budget_table.md").read_text()
+    assert "feddst S=0.8" in (plots / "summary.md").read_text()
+    out = capsys.readouterr().out
+    assert all(f"wrote {plots / name}" in out for name in expected)
+
+
+def test_draw_all_without_results_prints_hint(tmp_path, capsys):
+    assert draw_all(tmp_path / "results", tmp_path / "plots") == []
+    assert "no results" in capsys.readouterr().out
+    assert not (tmp_path / "plots").exists()
+
+
+def test_file_without_finished_is_unfinished(tmp_path):
+    rounds = make_rounds([0.1, 0.2, 0.3], DENSE_UPLOAD_PER_ROUND)
+    path = write_fake_run(tmp_path / "killed.h5", make_config(rounds=8), rounds, finished=False)
+    run = read_run(path)
+    assert not run.finished and run.rounds_done == 3
+    assert "3/8 done, NOT finished" in info_text(path)
+    row = _table_row(summarize_table([run]), "fedavgm")
+    assert row[3] == "3/8" and row[-1] == "0/1"
+
+
+def test_unreadable_files_are_skipped_with_warning(results, capsys):
+    directory, _ = results
+    (directory / "garbage.h5").write_bytes(b"not an hdf5 file at all")
+    with h5py.File(directory / "foreign.h5", "w") as h5:
+        h5["x"] = [1, 2, 3]  # valid HDF5, but no fedmpi config
+    runs = read_runs(directory)
+    assert sorted(r.path.name for r in runs) == ["fedavgm_s0.h5", "fedavgm_s1.h5", "feddst_s0.h5"]
+    err = capsys.readouterr().err
+    assert "warning: skipping" in err and "garbage.h5" in err and "foreign.h5" in err
+    with pytest.raises(DataError, match="garbage.h5"):
+        read_run(directory / "garbage.h5")
+
+
+SWMR_WRITER = textwrap.dedent("""
+    import sys, h5py, numpy as np
+    sys.path.insert(0, sys.argv[2])
+    from fake_results import make_config, make_rounds, write_root_attrs
+    rounds = make_rounds([0.1, 0.2, 0.3, 0.4, 0.5], 1000)
+    h5 = h5py.File(sys.argv[1], "w", libver="latest")
+    write_root_attrs(h5, make_config(rounds=5), finished=False)
+    group = h5.create_group("rounds")
+    for name, values in rounds.items():
+        group.create_dataset(name, shape=(0,), maxshape=(None,), dtype=values.dtype, chunks=(16,))
+    h5.swmr_mode = True
+
+    def append(upto):
+        for name, values in rounds.items():
+            group[name].resize((upto,))
+            group[name][:] = values[:upto]
+        h5.flush()
+
+    append(3)
+    print("ready", flush=True)
+    sys.stdin.readline()
+    append(5)
+    print("appended", flush=True)
+    sys.stdin.readline()
+    h5.close()
+""")
+
+
+def test_read_run_while_writer_appends_in_swmr_mode(tmp_path):
+    path = tmp_path / "live.h5"
+    with subprocess.Popen(
+            [sys.executable, "-c", SWMR_WRITER, str(path), str(Path(__file__).parent)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as writer:
+        try:
+            assert writer.stdout.readline().strip() == "ready"
+            run = read_run(path)
+            assert run.rounds_done == 3 and not run.finished
+            np.testing.assert_allclose(run.rounds["client_accuracy"], [0.1, 0.2, 0.3])
+
+            writer.stdin.write("\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "appended"
+            run = read_run(path)
+            assert run.rounds_done == 5
+            np.testing.assert_array_equal(run.rounds["cum_upload_bytes"], 1000 * np.arange(1, 6))
+        finally:
+            writer.stdin.write("\n")
+            writer.stdin.close()
+            assert writer.wait(timeout=20) == 0
