@@ -35,7 +35,7 @@ BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
 def draw_all(results_dir, plots_dir) -> list[Path]:
     """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths."""
     results_dir, plots_dir = Path(results_dir), Path(plots_dir)
-    if not results_dir.is_dir() or not any(results_dir.glob("*.h5")):
+    if not results_dir.is_dir() or not any(results_dir.rglob("*.h5")):
         print(f"no results in {results_dir}/*.h5 yet: run `make bench` or "
               "`python -m fedmpi run CONFIG.yaml --out results/NAME.h5` first")
         return []

@@ -203,7 +203,7 @@ def read_runs(directory_or_paths) -> list[RunResult]:
     paths: list[Path] = []
     for item in directory_or_paths:
         item = Path(item)
-        paths.extend(sorted(item.glob("*.h5")) if item.is_dir() else [item])
+        paths.extend(sorted(item.rglob("*.h5")) if item.is_dir() else [item])
     runs = []
     for path in paths:
         try:

@@ -464,7 +464,7 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
         "FEDMPI_MODULES": " ".join(settings.modules),
     }))
 
-    command = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(script)]
+    command = ["sbatch", "--parsable", str(script)]
     print(f"{len(runs)} runs to submit; task table {table}")
     if dry_run:
         print(f"dry run, not submitted: {shlex.join(command)}")
@@ -473,20 +473,43 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
         print("sbatch not found: is SLURM installed here? (--dry-run writes the job without it)",
               file=sys.stderr)
         return 1
-    sbatch = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    job_id = sbatch.stdout.readline().strip().split(";")[0]
-    if job_id:
-        print(f"submitted array job {job_id} ({len(runs)} tasks); logs in {job_dir}", flush=True)
-    status = sbatch.wait()
-    if not job_id or (status != 0 and not wait):
-        print(f"sbatch failed with exit status {status}", file=sys.stderr)
-        return status or 1
-    if wait:
-        left = missing_runs(campaign)
-        print(f"job {job_id} ended; {len(campaign.runs) - len(left)} of {len(campaign.runs)} "
-              "runs finished")
-        return 0 if not left else 1
-    return 0
+    sbatch = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    job_id = sbatch.stdout.strip().split(";")[0]
+    if sbatch.returncode != 0 or not job_id:
+        print(f"sbatch failed with exit status {sbatch.returncode}", file=sys.stderr)
+        return sbatch.returncode or 1
+    print(f"submitted array job {job_id} ({len(runs)} tasks); logs in {job_dir}", flush=True)
+    if not wait:
+        return 0
+    if not wait_for_job(job_id):
+        return 1
+    left = missing_runs(campaign)
+    print(f"job {job_id} ended; {len(campaign.runs) - len(left)} of {len(campaign.runs)} runs "
+          "finished")
+    return 0 if not left else 1
+
+
+def wait_for_job(job_id: str) -> bool:
+    """Block until the job (every array task, requeued ones included) has left the queue.
+
+    Polls squeue every second at first, then less often, at most every 15 s. Not
+    ``sbatch --wait``: its poll interval keeps doubling, so it noticed a 12 s job only after 42 s.
+    False when squeue keeps failing.
+    """
+    delay, failures = 1.0, 0
+    while failures < 10:
+        time.sleep(delay)
+        delay = min(delay * 1.5, 15.0)
+        squeue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"],
+                                capture_output=True, text=True)
+        if squeue.returncode == 0 and not squeue.stdout.strip():
+            return True
+        if "Invalid job id" in squeue.stderr:  # already purged from the controller's memory
+            return True
+        failures = 0 if squeue.returncode == 0 else failures + 1
+    print(f"squeue failed 10 times in a row, stopped waiting for job {job_id}: "
+          f"{squeue.stderr.strip()}", file=sys.stderr)
+    return False
 
 
 def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
@@ -517,7 +540,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--account")
     slurm.add_argument("--time", help="time limit per run, e.g. 02:00:00")
     slurm.add_argument("--template", help="sbatch template (default jobs/fedmpi-array.sbatch)")
-    slurm.add_argument("--wait", action="store_true", help="block until the array job ends")
+    slurm.add_argument("--wait", action="store_true",
+                       help="block until the array job has ended; exit 0 if every run finished")
     slurm.add_argument("--dry-run", action="store_true",
                        help="write the task table and sbatch script but do not submit")
     slurm.add_argument("--force", action="store_true",

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .base import Algorithm, ClientResult, ClientTask, ModelInfo
+from .feddst import FedDST, RandomMask
 from .fedavg import FedAvg, FedAvgM, FedProx
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedProx)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask)}
 
 
 def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:

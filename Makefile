@@ -1,0 +1,80 @@
+# fedmpi — `make help` lists the targets.
+#
+# Environment switches (set on the command line, e.g. `make test MPI=system`):
+#   MPI=mpich   (default) mpi4py with the MPICH wheel from PyPI: no system MPI needed
+#   MPI=system  build mpi4py against the MPI whose `mpicc` is on PATH (a cluster's own MPI;
+#               load its module first) and launch with that MPI's `mpiexec`
+#   TORCH_SPEC  what pip installs for torch (default: the pinned CPU build)
+#   PYTHON      interpreter used to create .venv (default python3, needs >= 3.10)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+MPI        ?= mpich
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+ifeq ($(MPI),system)
+MPIEXEC    ?= mpiexec
+else
+MPIEXEC    ?= $(VENV)/bin/mpiexec
+endif
+export OMP_NUM_THREADS=1
+export MPLBACKEND=Agg
+
+BENCH_RANKS  ?= 3
+BENCH_CONFIG ?= bench/fmnist_campaign.yaml
+
+.PHONY: help test test-unit test-mpi bench plots data clean venv
+
+help:
+	@echo "make test    create $(VENV) if missing, install everything, run the whole test suite"
+	@echo "make bench   default local benchmark on Fashion-MNIST under mpiexec, then the figures"
+	@echo "make plots   redraw every figure in plots/ from results/*.h5"
+	@echo "make clean   remove caches and plots (keeps $(VENV) and results/)"
+	@echo "switches: MPI=system (cluster MPI), BENCH_RANKS=$(BENCH_RANKS), TORCH_SPEC='$(TORCH_SPEC)'"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
+	  { echo "fedmpi needs Python >= 3.10 (PYTHON=$(PYTHON))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: anything that depends on torch must find it already installed
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+ifeq ($(MPI),system)
+	$(PY) -m pip install --quiet --no-binary=mpi4py --no-cache-dir mpi4py
+	$(PY) -m pip install --quiet -e ".[test]"
+else
+	$(PY) -m pip install --quiet -e ".[test,mpich]"
+endif
+	$(PY) -c "import torch, mpi4py.MPI, h5py; print('fedmpi env ready: torch', torch.__version__)"
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(MPIEXEC) -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+
+bench: venv data
+	$(PY) -m fedmpi sweep $(BENCH_CONFIG) --local --ranks $(BENCH_RANKS)
+	$(MAKE) plots
+
+plots: venv
+	$(PY) -m fedmpi plots --results results --plots plots
+
+# Fashion-MNIST for the bench: Debian's package when we can install it, else say what to do.
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -f $(FMNIST_DIR)/train-images-idx3-ubyte ]; then \
+	  echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null)) || \
+	  { echo "could not install dataset-fashion-mnist; put the four Fashion-MNIST IDX files in a directory and run: make bench FMNIST_DIR=/that/dir (and set data.root)"; exit 1; }; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR): install Debian's dataset-fashion-mnist (as root) or put the four IDX files (train-images-idx3-ubyte[.gz] ...) in a directory and set data.root in $(BENCH_CONFIG)"; exit 1; \
+	fi
+
+clean:
+	rm -rf .pytest_cache build *.egg-info plots/*.png plots/*.md
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,306 @@
+"""Aggregation rules, FedAvg / FedAvgM / FedProx server and client hooks, client-to-rank assignment."""
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from fedmpi.aggregate import sparse_weighted_average, weighted_average
+from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
+from fedmpi.comm.codec import ModelUpdate
+from fedmpi.config import load_config
+from fedmpi.loop import assign_clients
+
+torch.set_num_threads(1)
+
+
+# ------------------------------------------------------------------------------ weighted_average
+def hand_weighted_average(tensors, weights):
+    """Element by element, Python floats (float64), clients summed in the order given."""
+    total = 0.0
+    for w in weights:
+        total += float(w)
+    out = {}
+    for name in tensors[0]:
+        flat = [t[name].reshape(-1) for t in tensors]
+        result = np.empty(flat[0].size, dtype=np.float32)
+        for i in range(result.size):
+            acc = 0.0
+            for f, w in zip(flat, weights):
+                acc += float(w) * float(f[i])
+            result[i] = np.float32(acc / total)
+        out[name] = result.reshape(tensors[0][name].shape)
+    return out
+
+
+def test_weighted_average_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    tensors = [{"w": rng.standard_normal((4, 5)).astype(np.float32),
+                "b": rng.standard_normal(5).astype(np.float32)} for _ in range(3)]
+    copies = [{n: v.copy() for n, v in t.items()} for t in tensors]
+    weights = [42, 800, 47]
+    got = weighted_average(tensors, weights)
+    want = hand_weighted_average(tensors, weights)
+    assert set(got) == {"w", "b"}
+    for name in want:
+        assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
+        np.testing.assert_array_equal(got[name], want[name])
+    for t, c in zip(tensors, copies):                   # inputs untouched
+        for n in t:
+            np.testing.assert_array_equal(t[n], c[n])
+
+
+def test_weighted_average_sums_in_the_given_client_order():
+    # float64 cancellation: (1e20 + 1) - 1e20 = 0 but (1e20 - 1e20) + 1 = 1
+    a = {"x": np.array([1e20], dtype=np.float32)}
+    b = {"x": np.array([1.0], dtype=np.float32)}
+    c = {"x": np.array([-1e20], dtype=np.float32)}
+    weights = [1.0, 1.0, 1.0]
+    order1, order2 = [a, b, c], [a, c, b]
+    want1, want2 = hand_weighted_average(order1, weights), hand_weighted_average(order2, weights)
+    assert want1["x"][0] != want2["x"][0]             # the order matters for these inputs
+    np.testing.assert_array_equal(weighted_average(order1, weights)["x"], want1["x"])
+    np.testing.assert_array_equal(weighted_average(order2, weights)["x"], want2["x"])
+
+
+def test_weighted_average_with_equal_weights_is_the_mean_and_one_client_is_identity():
+    rng = np.random.default_rng(1)
+    t = rng.standard_normal(100).astype(np.float32)
+    np.testing.assert_array_equal(weighted_average([{"t": t}], [17])["t"], t)
+    two = weighted_average([{"t": t}, {"t": -t}], [3, 3])["t"]
+    np.testing.assert_array_equal(two, np.zeros_like(t))
+
+
+# ------------------------------------------------------------------------------ sparse average
+def test_sparse_weighted_average_matches_hand_computation():
+    rng = np.random.default_rng(2)
+    n = 8
+    weights = [10, 30, 7]
+    # masks per position: kept by (0,1,2), (0,2), (1), (), (2), (0,1), (0), (1,2)
+    keepers = [(0, 1, 2), (0, 2), (1,), (), (2,), (0, 1), (0,), (1, 2)]
+    masks = [{"w": np.array([k in kept for kept in keepers])} for k in range(3)]
+    tensors = []
+    for k in range(3):
+        # values outside a client's mask are garbage: the rule must ignore them
+        tensors.append({"w": (rng.standard_normal(n) * 5).astype(np.float32),
+                        "b": rng.standard_normal(3).astype(np.float32)})
+    out, union = sparse_weighted_average(tensors, masks, weights)
+
+    want = np.zeros(n, dtype=np.float32)
+    for i, kept in enumerate(keepers):
+        num, den = 0.0, 0.0
+        for k in kept:
+            num += weights[k] * float(tensors[k]["w"][i])
+            den += weights[k]
+        want[i] = np.float32(num / den) if den > 0 else np.float32(0)
+    np.testing.assert_array_equal(out["w"], want)
+    # a weight kept by one client only is that client's value; one kept by none is 0
+    assert out["w"][2] == tensors[1]["w"][2]
+    assert out["w"][6] == tensors[0]["w"][6]
+    assert out["w"][3] == 0.0
+    np.testing.assert_array_equal(union["w"], np.array([len(kept) > 0 for kept in keepers]))
+    assert not union["w"][3]
+    assert set(union) == {"w"}                         # unmasked tensors have no union mask
+    # the unmasked tensor gets the plain sample-weighted mean
+    np.testing.assert_array_equal(out["b"], hand_weighted_average(tensors, weights)["b"])
+    assert out["w"].dtype == out["b"].dtype == np.float32
+
+
+def test_sparse_average_with_full_masks_equals_weighted_average():
+    rng = np.random.default_rng(3)
+    tensors = [{"w": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(3)]
+    masks = [{"w": np.ones((3, 4), dtype=bool)} for _ in range(3)]
+    weights = [5, 1, 9]
+    out, union = sparse_weighted_average(tensors, masks, weights)
+    np.testing.assert_array_equal(out["w"], weighted_average(tensors, weights)["w"])
+    assert union["w"].all()
+
+
+# ------------------------------------------------------------------------------ algorithms
+def make_cfg(*overrides):
+    return load_config(None, ["data.name=synthetic", "model=mlp", "clients.total=8", "clients.per_round=3",
+                              "local.batch_size=16", "local.lr=0.05", *overrides])
+
+
+def make_info(shapes):
+    return ModelInfo(shapes=dict(shapes), maskable=[n for n in shapes if n.endswith("weight")], layer_flops={})
+
+
+def client_results(rng, shapes, sizes):
+    return [ClientResult(c, n, ModelUpdate({k: rng.standard_normal(s).astype(np.float32)
+                                            for k, s in shapes.items()}), 0.0, n)
+            for c, n in enumerate(sizes)]
+
+
+SHAPES = {"fc.weight": (6, 4), "fc.bias": (6,)}
+
+
+def test_fedavg_aggregate_is_the_sample_weighted_mean():
+    rng = np.random.default_rng(4)
+    alg = build_algorithm(make_cfg("algorithm=fedavg"), make_info(SHAPES))
+    alg.init_server({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}, np.random.default_rng(0))
+    results = client_results(rng, SHAPES, [40, 120, 7])
+    alg.aggregate(1, results)
+    want = hand_weighted_average([r.update.values for r in results], [40, 120, 7])
+    for name in SHAPES:
+        np.testing.assert_array_equal(alg.global_weights()[name], want[name])
+
+
+def test_fedavgm_two_rounds_follow_the_momentum_formula():
+    beta, eta = 0.8, 0.7
+    rng = np.random.default_rng(5)
+    cfg = make_cfg("algorithm=fedavgm", f"fedavgm.momentum={beta}", f"fedavgm.server_lr={eta}")
+    alg = build_algorithm(cfg, make_info(SHAPES))
+    theta0 = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    alg.init_server({k: v.copy() for k, v in theta0.items()}, np.random.default_rng(0))
+
+    theta = {k: v.astype(np.float64) for k, v in theta0.items()}
+    velocity = {k: np.zeros(s) for k, s in SHAPES.items()}
+    for round_, sizes in ((1, [40, 120, 7]), (2, [13, 50, 99])):
+        results = client_results(rng, SHAPES, sizes)
+        alg.aggregate(round_, results)
+        avg = hand_weighted_average([r.update.values for r in results], sizes)
+        for k in SHAPES:
+            delta = theta[k] - avg[k].astype(np.float64)
+            velocity[k] = beta * velocity[k] + delta
+            theta[k] = (theta[k] - eta * velocity[k]).astype(np.float32).astype(np.float64)
+        for k in SHAPES:
+            np.testing.assert_allclose(alg.global_weights()[k], theta[k], rtol=1e-6, atol=1e-7)
+            assert alg.global_weights()[k].dtype == np.float32
+            np.testing.assert_allclose(alg.velocity[k], velocity[k], rtol=1e-6, atol=1e-7)
+    # after two rounds momentum made a difference: plain FedAvg would give the last average
+    assert not np.allclose(alg.global_weights()["fc.weight"], avg["fc.weight"])
+
+
+def test_fedavgm_state_round_trips_through_state_dict():
+    rng = np.random.default_rng(6)
+    cfg = make_cfg("algorithm=fedavgm")
+    a = build_algorithm(cfg, make_info(SHAPES))
+    a.init_server({k: np.zeros(s, np.float32) for k, s in SHAPES.items()}, np.random.default_rng(0))
+    a.aggregate(1, client_results(rng, SHAPES, [3, 4]))
+    b = build_algorithm(cfg, make_info(SHAPES))
+    b.load_state_dict(a.state_dict())
+    second = client_results(rng, SHAPES, [5, 6])
+    a.aggregate(2, second)
+    b.aggregate(2, second)
+    for k in SHAPES:
+        np.testing.assert_array_equal(a.global_weights()[k], b.global_weights()[k])
+
+
+def test_fedavgm_without_momentum_and_unit_lr_is_fedavg():
+    rng = np.random.default_rng(7)
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    m = build_algorithm(make_cfg("algorithm=fedavgm", "fedavgm.momentum=0", "fedavgm.server_lr=1"),
+                        make_info(SHAPES))
+    f = build_algorithm(make_cfg("algorithm=fedavg"), make_info(SHAPES))
+    for alg in (m, f):
+        alg.init_server({k: v.copy() for k, v in start.items()}, np.random.default_rng(0))
+    for round_ in (1, 2, 3):
+        results = client_results(rng, SHAPES, [10 * round_, 7, 33])
+        m.aggregate(round_, results)
+        f.aggregate(round_, results)
+        for k in SHAPES:
+            np.testing.assert_allclose(m.global_weights()[k], f.global_weights()[k], rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ FedProx locally
+@pytest.fixture(scope="module")
+def local_setup():
+    from fedmpi.models import build_model
+    from fedmpi.training import LocalTrainer
+
+    torch.manual_seed(0)
+    model = build_model("mlp", (12,), 4)
+    cfg = make_cfg("local.batch_size=8", "local.lr=0.1", "local.epochs=2")
+    trainer = LocalTrainer(model, cfg["local"])
+    state = model.state_dict()
+    shapes = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
+    start = {n: state[n].detach().numpy().copy() for n in shapes}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=g)
+    y = torch.randint(0, 4, (64,), generator=g)
+    return trainer, make_info(shapes), start, x, y
+
+
+def local_result(local_setup, *overrides):
+    trainer, info, start, x, y = local_setup
+    alg = build_algorithm(make_cfg(*overrides), info)
+    task = ClientTask(round=3, client_id=2, received=ModelUpdate({k: v.copy() for k, v in start.items()}),
+                      state={}, x=x, y=y, seed=1234)
+    return alg.local_update(task, trainer)
+
+
+def test_fedprox_changes_the_local_result_and_mu_zero_is_fedavg(local_setup):
+    start = local_setup[2]
+    avg = local_result(local_setup, "algorithm=fedavg")
+    again = local_result(local_setup, "algorithm=fedavg")
+    prox0 = local_result(local_setup, "algorithm=fedprox", "fedprox.mu=0")
+    prox = local_result(local_setup, "algorithm=fedprox", "fedprox.mu=2.0")
+    assert avg.num_samples == 64 and avg.samples_processed == 128
+    for name in start:
+        # deterministic in the task seed, and mu = 0 is FedAvg bit for bit
+        np.testing.assert_array_equal(again.update.values[name], avg.update.values[name])
+        np.testing.assert_array_equal(prox0.update.values[name], avg.update.values[name])
+    assert prox0.train_loss == avg.train_loss
+    # training moved the model, and the proximal term changed where it went
+    assert any(not np.array_equal(avg.update.values[n], start[n]) for n in start)
+    assert any(not np.array_equal(prox.update.values[n], avg.update.values[n]) for n in start)
+
+    def drift(r):
+        return sum(float(np.sum((r.update.values[n].astype(np.float64) - start[n]) ** 2)) for n in start)
+
+    # the proximal term pulls towards the starting point
+    assert drift(prox) < drift(avg)
+
+
+# ------------------------------------------------------------------------------ assign_clients
+def loads(assignment, sizes):
+    return {r: sum(sizes[c] for c in cs) for r, cs in assignment.items()}
+
+
+def test_assign_clients_hand_example():
+    sizes = {0: 100, 1: 60, 2: 50, 3: 40, 4: 10}
+    # largest first to the least-loaded rank (ties: lowest rank):
+    # 0->1 (100,0), 1->2 (100,60), 2->2 (100,110), 3->1 (140,110), 4->2 (140,120)
+    assert assign_clients([0, 1, 2, 3, 4], sizes, [1, 2]) == {1: [0, 3], 2: [1, 2, 4]}
+    assert assign_clients([3, 4], sizes, [1, 2, 3]) == {1: [3], 2: [4], 3: []}
+    assert assign_clients([4, 0, 2], sizes, [0]) == {0: [0, 2, 4]}
+
+
+@pytest.mark.parametrize("ranks", [[0], [1], [1, 2], [1, 2, 3], [1, 2, 3, 4, 5, 6, 7]])
+def test_assign_clients_properties(ranks):
+    rng = np.random.default_rng(len(ranks))
+    for trial in range(20):
+        sizes = {c: int(s) for c, s in enumerate(rng.integers(1, 1000, size=30))}
+        clients = sorted(rng.choice(30, size=int(rng.integers(1, 15)), replace=False).tolist())
+        a = assign_clients(clients, sizes, ranks)
+        assert sorted(a) == sorted(ranks)
+        flat = list(itertools.chain.from_iterable(a.values()))
+        assert sorted(flat) == clients                            # every client exactly once
+        assert all(cs == sorted(cs) for cs in a.values())
+        # deterministic and independent of the order the clients are listed in
+        shuffled = list(clients)
+        rng.shuffle(shuffled)
+        assert assign_clients(shuffled, sizes, ranks) == a
+        assert assign_clients(clients, sizes, ranks) == a
+        # balanced: greedy largest-first keeps the spread within the largest client's size
+        load = loads(a, sizes)
+        if len(clients) >= len(ranks):
+            assert max(load.values()) - min(load.values()) <= max(sizes[c] for c in clients)
+            assert all(cs for cs in a.values())
+
+
+def test_assign_clients_balances_skewed_sizes():
+    sizes = {0: 800, 1: 40, 2: 42, 3: 47, 4: 760, 5: 41, 6: 40, 7: 43}
+    clients = list(range(8))
+    a = assign_clients(clients, sizes, [1, 2])
+    load = loads(a, sizes)
+    total = sum(sizes.values())
+    best = min(max(sum(sizes[c] for c in s), total - sum(sizes[c] for c in s))
+               for k in range(9) for s in itertools.combinations(clients, k))
+    # largest-first greedy is within 4/3 of the best split (Graham's bound) ...
+    assert max(load.values()) <= 4 / 3 * best
+    # ... and puts the two big clients on different ranks, unlike dealing clients out by id
+    assert (0 in a[1]) != (4 in a[1])
+    round_robin = {1: clients[0::2], 2: clients[1::2]}
+    assert max(load.values()) < max(loads(round_robin, sizes).values())
