@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "profile": "laptop",   # see fedmpi/timing.py: PROFILES
         "torch": "cpu",        # "cpu", or "cuda" to put each rank on GPU (local rank modulo GPU count)
     },
-    "fedavgm": {"momentum": 0.9, "server_lr": 1.0},
+    "fedavgm": {"momentum": 0.9, "server_lr": 0.1},   # effective step η/(1−β) = 1, as FedAvg
     "fedprox": {"mu": 0.01},
     "feddst": {
         "alpha": 0.05,             # initial readjustment fraction
@@ -154,6 +154,12 @@ def _check_type(key: str, value: Any) -> Any:
         return value
     if float in allowed and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if float in allowed and isinstance(value, str):
+        # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) and bool not in allowed:
         raise ConfigError(key, f"must be {allowed[0].__name__}, got {value!r}")
     if not isinstance(value, allowed):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -55,32 +56,46 @@ def now_iso() -> str:
 
 class ResultsWriter:
     def __init__(self, path: str | Path, attrs: dict, *, resume_rounds: int | None = None):
-        """Create ``path`` (or, with ``resume_rounds``, reopen it and drop rounds after that)."""
+        """Create ``path``; with ``resume_rounds``, rewrite it keeping only rounds up to that one.
+
+        Resuming writes a fresh file rather than reopening the old one: a writer killed with
+        SIGKILL leaves HDF5's "open for SWMR write" flag set, and HDF5 refuses to reopen such a
+        file for writing (readers can still open it with ``swmr=True``).
+        """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_rounds is None:
-            self.file = h5py.File(self.path, "w", libver="latest")
-            for key, value in attrs.items():
-                self.file.attrs[key] = value
-            for group, fields in (("rounds", ROUND_FIELDS), ("clients", CLIENT_FIELDS)):
-                g = self.file.create_group(group)
-                for name, dtype in fields.items():
-                    g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+            self.file = self._create(self.path, attrs)
         else:
+            with h5py.File(self.path, "r", swmr=True) as old:
+                attrs = {k: v for k, v in old.attrs.items() if k != "finished"}
+                kept = {}
+                for group in ("rounds", "clients"):
+                    rounds = old[group]["round"][:]
+                    keep = int(np.searchsorted(rounds, resume_rounds, side="right"))
+                    kept[group] = {name: ds[:keep] for name, ds in old[group].items()}
+            attrs["resumed"] = now_iso()
+            tmp = self.path.with_suffix(".h5.tmp")
+            with self._create(tmp, attrs) as new:
+                for group, columns in kept.items():
+                    for name, values in columns.items():
+                        new[group][name].resize((len(values),))
+                        new[group][name][:] = values
+            os.replace(tmp, self.path)
             self.file = h5py.File(self.path, "r+", libver="latest")
-            if "finished" in self.file.attrs:
-                del self.file.attrs["finished"]
-            self.file.attrs["resumed"] = now_iso()
-            rounds = self.file["rounds"]
-            keep = int(np.searchsorted(rounds["round"][:], resume_rounds, side="right"))
-            for ds in rounds.values():
-                ds.resize((keep,))
-            clients = self.file["clients"]
-            keep_clients = int(np.searchsorted(clients["round"][:], resume_rounds, side="right"))
-            for ds in clients.values():
-                ds.resize((keep_clients,))
         self.file.swmr_mode = True
         self.file.flush()
+
+    @staticmethod
+    def _create(path: Path, attrs: dict) -> h5py.File:
+        f = h5py.File(path, "w", libver="latest")
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for group, fields in (("rounds", ROUND_FIELDS), ("clients", CLIENT_FIELDS)):
+            g = f.create_group(group)
+            for name, dtype in fields.items():
+                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(256,))
+        return f
 
     def append_round(self, round_row: dict, client_rows: list[dict]) -> None:
         self._append(self.file["clients"], CLIENT_FIELDS, client_rows)

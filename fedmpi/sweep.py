@@ -492,14 +492,14 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
 def wait_for_job(job_id: str) -> bool:
     """Block until the job (every array task, requeued ones included) has left the queue.
 
-    Polls squeue every second at first, then less often, at most every 15 s. Not
-    ``sbatch --wait``: its poll interval keeps doubling, so it noticed a 12 s job only after 42 s.
+    Polls squeue after a tenth of the time waited so far (1 s at least, 30 s at most), so the
+    end is seen at most ~10% late without polling a busy controller often. Not ``sbatch --wait``:
+    its poll interval keeps doubling, so it noticed a 12 s job only after 42 s.
     False when squeue keeps failing.
     """
-    delay, failures = 1.0, 0
+    started, failures = time.monotonic(), 0
     while failures < 10:
-        time.sleep(delay)
-        delay = min(delay * 1.5, 15.0)
+        time.sleep(min(max(1.0, 0.1 * (time.monotonic() - started)), 30.0))
         squeue = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"],
                                 capture_output=True, text=True)
         if squeue.returncode == 0 and not squeue.stdout.strip():

@@ -26,7 +26,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={base}/munge/munge.socket
+AuthInfo=socket={base}/munge/munge.socket,cred_expire=5
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 StateSaveLocation={base}/state
@@ -41,7 +41,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1
 MpiDefault=none
 ReturnToService=2
 JobAcctGatherType=jobacct_gather/none

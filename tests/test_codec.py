@@ -271,10 +271,6 @@ def test_decoded_arrays_do_not_alias_the_receive_buffer():
     assert_same_update(decoded, update)
 
 
-@pytest.mark.xfail(strict=True, reason="expected_payload_bytes compares a reference mask to the mask "
-                   "without flattening (np.array_equal on different shapes is False) while encode and "
-                   "decode flatten it: a flat reference mask makes encode send VALUES only but the "
-                   "formula still counts mask bytes")
 def test_expected_bytes_agree_with_encoder_for_a_flat_reference_mask():
     rng = np.random.default_rng(2)
     mask = random_mask(rng, (16, 17), 0.5)

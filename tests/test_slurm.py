@@ -72,3 +72,76 @@ def test_tiny_campaign_completes_as_array_job_and_resubmitting_runs_nothing(clus
     assert "nothing to do" in again.stdout
     assert "submitted" not in again.stdout
     assert list((tmp_path / "results" / "slurm").glob("*.tasks")) == tables
+
+
+def one_run_campaign(tmp_path: Path, name: str):
+    """A campaign of one 30-round run: long enough to signal it while it trains."""
+    spec = yaml.safe_load(TINY_CAMPAIGN.read_text())
+    del spec["grid"], spec["runs"]
+    spec.update(name=name, results_dir="results", set={"rounds": 30})
+    campaign_file = tmp_path / "campaign.yaml"
+    campaign_file.write_text(yaml.safe_dump(spec))
+    (run,) = load_campaign(campaign_file).runs
+    return campaign_file, run
+
+
+def signal_when_training(cluster, run, job_name: str, *scancel_args: str) -> None:
+    """Once rounds are being appended (so every rank handles SIGTERM), scancel the job's task."""
+    deadline = time.monotonic() + 60
+    while not run.result.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    created = run.result.stat().st_mtime_ns
+    while run.result.stat().st_mtime_ns == created and time.monotonic() < deadline:
+        time.sleep(0.1)
+    task = subprocess.run(["squeue", "-h", "--name", job_name, "-o", "%i"],
+                          env=cluster.env, capture_output=True, text=True).stdout.split()
+    assert len(task) == 1, task
+    subprocess.run(["scancel", *scancel_args, task[0]], env=cluster.env, check=True)
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
+    """SIGUSR1 to the batch shell, as --signal=B:USR1@120 sends before the time limit: the run
+    checkpoints and exits 75, the task requeues itself, and the next attempt finishes the run."""
+    campaign_file, run = one_run_campaign(tmp_path, "preempt")
+    command = [sys.executable, "-m", "fedmpi", "sweep", str(campaign_file), "--slurm", "--wait"]
+    started = time.monotonic()
+    sweeper = subprocess.Popen(command, cwd=tmp_path, env={**cluster.env, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        signal_when_training(cluster, run, "fedmpi-preempt", "--batch", "--signal=USR1")
+        output, _ = sweeper.communicate(timeout=100)
+    finally:
+        if sweeper.poll() is None:
+            sweeper.kill()
+    print(output)
+    print(f"time-limited run requeued and finished in {time.monotonic() - started:.1f} s")
+
+    log = "\n".join(p.read_text() for p in (tmp_path / "results" / "slurm").glob("*.out"))
+    assert sweeper.returncode == 0, f"{output}\n{log}"
+    assert "checkpoint written" in log and "requeueing" in log and "(attempt 2)" in log, log
+    assert run_status(run.result) == "finished"
+    import h5py
+
+    with h5py.File(run.result, "r") as f:
+        assert list(f["rounds/round"][:]) == list(range(1, 31))
+    assert not run.result.with_suffix(".ckpt").exists()
+
+
+def test_cancelled_task_stays_cancelled(cluster, tmp_path):
+    """scancel: the run checkpoints and exits 75, but the task is not requeued."""
+    campaign_file, run = one_run_campaign(tmp_path, "cancel")
+    submitted = sweep(cluster, campaign_file, "--slurm")
+    assert submitted.returncode == 0, submitted.stderr
+    signal_when_training(cluster, run, "fedmpi-cancel")
+    (log,) = (tmp_path / "results" / "slurm").glob("*.out")
+    deadline = time.monotonic() + 60
+    while "exited with status" not in log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    text = log.read_text()
+    assert "exited with status 75" in text and "requeueing" not in text, text
+    queue = subprocess.run(["squeue", "-h", "--name", "fedmpi-cancel", "-t", "PENDING"],
+                           env=cluster.env, capture_output=True, text=True).stdout
+    assert not queue.strip(), queue
+    assert run_status(run.result) == "partial"
+    assert run.result.with_suffix(".ckpt").exists()

@@ -152,6 +152,6 @@ def expected_payload_bytes(update: ModelUpdate, reference_masks: dict[str, np.nd
         kept = int(np.count_nonzero(mask))
         total += 4 * kept
         reference = reference_masks.get(name)
-        if reference is None or not np.array_equal(reference, mask):
+        if reference is None or not np.array_equal(reference.reshape(-1), mask.reshape(-1)):
             total += mask_bytes(mask.size, kept)
     return total

@@ -23,6 +23,7 @@ _MAX_SLEEP = 2e-3
 
 @dataclass
 class TrafficCounter:
+    # counted on rank 0, which takes part in every exchange
     payload_bytes: int = 0    # model payload buffers (what upload/download metrics come from)
     control_bytes: int = 0    # plans, metadata, evaluation results
 
@@ -70,7 +71,8 @@ class Communicator:
         buf = data if self.is_server else np.empty(int(length[0]), dtype=np.uint8)
         if self.size > 1 and length[0] > 0:
             self._complete(self.comm.Ibcast(buf, root=0))
-        self._count(int(length[0]) * (self.size - 1), payload)
+        if self.is_server:
+            self._count(int(length[0]) * (self.size - 1), payload)
         return buf
 
     def scatter_buffers(self, per_rank: list[np.ndarray] | None, *, payload: bool = True) -> np.ndarray:

@@ -1,0 +1,614 @@
+"""End-to-end runs of ``python -m fedmpi`` in subprocesses (P = 1 and under mpiexec).
+
+Covers CONTRACT.md "Running one experiment" and "Results file": rank-count independence, the
+results schema, exit statuses for bad configs, failures on one rank (divergence, an exception),
+``fedmpi info``, and kill / SIGTERM followed by ``--resume``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+_LOCAL_MPIEXEC = Path(PY).parent / "mpiexec"
+MPIEXEC = str(_LOCAL_MPIEXEC) if _LOCAL_MPIEXEC.exists() else shutil.which("mpiexec")
+needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec found")
+
+TINY = {
+    "data": {"name": "synthetic", "partition": "natural"},
+    "model": "mlp",
+    "clients": {"total": 8, "per_round": 4},
+    "rounds": 3,
+    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+    "algorithm": "fedavg",
+    "eval": {"every": 1},
+}
+
+# per-round metrics that must agree bit for bit whatever the rank count
+ROUND_METRICS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
+                 "cum_upload_bytes", "cum_download_bytes", "density", "header_bytes", "train_flops"]
+CLIENT_METRICS = ["round", "client_id", "num_samples", "train_loss", "upload_bytes", "download_bytes"]
+
+CONTRACT_ROUNDS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
+                   "cum_upload_bytes", "density", "wall_seconds", "sim_seconds"]
+EXTRA_ROUNDS = ["cum_download_bytes", "header_bytes", "compute_seconds", "cum_wall_seconds", "cum_sim_seconds",
+                "train_flops", "cum_train_flops"]
+CONTRACT_CLIENTS = ["round", "client_id", "rank", "num_samples", "upload_bytes", "download_bytes", "train_loss",
+                    "compute_seconds"]
+CONTRACT_ATTRS = ["config", "fedmpi_version", "git_commit", "mpi_size", "started"]
+
+
+# ------------------------------------------------------------------------------ helpers
+def env() -> dict:
+    e = dict(os.environ)
+    e["OMP_NUM_THREADS"] = "1"
+    e["MPLBACKEND"] = "Agg"
+    e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.pop("SLURM_JOB_ID", None)
+    return e
+
+
+def command(args: list[str], ranks: int = 1, module: bool = True) -> list[str]:
+    base = [PY, "-m", "fedmpi", *args] if module else [PY, *args]
+    if ranks == 1:
+        return base
+    return [MPIEXEC, "-n", str(ranks), *base]
+
+
+def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, module: bool = True):
+    """Run to completion; returns (CompletedProcess, seconds)."""
+    started = time.monotonic()
+    proc = subprocess.run(command(args, ranks, module), cwd=REPO, env=env(), capture_output=True, text=True,
+                          timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def write_config(path: Path, **changes) -> Path:
+    import yaml
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg.update(changes)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_results(path: Path) -> dict:
+    """Everything in a results file. SWMR first: a killed writer leaves the file flagged as open."""
+    try:
+        f = h5py.File(path, "r", swmr=True)
+    except OSError:
+        f = h5py.File(path, "r")
+    with f:
+        return {"attrs": {k: f.attrs[k] for k in f.attrs},
+                "rounds": {k: f["rounds"][k][:] for k in f["rounds"]},
+                "clients": {k: f["clients"][k][:] for k in f["clients"]}}
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return a.tobytes() == b.tobytes()
+
+
+def assert_same_metrics(a: dict, b: dict, rounds=None, what=""):
+    for name in ROUND_METRICS:
+        x, y = a["rounds"][name], b["rounds"][name]
+        if rounds is not None:
+            x, y = x[:rounds], y[:rounds]
+        assert same_bits(x, y), f"{what}rounds/{name}: {x} != {y}"
+    for name in CLIENT_METRICS:
+        x, y = a["clients"][name], b["clients"][name]
+        assert same_bits(x, y), f"{what}clients/{name}: {x} != {y}"
+
+
+def selected_clients(seed: int, round_: int, total: int, per_round: int) -> list[int]:
+    """The server's client sampling, recomputed from (seed, round) as fedmpi.rng defines it."""
+    from fedmpi import rng
+
+    return sorted(int(c) for c in rng.generator(seed, rng.SAMPLING, round_).choice(total, size=per_round,
+                                                                                   replace=False))
+
+
+def mlp_parameter_count() -> int:
+    from fedmpi.config import DEFAULTS
+    from fedmpi.models import build_model
+
+    syn = DEFAULTS["data"]["synthetic"]
+    model = build_model("mlp", (syn["dim"],), syn["classes"])
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(work):
+    return write_config(work / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def runs(work, tiny_cfg):
+    """Results of the tiny config per (algorithm, ranks), each run at most once per module."""
+    cache: dict = {}
+
+    def get(algorithm: str, ranks: int):
+        key = (algorithm, ranks)
+        if key not in cache:
+            out = work / f"{algorithm}_p{ranks}.h5"
+            proc, seconds = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet",
+                                    "--set", f"algorithm={algorithm}"], ranks, timeout=180)
+            assert proc.returncode == 0, f"{algorithm} P={ranks} failed:\n{proc.stderr[-3000:]}"
+            cache[key] = (out, read_results(out), proc)
+        return cache[key]
+
+    return get
+
+
+# ------------------------------------------------------------------------------ rank-count independence
+@needs_mpiexec
+@pytest.mark.parametrize("algorithm, ranks", [("fedavg", [1, 2, 4]), ("fedavgm", [1, 4]), ("fedprox", [1, 4])])
+def test_same_metrics_whatever_the_rank_count(runs, algorithm, ranks):
+    base_path, base, _ = runs(algorithm, ranks[0])
+    assert int(base["attrs"]["mpi_size"]) == ranks[0]
+    assert np.all(base["clients"]["rank"] == 0)                    # P = 1: rank 0 trains everyone
+    for p in ranks[1:]:
+        _, other, _ = runs(algorithm, p)
+        assert int(other["attrs"]["mpi_size"]) == p
+        assert_same_metrics(base, other, what=f"{algorithm} P=1 vs P={p}: ")
+        worker = other["clients"]["rank"]
+        assert set(worker.tolist()) == set(range(1, p))     # every worker rank trained someone
+    # the accuracies are real numbers, not NaN placeholders that would compare equal trivially
+    assert np.all(np.isfinite(base["rounds"]["test_accuracy"]))
+    assert np.all(np.isfinite(base["clients"]["train_loss"]))
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("algorithm", ["fedavgm", "fedprox"])
+def test_algorithm_setting_changes_the_metrics(runs, algorithm):
+    """Guards the comparison above: the algorithm really is applied (otherwise all runs coincide)."""
+    _, fedavg, _ = runs("fedavg", 1)
+    _, other, _ = runs(algorithm, 1)
+    assert same_bits(fedavg["rounds"]["round"], other["rounds"]["round"])
+    assert not same_bits(fedavg["rounds"]["test_loss"], other["rounds"]["test_loss"])
+
+
+# ------------------------------------------------------------------------------ results file
+def test_results_file_schema_and_byte_counts(runs, tiny_cfg):
+    from fedmpi.config import DEFAULTS, load_config
+
+    path, res, proc = runs("fedavg", 1)
+    attrs, rounds, clients = res["attrs"], res["rounds"], res["clients"]
+    for key in CONTRACT_ATTRS + ["finished"]:
+        assert key in attrs, key
+    assert int(attrs["mpi_size"]) == 1
+    for name in CONTRACT_ROUNDS + EXTRA_ROUNDS:
+        assert name in rounds, name
+        assert rounds[name].shape == (TINY["rounds"],), name
+    for name in CONTRACT_CLIENTS:
+        assert name in clients, name
+        assert clients[name].shape == (TINY["rounds"] * TINY["clients"]["per_round"],), name
+    np.testing.assert_array_equal(rounds["round"], np.arange(1, TINY["rounds"] + 1))
+
+    # which clients trained: the server's sampling from (seed, round)
+    for r in range(1, TINY["rounds"] + 1):
+        rows = clients["round"] == r
+        assert clients["client_id"][rows].tolist() == selected_clients(0, r, 8, 4)
+
+    # dense MLP: every client uploads and downloads 4 bytes per parameter
+    dense = 4 * mlp_parameter_count()
+    assert np.all(clients["upload_bytes"] == dense)
+    assert np.all(clients["download_bytes"] == dense)
+    per_round = TINY["clients"]["per_round"]
+    np.testing.assert_array_equal(rounds["upload_bytes"], np.full(TINY["rounds"], per_round * dense))
+    np.testing.assert_array_equal(rounds["download_bytes"], np.full(TINY["rounds"], per_round * dense))
+    np.testing.assert_array_equal(rounds["cum_upload_bytes"], np.cumsum(rounds["upload_bytes"]))
+    np.testing.assert_array_equal(rounds["cum_download_bytes"], np.cumsum(rounds["download_bytes"]))
+    for r in range(1, TINY["rounds"] + 1):
+        rows = clients["round"] == r
+        assert clients["upload_bytes"][rows].sum() == rounds["upload_bytes"][r - 1]
+    np.testing.assert_allclose(rounds["cum_wall_seconds"], np.cumsum(rounds["wall_seconds"]), rtol=1e-9)
+    np.testing.assert_allclose(rounds["cum_sim_seconds"], np.cumsum(rounds["sim_seconds"]), rtol=1e-9)
+    assert np.all(rounds["wall_seconds"] > 0) and np.all(rounds["sim_seconds"] > 0)
+    assert np.all(rounds["density"] > 0.999) and np.all(rounds["density"] <= 1.0)
+    assert np.all((rounds["test_accuracy"] > 0) & (rounds["test_accuracy"] <= 1))
+    assert np.all(np.isfinite(rounds["test_loss"]))
+
+    # config: the fully resolved config, defaults included, as JSON
+    stored = json.loads(attrs["config"])
+    resolved = load_config(tiny_cfg, ["algorithm=fedavg"])
+    resolved["output"]["progress"] = False          # --quiet
+    assert stored == resolved
+    assert stored["fedavgm"]["momentum"] == DEFAULTS["fedavgm"]["momentum"]
+    assert stored["fedprox"]["mu"] == DEFAULTS["fedprox"]["mu"]
+    assert "results in" in proc.stderr
+
+
+def test_info_prints_algorithm_and_accuracy(runs):
+    path, res, _ = runs("fedavg", 1)
+    proc, _ = fedmpi(["info", str(path)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "fedavg" in proc.stdout
+    final = res["rounds"]["test_accuracy"][-1]
+    assert f"{final:.4f}" in proc.stdout
+    assert "finished" in proc.stdout and "NOT finished" not in proc.stdout
+
+
+# ------------------------------------------------------------------------------ bad configs
+# Many short CLI invocations share one interpreter (each would otherwise pay the torch import):
+# the script calls fedmpi.cli.main -- what ``python -m fedmpi`` runs -- once per argv.
+BATCH_SCRIPT = textwrap.dedent("""
+    import contextlib, io, json, sys
+    from fedmpi.cli import main
+
+    results = []
+    for argv in json.loads(open(sys.argv[1]).read()):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                rc = main(argv)
+            except SystemExit as exc:
+                rc = exc.code
+        results.append({"rc": rc, "stderr": err.getvalue()})
+    print(json.dumps(results))
+""")
+
+BAD = [
+    # (id, extra args, texts stderr must contain)
+    ("unknown_key", ["--set", "data.alhpa=1"], ["data.alhpa", "data.alpha"]),
+    ("unknown_section_key", ["--set", "fedavgm.momentom=0.5"], ["fedavgm.momentom", "fedavgm.momentum"]),
+    ("wrong_type", ["--set", "rounds=abc"], ["rounds", "abc"]),
+    ("per_round_gt_total", ["--set", "clients.per_round=9"], ["clients.per_round"]),
+    ("unknown_dataset", ["--set", "data.name=imagenet"], ["data.name", "imagenet"]),
+    ("unknown_model", ["--set", "model=resnet9000"], ["model", "resnet9000"]),
+    ("unknown_algorithm", ["--set", "algorithm=fedfoo"], ["algorithm", "fedfoo"]),
+    ("negative_lr", ["--set", "local.lr=-0.1"], ["local.lr"]),
+]
+
+
+@pytest.fixture(scope="module")
+def cli_batch(work, tiny_cfg, runs):
+    """Bad configs, a missing dataset, a broken YAML file and an existing --out, in one interpreter."""
+    empty = work / "no_fmnist_here"
+    empty.mkdir()
+    broken = work / "broken.yaml"
+    broken.write_text("data: {name: synthetic\nrounds: [")
+    finished_path = runs("fedavg", 1)[0]
+    cases = {}
+    for case, args, needles in BAD:
+        cases[case] = (["run", str(tiny_cfg), "--out", str(work / f"bad_{case}.h5"), "--quiet", *args], needles)
+    cases["missing_data"] = (["run", str(tiny_cfg), "--out", str(work / "bad_missing_data.h5"), "--quiet",
+                              "--set", "data.name=fashion_mnist", "--set", f"data.root={empty}"], [str(empty)])
+    cases["broken_yaml"] = (["run", str(broken), "--out", str(work / "bad_broken_yaml.h5"), "--quiet"],
+                            [str(broken)])
+    cases["existing_out"] = (["run", str(tiny_cfg), "--out", str(finished_path), "--quiet"],
+                             [str(finished_path), "--force"])
+    cases["resume_finished"] = (["run", str(tiny_cfg), "--out", str(finished_path), "--quiet", "--resume"],
+                                ["already finished"])
+    argv_file = work / "batch.json"
+    argv_file.write_text(json.dumps([argv for argv, _ in cases.values()]))
+    script = work / "cli_batch.py"
+    script.write_text(BATCH_SCRIPT)
+    before = finished_path.read_bytes()
+    proc, _ = fedmpi([str(script), str(argv_file)], timeout=120, module=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {case: (res, needles) for (case, (_, needles)), res in zip(cases.items(), results)} | {
+        "_unchanged": finished_path.read_bytes() == before}
+
+
+@pytest.mark.parametrize("case", [b[0] for b in BAD] + ["missing_data", "broken_yaml"])
+def test_bad_config_exits_2_naming_the_key(cli_batch, work, case):
+    res, needles = cli_batch[case]
+    assert res["rc"] == 2, res["stderr"]
+    for needle in needles:
+        assert needle in res["stderr"], (needle, res["stderr"])
+    assert "Traceback" not in res["stderr"]
+    out = work / f"bad_{case}.h5"
+    assert not out.exists() and not out.with_suffix(".ckpt").exists()
+
+
+def test_bad_config_exit_status_of_the_real_command(work, tiny_cfg):
+    out = work / "bad_real.h5"
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "data.alhpa=1"], timeout=60)
+    assert proc.returncode == 2
+    assert "data.alhpa" in proc.stderr and "data.alpha" in proc.stderr
+    assert not out.exists()
+
+
+def test_existing_out_without_force_is_refused(cli_batch):
+    res, needles = cli_batch["existing_out"]
+    assert res["rc"] == 2
+    for needle in needles:
+        assert needle in res["stderr"]
+    assert cli_batch["_unchanged"]
+
+
+def test_resume_of_a_finished_run_does_nothing(cli_batch):
+    res, needles = cli_batch["resume_finished"]
+    assert res["rc"] == 0 and needles[0] in res["stderr"]
+    assert cli_batch["_unchanged"]
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("case, args, needle", [
+    ("unknown_key", ["--set", "data.alhpa=1"], "data.alhpa"),          # fails while parsing, every rank
+    ("unknown_dataset", ["--set", "data.name=imagenet"], "data.name"),  # fails in setup, gathered
+], ids=["unknown_key", "unknown_dataset"])
+def test_bad_config_under_mpiexec_exits_2_reported_once(work, tiny_cfg, case, args, needle):
+    out = work / f"bad_mpi_{case}.h5"
+    proc, seconds = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", *args], ranks=2, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if needle in line]
+    assert len(lines) == 1, proc.stderr                               # rank 0 prints, once
+    assert not out.exists()
+    assert seconds < 30, f"took {seconds:.1f}s"
+
+
+def test_scientific_notation_override_parses_as_float():
+    from fedmpi.config import load_config
+
+    assert load_config(None, ["local.lr=1.0e-3"])["local"]["lr"] == 1e-3
+    assert load_config(None, ["local.lr=0.001"])["local"]["lr"] == 1e-3
+
+
+def test_exponent_without_dot_override_parses_as_float():
+    from fedmpi.config import load_config
+
+    assert load_config(None, ["local.lr=1e-3"])["local"]["lr"] == 1e-3
+
+
+# ------------------------------------------------------------------------------ failures on one rank
+DIVERGE = re.compile(r"training diverged at round (\d+), client (\d+)")
+
+
+@needs_mpiexec
+def test_divergence_under_mpiexec_ends_every_rank_promptly(work, tiny_cfg):
+    out = work / "diverge.h5"
+    # lr = 20 makes the loss NaN a round or two in (1e30 would do too, written as 1.0e+30)
+    proc, seconds = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "local.lr=20.0"],
+                           ranks=3, timeout=120)
+    assert proc.returncode != 0
+    assert seconds < 30, f"took {seconds:.1f}s"
+    match = DIVERGE.search(proc.stderr)
+    assert match, proc.stderr
+    round_, client = int(match.group(1)), int(match.group(2))
+    assert client in selected_clients(0, round_, 8, 4)
+    assert re.search(r"fedmpi: rank [12]: training diverged", proc.stderr), proc.stderr
+    # the results file stays readable and holds every round before the failure, unfinished
+    res = read_results(out)
+    assert "finished" not in res["attrs"]
+    np.testing.assert_array_equal(res["rounds"]["round"], np.arange(1, round_))
+    assert len(res["clients"]["round"]) == 4 * (round_ - 1)
+    if round_ > 1:
+        assert np.all(np.isfinite(res["rounds"]["test_accuracy"]))
+    # and fedmpi's own reader copes with it
+    info, _ = fedmpi(["info", str(out)], timeout=60)
+    assert info.returncode == 0 and "NOT finished" in info.stdout, info.stderr
+
+
+@needs_mpiexec
+def test_aborted_run_file_opens_as_swmr_reader(work, tiny_cfg):
+    """A killed SWMR writer leaves HDF5's write flag set: the file opens with swmr=True (what
+    fedmpi's readers use, documented in the README), every completed round intact."""
+    out = work / "diverge.h5"
+    if not out.exists():
+        proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "local.lr=20.0"],
+                         ranks=3, timeout=120)
+        assert proc.returncode != 0
+    with h5py.File(out, "r", swmr=True) as f:
+        rounds = f["rounds/round"][:]
+        assert np.array_equal(rounds, np.arange(1, len(rounds) + 1))
+        assert all(f["rounds"][k].shape == rounds.shape for k in f["rounds"])
+
+
+FAILING_SCRIPT = textwrap.dedent("""
+    import sys
+    from mpi4py import MPI
+    import fedmpi.algorithms as algorithms
+    from fedmpi.algorithms.fedavg import FedAvg
+    from fedmpi.cli import main
+
+    FAIL_CLIENT = int(sys.argv[1])
+
+    class FailingFedAvg(FedAvg):
+        name = "fedavg"
+
+        def local_update(self, task, trainer):
+            if task.client_id == FAIL_CLIENT:
+                raise RuntimeError(f"injected failure of client {task.client_id} in round {task.round} "
+                                   f"on rank {MPI.COMM_WORLD.Get_rank()}")
+            return super().local_update(task, trainer)
+
+    algorithms.ALGORITHMS["fedavg"] = FailingFedAvg
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@needs_mpiexec
+def test_exception_on_one_worker_ends_every_rank_with_its_message(work, tiny_cfg):
+    fail_client = 2
+    first = next((r for r in range(1, TINY["rounds"] + 1) if fail_client in selected_clients(0, r, 8, 4)), None)
+    assert first is not None, "client 2 is never sampled: pick another client"
+    script = work / "failing_worker.py"
+    script.write_text(FAILING_SCRIPT)
+    out = work / "worker_failure.h5"
+    proc, seconds = fedmpi([str(script), str(fail_client), "run", str(tiny_cfg), "--out", str(out), "--quiet"],
+                           ranks=3, timeout=120, module=False)
+    assert proc.returncode != 0
+    assert seconds < 30, f"took {seconds:.1f}s"
+    match = re.search(r"fedmpi: rank (\d+): RuntimeError: injected failure of client 2 in round (\d+) on rank (\d+)",
+                      proc.stderr)
+    assert match, proc.stderr
+    assert match.group(1) == match.group(3) and int(match.group(1)) in (1, 2)   # the worker's own rank
+    assert int(match.group(2)) == first
+    res = read_results(out)
+    assert "finished" not in res["attrs"]
+    np.testing.assert_array_equal(res["rounds"]["round"], np.arange(1, first))
+
+
+# ------------------------------------------------------------------------------ kill, SIGTERM, resume
+RESUME_ARGS = ["--set", "rounds=6", "--set", "local.epochs=4", "--set", "eval.every=2",
+               "--set", "checkpoint.every=1"]
+NO_CHECKPOINTS = RESUME_ARGS[:-2]
+
+
+class Streaming:
+    """A run in the background whose stderr lines arrive on a queue (readline would block)."""
+
+    def __init__(self, args):
+        self.proc = subprocess.Popen(command(args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for_line(self, pattern: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                self.kill()
+                pytest.fail(f"no line matching {pattern!r} within {timeout}s: {''.join(self.seen)}")
+            if line is None:
+                pytest.fail(f"run ended (rc={self.proc.wait()}) before {pattern!r}: {''.join(self.seen)}")
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def finish(self, timeout: float) -> tuple[int, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"run did not end within {timeout}s")
+        while True:
+            try:
+                line = self.lines.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                break
+            self.seen.append(line)
+        return rc, "".join(self.seen)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work, tiny_cfg):
+    out = work / "reference.h5"
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", *RESUME_ARGS], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not out.with_suffix(".ckpt").exists()           # removed once the run completed
+    res = read_results(out)
+    assert "finished" in res["attrs"]
+    np.testing.assert_array_equal(res["rounds"]["round"], np.arange(1, 7))
+    # eval.every = 2: odd rounds are not evaluated and hold NaN
+    assert np.all(np.isnan(res["rounds"]["test_accuracy"][0::2]))
+    assert np.all(np.isfinite(res["rounds"]["test_accuracy"][1::2]))
+    return res
+
+
+@pytest.fixture(scope="module")
+def killed(work, tiny_cfg):
+    """A run with a checkpoint every round, SIGKILLed once round 3 is written."""
+    out = work / "killed.h5"
+    run = Streaming(["run", str(tiny_cfg), "--out", str(out), "--progress", *RESUME_ARGS])
+    run.wait_for_line(r"^round 3/6", timeout=120)
+    if run.proc.poll() is not None:
+        pytest.fail("the run finished before it could be killed; make rounds slower")
+    os.kill(run.proc.pid, signal.SIGKILL)
+    rc, _ = run.finish(timeout=30)
+    assert rc == -signal.SIGKILL
+    return out
+
+
+def test_sigkill_leaves_a_readable_partial_file_and_a_checkpoint(killed, uninterrupted):
+    ckpt = killed.with_suffix(".ckpt")
+    assert ckpt.exists()
+    with open(ckpt, "rb") as f:
+        checkpoint_round = pickle.load(f)["round"]
+    assert 2 <= checkpoint_round < 6
+    partial = read_results(killed)
+    assert "finished" not in partial["attrs"]
+    done = len(partial["rounds"]["round"])
+    assert 3 <= done < 6 and done >= checkpoint_round
+    np.testing.assert_array_equal(partial["rounds"]["round"], np.arange(1, done + 1))
+    clients_done = len(partial["clients"]["round"])
+    assert clients_done == 4 * done
+    assert_same_metrics(partial, {"rounds": uninterrupted["rounds"],
+                                  "clients": {k: v[:clients_done] for k, v in uninterrupted["clients"].items()}},
+                        rounds=done, what="partial: ")
+    info, _ = fedmpi(["info", str(killed)], timeout=60)
+    assert info.returncode == 0 and "NOT finished" in info.stdout, info.stderr
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(killed, tiny_cfg, uninterrupted):
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(killed), "--quiet", "--resume", *RESUME_ARGS],
+                     timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_results(killed)
+    assert "finished" in resumed["attrs"]
+    assert not killed.with_suffix(".ckpt").exists()
+    assert_same_metrics(resumed, uninterrupted, what="resumed after SIGKILL: ")
+
+
+def test_sigterm_checkpoints_exits_75_and_resume_matches(work, tiny_cfg, uninterrupted):
+    out = work / "terminated.h5"
+    ckpt = out.with_suffix(".ckpt")
+    args = ["run", str(tiny_cfg), "--out", str(out), "--progress", *NO_CHECKPOINTS]
+    run = Streaming(args)
+    run.wait_for_line(r"^round 2/6", timeout=120)
+    if run.proc.poll() is not None:
+        pytest.fail("the run finished before SIGTERM; make rounds slower")
+    run.proc.send_signal(signal.SIGTERM)
+    rc, stderr = run.finish(timeout=60)
+    assert rc == 75, stderr
+    assert ckpt.exists()
+    assert "resume with --resume" in stderr
+    with open(ckpt, "rb") as f:
+        checkpoint_round = pickle.load(f)["round"]
+    partial = read_results(out)
+    assert "finished" not in partial["attrs"]
+    # the round in progress was finished, written and checkpointed
+    assert 2 <= checkpoint_round < 6
+    np.testing.assert_array_equal(partial["rounds"]["round"], np.arange(1, checkpoint_round + 1))
+    with h5py.File(out, "r") as f:                      # closed cleanly: plain readers work
+        assert f["rounds/round"].shape == (checkpoint_round,)
+
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--resume", *NO_CHECKPOINTS],
+                     timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_results(out)
+    assert "finished" in resumed["attrs"] and "resumed" in resumed["attrs"]
+    assert not ckpt.exists()
+    assert_same_metrics(resumed, uninterrupted, what="resumed after SIGTERM: ")
