@@ -76,18 +76,19 @@ DEFAULTS: dict[str, Any] = {
 _UNION_TYPES = {"feddst.r_end": (int,), "output.progress": (str, bool)}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys: ``{"data": {"alpha": 1}}`` → ``{"data.alpha": 1}``."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
-_DEFAULT_FLAT = _flatten(DEFAULTS)
+_DEFAULT_FLAT = flatten(DEFAULTS)
 _SECTIONS = {k.rsplit(".", 1)[0] for k in _DEFAULT_FLAT if "." in k}
 
 

@@ -9,15 +9,34 @@ import sys
 from tqdm import tqdm
 
 
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _has_terminal() -> bool:
+    """True when stderr is a terminal, or when it is a pipe to a launcher (mpiexec) that writes
+    to one: under mpiexec rank 0's stderr is forwarded to the user's terminal. Batch jobs
+    (SLURM) and logs redirected to files get no bar."""
     if sys.stderr.isatty():
         return True
-    # under mpiexec rank 0's stderr is a pipe, but the job still has the user's terminal
-    try:
-        with open("/dev/tty"):
-            return os.environ.get("SLURM_JOB_ID") is None
-    except OSError:
+    if "SLURM_JOB_ID" in os.environ:
         return False
+    pid = os.getppid()
+    for _ in range(4):  # rank → hydra proxy → mpiexec → shell
+        if pid is None or pid <= 1:
+            return False
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            return False
+        if target.startswith(("/dev/pts/", "/dev/tty")):
+            return True
+        pid = _parent_pid(pid)
+    return False
 
 
 def _mib(nbytes: float) -> str:

@@ -18,6 +18,7 @@ from typing import Iterable
 
 import numpy as np
 
+from fedmpi.config import flatten
 from fedmpi.errors import DataError
 
 # Per-round datasets that older files may lack; the cumulative ones are rebuilt from the
@@ -267,17 +268,6 @@ def _config_get(config: dict, dotted: str, default=None):
     return node
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _is_setting(dotted: str) -> bool:
     return not any(dotted == key or dotted.startswith(key + ".") for key in NON_SETTING_KEYS)
 
@@ -285,7 +275,7 @@ def _is_setting(dotted: str) -> bool:
 def _settings(run: RunResult) -> dict:
     """The flattened config keys that change results, values made hashable/comparable."""
     return {key: json.dumps(value, sort_keys=True)
-            for key, value in _flatten(run.config).items() if _is_setting(key)}
+            for key, value in flatten(run.config).items() if _is_setting(key)}
 
 
 # --------------------------------------------------------------------------- grouping

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from fedmpi.config import flatten
 from fedmpi.errors import ConfigError, FedmpiError
 
 PREEMPTED_EXIT = 75
@@ -87,7 +88,6 @@ class Campaign:
     """A parsed campaign file."""
 
     name: str
-    source: Path
     base: Path | None       # config file every run starts from, or None with an inline config
     inline_config: dict | None
     common: dict            # overrides for every run (`set:`)
@@ -119,18 +119,6 @@ def yaml_value(value) -> str:
     """``value`` written as a one-line YAML value, so ``--set`` reads back exactly ``value``."""
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"))
     return text.removesuffix("\n...\n").strip()
-
-
-def flatten(mapping: dict, prefix: str = "") -> dict:
-    """Nested mappings to dotted keys: ``{data: {alpha: 1}}`` -> ``{"data.alpha": 1}``."""
-    flat = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def _name_part(value) -> str:
@@ -273,17 +261,16 @@ def load_campaign(path, results_dir=None) -> Campaign:
     else:
         results = (Path.cwd() / "results" / name).resolve()
 
-    runs = []
-    names = {}
+    runs, overrides_by_name = [], {}
     for overrides in expand_overrides(spec.get("grid"), spec.get("runs"), spec.get("seeds")):
-        run = Run(run_name(overrides), overrides, results / f"{run_name(overrides)}.h5")
-        if run.name in names:
-            raise ConfigError("runs", f"{names[run.name]} and {overrides} both get the name "
-                                      f"{run.name!r}; make them differ in a named value")
-        names[run.name] = overrides
-        runs.append(run)
+        run_id = run_name(overrides)
+        if run_id in overrides_by_name:
+            raise ConfigError("runs", f"{overrides_by_name[run_id]} and {overrides} both get the "
+                                      f"name {run_id!r}; make them differ in a named value")
+        overrides_by_name[run_id] = overrides
+        runs.append(Run(run_id, overrides, results / f"{run_id}.h5"))
 
-    return Campaign(name=name, source=source, base=base, inline_config=inline,
+    return Campaign(name=name, base=base, inline_config=inline,
                     common=flatten(common), ranks=_positive_int(spec.get("ranks", 1), "ranks"),
                     results_dir=results, runs=runs,
                     slurm=_slurm_settings(spec.get("slurm"), here))
@@ -294,7 +281,7 @@ def run_status(result: Path) -> str:
     ``missing``."""
     if not result.exists():
         return "partial" if result.with_suffix(".ckpt").exists() else "missing"
-    import h5py  # only here: listing a campaign should not need HDF5 otherwise
+    import h5py  # here, not at the top: the CLI imports this module for every command
 
     try:
         # locking=False: a running job may hold the file open for writing; never block it.
@@ -379,7 +366,10 @@ def render_sbatch(template: str, directives: list[str], settings: dict) -> str:
     Template directives for options we set are dropped (ours go first, right after the shebang);
     its other directives, e.g. a hand-added ``--mail-type``, are kept.
     """
-    ours = {d.split("=", 1)[0].split()[0] for d in directives}
+    def option(directive: str) -> str:
+        return directive.split("=", 1)[0].split()[0] if directive.strip() else ""
+
+    ours = {option(d) for d in directives}
     lines = template.splitlines()
     if not lines or not lines[0].startswith("#!"):
         raise ConfigError("slurm.template", "must start with a #! line")
@@ -389,7 +379,7 @@ def render_sbatch(template: str, directives: list[str], settings: dict) -> str:
         raise ConfigError("slurm.template", f"needs the lines '{SETTINGS_BEGIN}' and "
                                             f"'{SETTINGS_END}' around its settings") from None
     body = [line for line in lines[1:begin]
-            if not (line.startswith("#SBATCH ") and line.split()[1].split("=")[0] in ours)]
+            if not (line.startswith("#SBATCH ") and option(line[len("#SBATCH "):]) in ours)]
     filled = [f"{key}={shlex.quote(str(value))}" for key, value in settings.items()]
     return "\n".join([lines[0], *(f"#SBATCH {d}" for d in directives), *body,
                       lines[begin], *filled, *lines[end:]]) + "\n"

@@ -1,4 +1,5 @@
-"""A campaign submitted to a real (single-node, throw-away) SLURM cluster as one array job.
+"""Campaigns on a real (single-node, throw-away) SLURM cluster: array job, re-submission, srun
+launch, requeue after the time-limit warning, cancellation.
 
 Starts the cluster when this machine allows it (root; slurm-wlm and munge installable); otherwise
 skips with the reason. Run alone with ``pytest -m slurm -s`` to see the timings.
@@ -12,13 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).parent))  # the helper beside this file, whatever the rootdir
-from slurm_cluster import SlurmCluster, unavailable_reason  # noqa: E402
+from slurm_cluster import SlurmCluster, unavailable_reason
 
-from fedmpi.sweep import load_campaign, run_status  # noqa: E402
+from fedmpi.sweep import load_campaign, run_status
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent
@@ -74,11 +75,12 @@ def test_tiny_campaign_completes_as_array_job_and_resubmitting_runs_nothing(clus
     assert list((tmp_path / "results" / "slurm").glob("*.tasks")) == tables
 
 
-def one_run_campaign(tmp_path: Path, name: str):
-    """A campaign of one 30-round run: long enough to signal it while it trains."""
+def one_run_campaign(tmp_path: Path, name: str, rounds: int = 30, mpi: str = "mpiexec"):
+    """A campaign of one run; 30 rounds are long enough to signal it while it trains."""
     spec = yaml.safe_load(TINY_CAMPAIGN.read_text())
     del spec["grid"], spec["runs"]
-    spec.update(name=name, results_dir="results", set={"rounds": 30})
+    spec.update(name=name, results_dir="results", set={"rounds": rounds})
+    spec["slurm"]["mpi"] = mpi
     campaign_file = tmp_path / "campaign.yaml"
     campaign_file.write_text(yaml.safe_dump(spec))
     (run,) = load_campaign(campaign_file).runs
@@ -98,6 +100,15 @@ def signal_when_training(cluster, run, job_name: str, *scancel_args: str) -> Non
                           env=cluster.env, capture_output=True, text=True).stdout.split()
     assert len(task) == 1, task
     subprocess.run(["scancel", *scancel_args, task[0]], env=cluster.env, check=True)
+
+
+def test_ranks_started_by_srun(cluster, tmp_path):
+    """`mpi: srun`: the ranks start as srun tasks (--mpi=pmi2) and see each other."""
+    campaign_file, run = one_run_campaign(tmp_path, "srun", rounds=3, mpi="srun")
+    result = sweep(cluster, campaign_file, "--slurm", "--wait")
+    assert result.returncode == 0, result.stderr
+    with h5py.File(run.result, "r") as f:
+        assert "finished" in f.attrs and f.attrs["mpi_size"] == 2
 
 
 def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
@@ -121,18 +132,19 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert sweeper.returncode == 0, f"{output}\n{log}"
     assert "checkpoint written" in log and "requeueing" in log and "(attempt 2)" in log, log
     assert run_status(run.result) == "finished"
-    import h5py
-
     with h5py.File(run.result, "r") as f:
         assert list(f["rounds/round"][:]) == list(range(1, 31))
     assert not run.result.with_suffix(".ckpt").exists()
 
 
 def test_cancelled_task_stays_cancelled(cluster, tmp_path):
-    """scancel: the run checkpoints and exits 75, but the task is not requeued."""
+    """scancel: the run checkpoints and exits 75, but the task is not requeued. (And while the
+    job is queued, the campaign is not submitted a second time.)"""
     campaign_file, run = one_run_campaign(tmp_path, "cancel")
     submitted = sweep(cluster, campaign_file, "--slurm")
     assert submitted.returncode == 0, submitted.stderr
+    twice = sweep(cluster, campaign_file, "--slurm")
+    assert twice.returncode == 1 and "still queued or running" in twice.stderr
     signal_when_training(cluster, run, "fedmpi-cancel")
     (log,) = (tmp_path / "results" / "slurm").glob("*.out")
     deadline = time.monotonic() + 60
