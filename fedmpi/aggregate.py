@@ -22,9 +22,10 @@ def sparse_weighted_average(tensors: list[dict[str, np.ndarray]], masks: list[di
     """FedDST's merge: per masked tensor θ = Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k, 0 where no client kept
     the weight; unmasked tensors get the plain weighted average.
 
-    Returns (averaged tensors, per masked tensor the union of client masks).
+    Returns (averaged tensors, per masked tensor the votes Σ_k w_k·m_k as float64). ``votes > 0``
+    is the union of the client masks; the vote size says how much data backs each position.
     """
-    out, union = {}, {}
+    out, votes = {}, {}
     dense_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
     for name in tensors[0]:
         shape = tensors[0][name].shape
@@ -43,5 +44,5 @@ def sparse_weighted_average(tensors: list[dict[str, np.ndarray]], masks: list[di
         averaged = np.zeros(shape, dtype=np.float64)
         averaged[kept] = numerator[kept] / denominator[kept]
         out[name] = averaged.astype(np.float32)
-        union[name] = kept
-    return out, union
+        votes[name] = denominator
+    return out, votes

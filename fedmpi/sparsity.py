@@ -111,27 +111,35 @@ def shapes_of(arrays: Mapping[str, object]) -> dict[str, tuple]:
 
 # --------------------------------------------------------------------------- ranking and masks
 
-def _top_flat(scores: np.ndarray, k: int, candidates: np.ndarray | None = None) -> np.ndarray:
+def _top_flat(scores: np.ndarray, k: int, candidates: np.ndarray | None = None,
+              tiebreak: np.ndarray | None = None) -> np.ndarray:
     """Flat indices of the k largest ``scores`` among ``candidates`` (all if None).
 
-    Ties go to the lower flat index: candidates are listed in ascending order and the sort
-    is stable, so equal scores keep that order.
+    Equal scores are ordered by the larger ``tiebreak`` (if given), then the lower flat index:
+    candidates are listed in ascending order and the sorts are stable.
     """
     flat = np.asarray(scores).reshape(-1)
     index = np.arange(flat.size) if candidates is None else np.flatnonzero(candidates)
     if k <= 0 or index.size == 0:
         return np.empty(0, dtype=np.int64)
-    order = np.argsort(-flat[index], kind="stable")
+    if tiebreak is None:
+        order = np.argsort(-flat[index], kind="stable")
+    else:
+        # lexsort: last key is primary
+        order = np.lexsort((-np.asarray(tiebreak).reshape(-1)[index], -flat[index]))
     return index[order[:k]]
 
 
 def magnitude_masks(weights: Mapping[str, np.ndarray], counts: Mapping[str, int],
-                    within: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                    within: Mapping[str, np.ndarray] | None = None,
+                    tiebreak: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Per layer in ``counts``, keep the ``counts[l]`` largest-|w| positions (bool masks).
 
     ``within`` (optional masks) restricts the choice to those positions, e.g. to prune only
     among currently active weights when some active weights are exactly 0 (LotteryFL,
     server re-pruning); if fewer candidates than the count exist, all of them are kept.
+    ``tiebreak`` (optional scores per layer) orders positions of equal |w|, larger first: the
+    FedDST server ranks freshly grown (still zero) weights by how many clients grew them.
     """
     masks = {}
     for name, count in counts.items():
@@ -140,7 +148,7 @@ def magnitude_masks(weights: Mapping[str, np.ndarray], counts: Mapping[str, int]
         if not (0 <= count <= w.size):
             raise ValueError(f"layer {name!r}: keep count {count} outside [0, {w.size}]")
         candidates = None if within is None else np.asarray(within[name], dtype=bool).reshape(-1)
-        keep = _top_flat(np.abs(w), count, candidates)
+        keep = _top_flat(np.abs(w), count, candidates, None if tiebreak is None else tiebreak[name])
         mask = np.zeros(w.size, dtype=bool)
         mask[keep] = True
         masks[name] = mask.reshape(w.shape)

@@ -84,7 +84,9 @@ def test_sparse_weighted_average_matches_hand_computation():
         # values outside a client's mask are garbage: the rule must ignore them
         tensors.append({"w": (rng.standard_normal(n) * 5).astype(np.float32),
                         "b": rng.standard_normal(3).astype(np.float32)})
-    out, union = sparse_weighted_average(tensors, masks, weights)
+    out, votes = sparse_weighted_average(tensors, masks, weights)
+    union = {name: v > 0 for name, v in votes.items()}
+    np.testing.assert_array_equal(votes["w"], [sum(weights[k] for k in kept) for kept in keepers])
 
     want = np.zeros(n, dtype=np.float32)
     for i, kept in enumerate(keepers):
@@ -111,9 +113,9 @@ def test_sparse_average_with_full_masks_equals_weighted_average():
     tensors = [{"w": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(3)]
     masks = [{"w": np.ones((3, 4), dtype=bool)} for _ in range(3)]
     weights = [5, 1, 9]
-    out, union = sparse_weighted_average(tensors, masks, weights)
+    out, votes = sparse_weighted_average(tensors, masks, weights)
     np.testing.assert_array_equal(out["w"], weighted_average(tensors, weights)["w"])
-    assert union["w"].all()
+    assert (votes["w"] > 0).all()
 
 
 # ------------------------------------------------------------------------------ algorithms

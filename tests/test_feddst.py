@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from fedmpi.aggregate import sparse_weighted_average
 from fedmpi.algorithms import ClientTask, ModelInfo, build_algorithm
 from fedmpi.comm.codec import ModelUpdate, decode, encode, mask_bytes
 from fedmpi.config import load_config
@@ -133,12 +134,27 @@ def test_server_prunes_back_to_layer_counts():
         results.append(algorithm.local_update(ClientTask(2, c, algorithm.download(2, c), {}, x, y, seed=c), trainer))
     for r in results:  # what the server decodes
         r.update = decode(encode(r.update), info.shapes)
+    old_masks = dict(algorithm.masks)
+    averaged, votes = sparse_weighted_average([r.update.values for r in results],
+                                              [r.update.masks for r in results],
+                                              [r.num_samples for r in results])
     algorithm.aggregate(2, results)
     assert {n: int(m.sum()) for n, m in algorithm.masks.items()} == algorithm.counts
+    grown_kept = 0
     for name, mask in algorithm.masks.items():
         assert np.all(algorithm.weights[name][~mask] == 0)
         union = np.logical_or.reduce([r.update.masks[name] for r in results])
         assert not np.any(mask & ~union)  # only weights some client kept
+        # kept by magnitude first; among zero-valued (freshly grown) candidates, by votes
+        dropped = union & ~mask
+        if mask.any() and dropped.any():
+            assert np.abs(averaged[name][mask]).min() >= np.abs(averaged[name][dropped]).max()
+        zero_kept = mask & (averaged[name] == 0)
+        zero_dropped = dropped & (averaged[name] == 0)
+        if zero_kept.any() and zero_dropped.any():
+            assert votes[name][zero_kept].min() >= votes[name][zero_dropped].max()
+        grown_kept += int((mask & ~old_masks[name]).sum())
+    assert grown_kept > 0  # weights pruned by every client were replaced by grown ones
 
 
 # --------------------------------------------------------------------------- end to end

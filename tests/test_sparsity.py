@@ -401,3 +401,18 @@ def test_apply_masks_torch_accepts_named_pairs_and_torch_masks():
     assert torch.all(layer.weight.detach()[~mask] == 0)
     with pytest.raises(KeyError):
         apply_masks_torch(layer, {"missing.weight": mask})
+
+
+def test_magnitude_masks_tiebreak_orders_equal_magnitudes_by_votes():
+    """The FedDST server's re-prune: grown weights arrive as zeros; the most-voted one wins."""
+    weights = {"w": np.array([0.5, 0.0, 0.0, -0.3, 0.0, 0.0], dtype=np.float32)}
+    within = {"w": np.array([True, True, True, True, False, True])}
+    votes = {"w": np.array([1.0, 2.0, 5.0, 1.0, 9.0, 3.0])}
+    with_votes = magnitude_masks(weights, {"w": 3}, within=within, tiebreak=votes)["w"]
+    np.testing.assert_array_equal(with_votes, [True, False, True, True, False, False])
+    by_index = magnitude_masks(weights, {"w": 3}, within=within)["w"]
+    np.testing.assert_array_equal(by_index, [True, True, False, True, False, False])
+    # magnitude still comes first: a larger |w| beats any number of votes
+    weights["w"][5] = 0.4
+    np.testing.assert_array_equal(magnitude_masks(weights, {"w": 3}, within=within, tiebreak=votes)["w"],
+                                  [True, False, False, True, False, True])

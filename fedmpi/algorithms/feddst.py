@@ -50,7 +50,7 @@ class FedDST(Algorithm):
                 and round_ < self.r_end)
 
     def aggregate(self, round_: int, results: list[ClientResult]) -> None:
-        averaged, union = sparse_weighted_average(
+        averaged, votes = sparse_weighted_average(
             [r.update.values for r in results], [r.update.masks for r in results],
             [r.num_samples for r in results])
         if self.settings["server_momentum"] > 0:
@@ -60,8 +60,11 @@ class FedDST(Algorithm):
         if not self.masks:
             self.weights = averaged
             return
-        # magnitude-prune each layer back to its density, choosing only among weights some client kept
-        self.masks = magnitude_masks({n: averaged[n] for n in self.masks}, self.counts, within=union)
+        # magnitude-prune each layer back to its density, choosing only among weights some client
+        # kept. Grown weights arrive as exact zeros: among equal magnitudes the positions backed by
+        # more client data (sample-weighted votes) win, so agreed growth survives the re-prune.
+        self.masks = magnitude_masks({n: averaged[n] for n in self.masks}, self.counts,
+                                     within={n: v > 0 for n, v in votes.items()}, tiebreak=votes)
         for name, mask in self.masks.items():
             averaged[name] = np.where(mask, averaged[name], np.float32(0))
         self.weights = averaged
