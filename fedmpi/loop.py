@@ -313,7 +313,7 @@ class Run:
         results, client_rows = [], []
         for meta, data in entries:
             c = meta["client_id"]
-            update = decode(Encoded(meta["layout"], data), self._shapes_for(meta["layout"]), sent_masks[c])
+            update = decode(Encoded(meta["layout"], data), self.info.shapes, sent_masks[c])
             results.append(ClientResult(c, meta["num_samples"], update, meta["train_loss"],
                                         meta["samples_processed"], meta["state"], meta["densities"]))
             if meta["state"]:
@@ -360,9 +360,6 @@ class Run:
             "train_flops": flops, "cum_train_flops": totals.train_flops,
         }
         return round_row, client_rows, stop_requested
-
-    def _shapes_for(self, layout) -> dict[str, tuple]:
-        return self.info.shapes
 
     def _density(self, weights: dict[str, np.ndarray]) -> float:
         kept = sum(int(np.count_nonzero(weights[n])) for n in self.info.maskable)

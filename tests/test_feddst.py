@@ -15,7 +15,7 @@ import yaml
 
 from fedmpi.aggregate import sparse_weighted_average
 from fedmpi.algorithms import ClientTask, ModelInfo, build_algorithm
-from fedmpi.comm.codec import ModelUpdate, decode, encode, mask_bytes
+from fedmpi.comm.codec import decode, encode, mask_bytes
 from fedmpi.config import load_config
 from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops

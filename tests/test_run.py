@@ -7,7 +7,6 @@ results schema, exit statuses for bad configs, failures on one rank (divergence,
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import queue
