@@ -250,52 +250,18 @@ class Run:
         clients = algorithm.select_clients(round_, rng.generator(cfg["seed"], rng.SAMPLING, round_))
         assignment = assign_clients(clients, self.sizes, comm.worker_ranks)
         rank_of = {c: r for r, cs in assignment.items() for c in cs}
-
-        # downloads: encode each client's update against the masks it already holds; clients
-        # whose encodings coincide share one buffer
-        variants: dict[tuple, Encoded] = {}
-        variant_of: dict[int, tuple] = {}
-        sent_masks: dict[int, dict] = {}
-        known = {c: unpack_masks(state.known_masks[c]) for c in clients if c in state.known_masks}
-        for c in clients:
-            update = algorithm.download(round_, c)
-            reference = known.get(c, {})
-            same = tuple(n in reference and np.array_equal(reference[n], m) for n, m in update.masks.items())
-            key = (id(update.values), id(update.masks), same)
-            if key not in variants:
-                variants[key] = encode(update, reference)
-            variant_of[c] = key
-            sent_masks[c] = update.masks
-        keys = list(variants)
-        key_index = {k: i for i, k in enumerate(keys)}
-        per_rank_tasks, per_rank_buffers = [], []
-        for r in range(comm.size):
-            mine = assignment.get(r, [])
-            needed = sorted({key_index[variant_of[c]] for c in mine})
-            offsets, pos = {}, 0
-            for i in needed:
-                offsets[i] = (pos, variants[keys[i]].nbytes)
-                pos += variants[keys[i]].nbytes
-            per_rank_tasks.append({
-                "clients": mine,
-                "variant_of": {c: key_index[variant_of[c]] for c in mine},
-                "layouts": {i: variants[keys[i]].layout for i in needed},
-                "offsets": offsets,
-                "states": {c: state.client_states.get(c, {}) for c in mine},
-                "known_masks": {c: state.known_masks[c] for c in mine if c in state.known_masks},
-            })
-            per_rank_buffers.append(np.concatenate([variants[keys[i]].data for i in needed])
-                                    if needed else np.zeros(0, np.uint8))
-        broadcast = len(keys) == 1
         evaluate = evaluation_due(cfg, round_)
+
+        per_rank_tasks, payloads, sent_masks = self._encode_downloads(round_, clients, assignment, state)
+        broadcast = len(payloads) == 1
         comm.bcast_object({"stop": False, "round": round_, "broadcast": broadcast, "evaluate": evaluate})
         task = comm.scatter_objects(per_rank_tasks)
         if broadcast:
-            buffer = comm.bcast_buffer(variants[keys[0]].data)
-            if task["clients"]:
-                task["offsets"] = {0: (0, buffer.size)}
+            buffer = comm.bcast_buffer(payloads[0].data)
         else:
-            buffer = comm.scatter_buffers(per_rank_buffers)
+            buffer = comm.scatter_buffers([
+                np.concatenate([payloads[i].data for i in t["layouts"]]) if t["layouts"] else np.zeros(0, np.uint8)
+                for t in per_rank_tasks])
         local = self._train_clients(round_, task, buffer) if task["clients"] else ([], np.zeros(0, np.uint8), False)
         metas = comm.gather_objects(local[0])
         buffers = comm.gather_buffers(local[1])
@@ -361,6 +327,42 @@ class Run:
         }
         return round_row, client_rows, stop_requested
 
+    def _encode_downloads(self, round_: int, clients: list[int], assignment: dict[int, list[int]],
+                          state: ServerState):
+        """Encode each client's download against the masks it already holds. Clients whose
+        encodings coincide share one payload; returns (per-rank task messages, distinct payloads,
+        the masks each client was sent)."""
+        updates = {c: self.algorithm.download(round_, c) for c in clients}  # alive all round: ids stay unique
+        payloads: list[Encoded] = []
+        payload_of: dict[int, int] = {}
+        index_of_key: dict[tuple, int] = {}
+        for c in clients:
+            update = updates[c]
+            reference = unpack_masks(state.known_masks.get(c, {}))
+            same = tuple(n in reference and np.array_equal(reference[n], m) for n, m in update.masks.items())
+            key = (id(update.values), id(update.masks), same)
+            if key not in index_of_key:
+                index_of_key[key] = len(payloads)
+                payloads.append(encode(update, reference))
+            payload_of[c] = index_of_key[key]
+        tasks = []
+        for r in range(self.comm.size):
+            mine = assignment.get(r, [])
+            needed = sorted({payload_of[c] for c in mine})
+            offsets, position = {}, 0
+            for i in needed:
+                offsets[i] = (position, payloads[i].nbytes)
+                position += payloads[i].nbytes
+            tasks.append({
+                "clients": mine,
+                "variant_of": {c: payload_of[c] for c in mine},
+                "layouts": {i: payloads[i].layout for i in needed},
+                "offsets": offsets,
+                "states": {c: state.client_states.get(c, {}) for c in mine},
+                "known_masks": {c: state.known_masks[c] for c in mine if c in state.known_masks},
+            })
+        return tasks, payloads, {c: u.masks for c, u in updates.items()}
+
     def _density(self, weights: dict[str, np.ndarray]) -> float:
         kept = sum(int(np.count_nonzero(weights[n])) for n in self.info.maskable)
         total = sum(weights[n].size for n in self.info.maskable)
@@ -377,8 +379,6 @@ class Run:
             task = comm.scatter_objects(None)
             if plan["broadcast"]:
                 buffer = comm.bcast_buffer(None)
-                if task["clients"]:
-                    task["offsets"] = {0: (0, buffer.size)}
             else:
                 buffer = comm.scatter_buffers(None)
             metas, data, stop = (self._train_clients(round_, task, buffer) if task["clients"]
