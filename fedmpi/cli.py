@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -189,3 +190,7 @@ def main(argv=None) -> int:
     except FedmpiError as exc:
         print(f"fedmpi: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # output piped into `head` and the like: stop quietly, as other CLI tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
