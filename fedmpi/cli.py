@@ -45,19 +45,14 @@ def default_out_path(cfg: dict, config_path: str | None) -> Path:
 
 def _out_decision(out: Path, resume: bool, force: bool) -> tuple[str, str]:
     """What rank 0 decides about an existing results file: ('run'|'done'|'error', message)."""
-    checkpoint = out.with_suffix(".ckpt")
-    if resume and checkpoint.exists():
+    from .results import checkpoint_path, run_status
+
+    if resume and checkpoint_path(out).exists():
         return "run", ""
     if out.exists():
         if resume:
-            try:
-                import h5py
-
-                with h5py.File(out, "r") as f:
-                    if "finished" in f.attrs:
-                        return "done", f"{out} is already finished; nothing to resume"
-            except OSError:
-                pass
+            if run_status(out) == "finished":
+                return "done", f"{out} is already finished; nothing to resume"
             return "run", ""   # partial file without checkpoint: start over
         if not force:
             return "error", f"{out} exists; pass --force to overwrite it or --resume to continue it"

@@ -15,6 +15,7 @@ depends on the rank count. All MPI goes through ``comm.transport.Communicator``.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -35,7 +36,7 @@ from .errors import ConfigError, FedmpiError, PreemptedError
 from .models import build_model, maskable_parameter_names
 from .models.flops import layer_flops, scale_flops
 from .progress import Progress
-from .results import ResultsWriter, run_attrs
+from .results import ResultsWriter, checkpoint_path, run_attrs
 from .timing import PROFILES, client_seconds
 from .training import LocalTrainer
 
@@ -106,7 +107,7 @@ class Run:
         self.cfg = cfg
         self.comm = comm
         self.out_path = Path(out_path)
-        self.checkpoint_path = self.out_path.with_suffix(".ckpt")
+        self.checkpoint_path = checkpoint_path(self.out_path)
         self.resume = resume
         self.progress_flag = progress
         self.attrs_extra = (versions or {}, version, commit)
@@ -132,7 +133,6 @@ class Run:
         if verdict is not None:
             exc = FedmpiError(verdict[1])
             exc.exit_code = verdict[0]
-            exc.reported_by_all = True
             raise exc
 
     def _setup_local(self) -> None:
@@ -247,6 +247,7 @@ class Run:
     def _server_round(self, round_: int, state: ServerState):
         cfg, comm, algorithm = self.cfg, self.comm, self.algorithm
         started = time.perf_counter()
+        traffic_before = (comm.traffic.payload_bytes, comm.traffic.control_bytes)
         clients = algorithm.select_clients(round_, rng.generator(cfg["seed"], rng.SAMPLING, round_))
         assignment = assign_clients(clients, self.sizes, comm.worker_ranks)
         rank_of = {c: r for r, cs in assignment.items() for c in cs}
@@ -262,10 +263,11 @@ class Run:
             buffer = comm.scatter_buffers([
                 np.concatenate([payloads[i].data for i in t["layouts"]]) if t["layouts"] else np.zeros(0, np.uint8)
                 for t in per_rank_tasks])
-        local = self._train_clients(round_, task, buffer) if task["clients"] else ([], np.zeros(0, np.uint8), False)
-        metas = comm.gather_objects(local[0])
-        buffers = comm.gather_buffers(local[1])
-        stop_requested = any(comm.gather_objects(local[2]))
+        metas, upload = self._train_clients(round_, task, buffer)
+        reports = comm.gather_objects((metas, self.terminate_requested))
+        buffers = comm.gather_buffers(upload)
+        metas = [rank_metas for rank_metas, _ in reports]
+        stop_requested = any(stop for _, stop in reports)
 
         # decode and aggregate in client-id order
         entries = []
@@ -324,6 +326,9 @@ class Run:
             "compute_seconds": sum(r["compute_seconds"] for r in client_rows),
             "sim_seconds": sim, "cum_sim_seconds": totals.sim_seconds,
             "train_flops": flops, "cum_train_flops": totals.train_flops,
+            # everything this round moved through MPI, payloads and control/evaluation traffic
+            "mpi_payload_bytes": comm.traffic.payload_bytes - traffic_before[0],
+            "mpi_control_bytes": comm.traffic.control_bytes - traffic_before[1],
         }
         return round_row, client_rows, stop_requested
 
@@ -381,16 +386,15 @@ class Run:
                 buffer = comm.bcast_buffer(None)
             else:
                 buffer = comm.scatter_buffers(None)
-            metas, data, stop = (self._train_clients(round_, task, buffer) if task["clients"]
-                                 else ([], np.zeros(0, np.uint8), self.terminate_requested))
-            comm.gather_objects(metas)
-            comm.gather_buffers(data)
-            comm.gather_objects(stop)
+            metas, upload = self._train_clients(round_, task, buffer)
+            # SIGTERM seen here travels with the metadata; the server decides when to stop
+            comm.gather_objects((metas, self.terminate_requested))
+            comm.gather_buffers(upload)
             if plan["evaluate"]:
                 self._evaluate(None)
 
     def _train_clients(self, round_: int, task: dict, buffer: np.ndarray):
-        """Train this rank's clients in id order; returns (metadata, concatenated uploads, SIGTERM seen)."""
+        """Train this rank's clients in id order; returns (metadata, concatenated upload payloads)."""
         metas, pieces = [], []
         for c in task["clients"]:
             variant = task["variant_of"][c]
@@ -412,8 +416,7 @@ class Run:
                 "header_bytes": upload.header_bytes, "download_bytes": length, "compute_seconds": compute,
             })
             pieces.append(upload.data)
-        data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-        return metas, data, self.terminate_requested
+        return metas, np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
 
     # -- evaluation, spread over every rank in fixed chunks -----------------------------------------
     def _evaluate(self, weights: dict[str, np.ndarray] | None) -> dict | None:
@@ -457,16 +460,13 @@ class Run:
 
 def _config_identity(cfg: dict) -> str:
     """The config minus keys that may change between a run and its resumption."""
-    import json
-
     relevant = {k: v for k, v in cfg.items() if k not in ("output", "checkpoint", "mpi")}
     return json.dumps(relevant, sort_keys=True)
 
 
-def report_failure(rank: int, size: int, exc: BaseException) -> str:
+def report_failure(rank: int, size: int, exc: BaseException) -> None:
     message = str(exc) if isinstance(exc, FedmpiError) else f"{type(exc).__name__}: {exc}"
     prefix = "fedmpi: error" if size == 1 else f"fedmpi: rank {rank}"
     text = f"{prefix}: {message}"
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
-    return text

@@ -33,6 +33,8 @@ ROUND_FIELDS = {
     "cum_sim_seconds": np.float64,
     "train_flops": np.float64,
     "cum_train_flops": np.float64,
+    "mpi_payload_bytes": np.int64,
+    "mpi_control_bytes": np.int64,
 }
 
 CLIENT_FIELDS = {
@@ -48,6 +50,25 @@ CLIENT_FIELDS = {
     "train_flops": np.float64,
     "sim_seconds": np.float64,
 }
+
+
+def checkpoint_path(results: str | Path) -> Path:
+    """The checkpoint of a run lives beside its results file."""
+    return Path(results).with_suffix(".ckpt")
+
+
+def run_status(result: str | Path) -> str:
+    """``finished``, ``partial`` (a file without the finished mark, or only a checkpoint) or
+    ``missing``."""
+    result = Path(result)
+    if not result.exists():
+        return "partial" if checkpoint_path(result).exists() else "missing"
+    try:
+        # locking=False: a running job may hold the file open for writing; never block it.
+        with h5py.File(result, "r", locking=False) as f:
+            return "finished" if "finished" in f.attrs else "partial"
+    except OSError:
+        return "partial"
 
 
 def now_iso() -> str:

@@ -40,6 +40,7 @@ import yaml
 
 from fedmpi.config import flatten
 from fedmpi.errors import ConfigError, FedmpiError
+from fedmpi.results import run_status
 
 PREEMPTED_EXIT = 75
 # The directory holding the fedmpi package: the ranks import it from there (it need not be installed).
@@ -274,21 +275,6 @@ def load_campaign(path, results_dir=None) -> Campaign:
                     common=flatten(common), ranks=_positive_int(spec.get("ranks", 1), "ranks"),
                     results_dir=results, runs=runs,
                     slurm=_slurm_settings(spec.get("slurm"), here))
-
-
-def run_status(result: Path) -> str:
-    """``finished``, ``partial`` (a file without the finished mark, or only a checkpoint) or
-    ``missing``."""
-    if not result.exists():
-        return "partial" if result.with_suffix(".ckpt").exists() else "missing"
-    import h5py  # here, not at the top: the CLI imports this module for every command
-
-    try:
-        # locking=False: a running job may hold the file open for writing; never block it.
-        with h5py.File(result, "r", locking=False) as f:
-            return "finished" if "finished" in f.attrs else "partial"
-    except OSError:
-        return "partial"
 
 
 def mpiexec_path() -> str:

@@ -48,7 +48,7 @@ CLIENT_METRICS = ["round", "client_id", "num_samples", "train_loss", "upload_byt
 CONTRACT_ROUNDS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
                    "cum_upload_bytes", "density", "wall_seconds", "sim_seconds"]
 EXTRA_ROUNDS = ["cum_download_bytes", "header_bytes", "compute_seconds", "cum_wall_seconds", "cum_sim_seconds",
-                "train_flops", "cum_train_flops"]
+                "train_flops", "cum_train_flops", "mpi_payload_bytes", "mpi_control_bytes"]
 CONTRACT_CLIENTS = ["round", "client_id", "rank", "num_samples", "upload_bytes", "download_bytes", "train_loss",
                     "compute_seconds"]
 CONTRACT_ATTRS = ["config", "fedmpi_version", "git_commit", "mpi_size", "started"]
@@ -164,6 +164,22 @@ def runs(work, tiny_cfg):
 
 
 # ------------------------------------------------------------------------------ rank-count independence
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+def test_mpi_payload_bytes_count_what_crossed_between_ranks(runs, ranks):
+    """Dense FedAvg: rank 0 broadcasts one download to P−1 ranks and gathers every upload (no
+    client runs on rank 0 when P > 1); with P = 1 nothing crosses MPI."""
+    _, res, _ = runs("fedavg", ranks)
+    rounds, clients = res["rounds"], res["clients"]
+    for r, payload, control in zip(rounds["round"], rounds["mpi_payload_bytes"], rounds["mpi_control_bytes"]):
+        this = clients["round"] == r
+        download = int(clients["download_bytes"][this][0])
+        assert np.all(clients["download_bytes"][this] == download)     # one broadcast payload
+        expected = 0 if ranks == 1 else int(clients["upload_bytes"][this].sum()) + download * (ranks - 1)
+        assert payload == expected, (ranks, r, payload, expected)
+        assert (control > 0) == (ranks > 1)
+
+
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm, ranks", [("fedavg", [1, 2, 4]), ("fedavgm", [1, 4]), ("fedprox", [1, 4])])
 def test_same_metrics_whatever_the_rank_count(runs, algorithm, ranks):
