@@ -56,15 +56,38 @@ def _out_decision(out: Path, resume: bool, force: bool) -> tuple[str, str]:
             return "run", ""   # partial file without checkpoint: start over
         if not force:
             return "error", f"{out} exists; pass --force to overwrite it or --resume to continue it"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return "error", f"--out {out}: cannot create its directory ({exc.strerror}); choose a writable path"
+    if not os.access(out.parent, os.W_OK):
+        return "error", f"--out {out}: directory {out.parent} is not writable; choose a writable path"
     return "run", ""
 
 
 def cmd_run(args) -> int:
     from .comm.transport import Communicator
-    from .config import load_config
-    from .loop import Run, report_failure
+    from .loop import report_failure
 
     comm = Communicator()
+    try:
+        return _run_on_every_rank(args, comm)
+    except BaseException as exc:  # noqa: BLE001 - an unexpected failure on any rank ends every rank
+        code = exc.exit_code if isinstance(exc, FedmpiError) else (130 if isinstance(exc, KeyboardInterrupt) else 1)
+        if not isinstance(exc, FedmpiError):
+            traceback.print_exc()
+        report_failure(comm.rank, comm.size, exc)
+        if comm.size > 1:
+            comm.abort(code)  # never leave the other ranks waiting in a collective
+        return code
+
+
+def _run_on_every_rank(args, comm) -> int:
+    """``fedmpi run`` on one rank. Failures every rank meets together (bad config, bad data, an
+    existing results file) return their exit status here; anything else raises."""
+    from .config import load_config
+    from .loop import Run
+
     try:
         cfg = load_config(args.config, args.set or [])
         if args.progress is not None:
@@ -86,21 +109,12 @@ def cmd_run(args) -> int:
               versions=_versions() if comm.is_server else None, version=__version__,
               commit=_git_commit() if comm.is_server else "")
     try:
-        run.setup()
+        run.setup()  # the ranks agree on the first setup error before any raises it
     except FedmpiError as exc:
         if comm.is_server:
             print(f"fedmpi: {exc}", file=sys.stderr)
         return exc.exit_code
-    try:
-        code = run.execute()
-    except BaseException as exc:  # noqa: BLE001 - any failure on any rank ends every rank
-        code = exc.exit_code if isinstance(exc, FedmpiError) else (130 if isinstance(exc, KeyboardInterrupt) else 1)
-        if not isinstance(exc, FedmpiError):
-            traceback.print_exc()
-        report_failure(comm.rank, comm.size, exc)
-        if comm.size > 1:
-            comm.abort(code)
-        return code
+    code = run.execute()
     if comm.is_server and code == 0:
         print(f"fedmpi: results in {out}", file=sys.stderr)
     return code

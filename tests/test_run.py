@@ -319,6 +319,9 @@ def cli_batch(work, tiny_cfg, runs):
                              [str(finished_path), "--force"])
     cases["resume_finished"] = (["run", str(tiny_cfg), "--out", str(finished_path), "--quiet", "--resume"],
                                 ["already finished"])
+    # a file where the output directory should be: refused before any data is loaded
+    cases["unwritable_out"] = (["run", str(tiny_cfg), "--out", str(tiny_cfg / "x.h5"), "--quiet"],
+                               ["--out", str(tiny_cfg / "x.h5"), "writable path"])
     argv_file = work / "batch.json"
     argv_file.write_text(json.dumps([argv for argv, _ in cases.values()]))
     script = work / "cli_batch.py"
@@ -356,6 +359,14 @@ def test_existing_out_without_force_is_refused(cli_batch):
     for needle in needles:
         assert needle in res["stderr"]
     assert cli_batch["_unchanged"]
+
+
+def test_unwritable_out_exits_2_before_training(cli_batch):
+    res, needles = cli_batch["unwritable_out"]
+    assert res["rc"] == 2, res["stderr"]
+    for needle in needles:
+        assert needle in res["stderr"], (needle, res["stderr"])
+    assert "Traceback" not in res["stderr"]
 
 
 def test_resume_of_a_finished_run_does_nothing(cli_batch):
