@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import DivergenceError
+from .sparsity import apply_masks_torch
 
 
 class LocalTrainer:
@@ -34,13 +35,9 @@ class LocalTrainer:
     def export(self, names) -> dict[str, np.ndarray]:
         return {n: self.tensors[n].detach().to("cpu", copy=True).numpy() for n in names}
 
-    @torch.no_grad()
-    def apply_masks(self, masks: dict[str, torch.Tensor]) -> None:
-        for name, mask in masks.items():
-            self.params[name].mul_(mask)
-
     def _torch_masks(self, masks: dict[str, np.ndarray] | None) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(m).to(self.device, torch.float32) for n, m in (masks or {}).items()}
+        # converted once per client, not once per step
+        return {n: torch.from_numpy(m).to(self.device, torch.bool) for n, m in (masks or {}).items()}
 
     def _batches(self, n: int, generator: torch.Generator):
         order = torch.randperm(n, generator=generator)
@@ -62,7 +59,7 @@ class LocalTrainer:
         generator = torch.Generator().manual_seed(seed)
         self.load(weights)
         torch_masks = self._torch_masks(masks)
-        self.apply_masks(torch_masks)
+        apply_masks_torch(self.params, torch_masks)
         self.model.train()
         params = list(self.params.values())
         anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
@@ -82,7 +79,7 @@ class LocalTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                self.apply_masks(torch_masks)
+                apply_masks_torch(self.params, torch_masks)
                 loss_sum += task_loss * len(yb)
                 processed += len(yb)
         return self.export(weights.keys()), loss_sum / max(processed, 1), processed
@@ -92,7 +89,7 @@ class LocalTrainer:
         """Dense gradient of the plain task loss (no proximal term), summed over ``batches`` batches."""
         generator = torch.Generator().manual_seed(seed)
         self.load(weights)
-        self.apply_masks(self._torch_masks(masks))
+        apply_masks_torch(self.params, self._torch_masks(masks))
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         x, y = x.to(self.device), y.to(self.device)
