@@ -54,8 +54,6 @@ class ClientResult:
 
 class Algorithm:
     name = "base"
-    #: True for algorithms that keep a sparse global model (density is reported from masks)
-    sparse = False
 
     def __init__(self, cfg: dict, info: ModelInfo):
         self.cfg = cfg

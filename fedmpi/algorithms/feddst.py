@@ -22,7 +22,6 @@ from .fedavg import server_momentum_step
 
 class FedDST(Algorithm):
     name = "feddst"
-    sparse = True
     readjusts = True
 
     def __init__(self, cfg, info):

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DENSE, VALUES, BITMAP, INDEX = 0, 1, 2, 3
-ENCODING_NAMES = {DENSE: "dense", VALUES: "values", BITMAP: "bitmap", INDEX: "index"}
 HEADER_BYTES_PER_TENSOR = 9  # tensor id (u32) + encoding (u8) + count (u32)
 VALUE_DTYPE = np.dtype("<f4")
 
