@@ -67,7 +67,7 @@ def _out_decision(out: Path, resume: bool, force: bool) -> tuple[str, str]:
 
 def cmd_run(args) -> int:
     from .comm.transport import Communicator
-    from .loop import report_failure
+    from .engine import report_failure
 
     comm = Communicator()
     try:
@@ -86,7 +86,7 @@ def _run_on_every_rank(args, comm) -> int:
     """``fedmpi run`` on one rank. Failures every rank meets together (bad config, bad data, an
     existing results file) return their exit status here; anything else raises."""
     from .config import load_config
-    from .loop import Run
+    from .engine import Run
 
     try:
         cfg = load_config(args.config, args.set or [])
@@ -121,7 +121,7 @@ def _run_on_every_rank(args, comm) -> int:
 
 
 def cmd_info(args) -> int:
-    from .report import info_text
+    from .results import info_text
 
     for path in args.files:
         if not Path(path).exists():
@@ -132,7 +132,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    from .report import read_runs, summarize_table
+    from .results import read_runs, summarize_table
 
     runs = read_runs(args.paths)
     if not runs:
@@ -150,6 +150,8 @@ def cmd_plots(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .campaigns import add_sweep_parser
+
     parser = argparse.ArgumentParser(prog="fedmpi", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fedmpi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,12 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     plots.add_argument("--plots", default="plots")
     plots.set_defaults(func=cmd_plots)
 
-    try:
-        from .sweep import add_sweep_parser
-    except ImportError:
-        pass
-    else:
-        add_sweep_parser(sub)
+    add_sweep_parser(sub)
     return parser
 
 

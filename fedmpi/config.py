@@ -19,6 +19,7 @@ from .errors import ConfigError
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "",          # names the figure set this run belongs to (plots group by it)
@@ -34,6 +35,9 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 0.5,          # Dirichlet concentration
         "shard_size": 20,
         "shards_per_client": 2,
+        # > 0: hold out this fraction of each client's own data as its local test split
+        # (HypeMeFed's 80/20); 0: a client's local test set is the global test images of its labels
+        "local_test_fraction": 0.0,
         "synthetic": {"alpha": 1.0, "beta": 1.0, "dim": 60, "classes": 10, "test_fraction": 0.2},
     },
     "clients": {"total": 100, "per_round": 10},
@@ -43,6 +47,10 @@ DEFAULTS: dict[str, Any] = {
         "lr": 0.01,
         "momentum": 0.0,
         "weight_decay": 0.0,
+        "optimizer": "sgd",    # sgd | adam | adamw (momentum/nesterov: SGD; betas/eps: Adam, AdamW)
+        "nesterov": False,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
     },
     "eval": {
         "every": 1,
@@ -199,6 +207,14 @@ def validate(cfg: dict) -> dict:
     _require(local["lr"] > 0, "local.lr", "must be > 0")
     _require(local["momentum"] >= 0, "local.momentum", "must be >= 0")
     _require(local["weight_decay"] >= 0, "local.weight_decay", "must be >= 0")
+    _require(local["optimizer"] in OPTIMIZERS, "local.optimizer",
+             f"unknown optimizer '{local['optimizer']}'; choose one of {', '.join(OPTIMIZERS)}")
+    _require(len(local["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in local["betas"]),
+             "local.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    _require(local["eps"] > 0, "local.eps", "must be > 0")
+    _require(not local["nesterov"] or (local["optimizer"] == "sgd" and local["momentum"] > 0), "local.nesterov",
+             "needs local.optimizer: sgd and local.momentum > 0")
+    _require(0 <= data["local_test_fraction"] < 1, "data.local_test_fraction", "must be in [0, 1)")
     _require(cfg["eval"]["every"] >= 0, "eval.every", "must be >= 0 (0: only after the last round)")
     _require(cfg["eval"]["batch_size"] >= 1, "eval.batch_size", "must be at least 1")
     _require(cfg["fedprox"]["mu"] >= 0, "fedprox.mu", "must be >= 0")

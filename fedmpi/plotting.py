@@ -16,10 +16,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedmpi.report import (
+from fedmpi.results import (
     RunGroup,
     budget_summary,
     budget_table,
+    column_families,
+    family_member,
     group_runs,
     read_runs,
     summarize_table,
@@ -76,6 +78,11 @@ def draw_all(results_dir, plots_dir) -> list[Path]:
                 written.append(path)
             else:
                 print(f"skipped {path}: no group has data for it")
+
+        path = plots_dir / f"{stem}_algorithm_columns.png"
+        if _draw_algorithm_columns(path, f"{experiment}: algorithm-declared columns vs round",
+                                   groups, colors):
+            written.append(path)
 
         table_path = plots_dir / f"{stem}_budget_table.md"
         table_path.write_text(budget_table([r for g in groups for r in g.runs]) + "\n")
@@ -159,6 +166,56 @@ def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str) -> b
             linewidth=1.5)
     if seeds > 1:
         ax.fill_between(x[keep], low[keep], high[keep], color=color, alpha=0.2, linewidth=0)
+    return True
+
+
+def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
+    """The per-round columns the groups' algorithms declared, vs round: a panel per family.
+
+    A plain column gets a line per group (mean over seeds, min–max band). A per-layer family
+    ``x[layer]`` gets a line per layer and group, drawn from the group's first seed only (a band
+    per layer would bury the lines); layers differ in colour, groups in line style.
+    False (nothing written) when no run declared a column.
+    """
+    families: dict[str, list[str]] = {}
+    for group in groups:
+        for run in group.runs:
+            for family, members in column_families(run.extra_fields("rounds")).items():
+                known = families.setdefault(family, [])
+                known += [m for m in members if m not in known]
+    if not families:
+        return False
+    columns = min(3, len(families))
+    rows = math.ceil(len(families) / columns)
+    fig = Figure(figsize=(6.2 * columns, 4.6 * rows), dpi=110, layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(families):]:
+        ax.set_visible(False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (family, members) in zip(axes, families.items()):
+        per_layer = any("[" in name for name in members)
+        for g, group in enumerate(groups):
+            runs = [r for r in group.runs if r.rounds_done]
+            if not runs:
+                continue
+            if not per_layer:
+                _plot_group(ax, runs, group, colors[group.label], "round", members[0])
+                continue
+            first = runs[0]
+            for i, name in enumerate(members):
+                y = first.column(name)
+                keep = np.isfinite(y)
+                if keep.any():
+                    ax.plot(first.round_numbers()[keep], y[keep], color=_color(i),
+                            linestyle=styles[g % len(styles)], marker="o", markersize=2,
+                            linewidth=1.2, label=f"{group.label} seed {first.seed}: {family_member(name)}")
+        ax.set_title(f"{family}[layer]" if per_layer else family)
+        ax.set_xlabel("round")
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="x-small")
+    fig.suptitle(f"{title}\n(per-layer panels: first seed of each group; others: {BAND_NOTE})")
+    fig.savefig(path)
     return True
 
 

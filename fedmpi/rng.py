@@ -12,6 +12,9 @@ CLIENT = 3
 INIT = 4
 SYNTHETIC = 5
 SERVER = 6
+LOCAL_SPLIT = 7
+REGROWTH = 8
+EVAL = 9
 
 
 def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:

@@ -6,6 +6,8 @@ import json
 import h5py
 import numpy as np
 
+from fedmpi.results import CLIENT_FIELDS, ROUND_FIELDS, ResultsWriter, run_attrs
+
 MIB = 2**20
 
 # Datasets older writers did not produce; readers must cope without them.
@@ -103,4 +105,34 @@ def write_fake_run(path, config, rounds, finished=True, omit=(), versions=True):
         clients["train_loss"] = np.linspace(2.0, 0.5, n * per_round)
         clients["compute_seconds"] = np.full(n * per_round, 0.1)
         clients["train_flops"] = np.full(n * per_round, 1e8)
+    return path
+
+
+def write_run_with_writer(path, config, rounds, *, extra_rounds=None, extra_clients=None,
+                          finished=True):
+    """Write ``rounds`` (from :func:`make_rounds`) through the real ResultsWriter, with
+    algorithm-declared columns.
+
+    ``extra_rounds``: ``{name: (dtype, values)}``, one value per round; ``extra_clients`` the same
+    with one value per (round, client) row. A value of None is left out of its row (the writer
+    stores the missing value). Fixed columns absent from ``rounds`` are written as 0.
+    """
+    extra_rounds, extra_clients = extra_rounds or {}, extra_clients or {}
+    per_round = config["clients"]["per_round"]
+    writer = ResultsWriter(path, run_attrs(config, 3, {"python": "3.11.2"}, "0.1.0", "abc1234"),
+                           extra_round_fields={k: d for k, (d, _) in extra_rounds.items()},
+                           extra_client_fields={k: d for k, (d, _) in extra_clients.items()})
+    for i, round_number in enumerate(rounds["round"]):
+        round_row = {name: rounds[name][i] if name in rounds else 0 for name in ROUND_FIELDS}
+        round_row.update({k: v[i] for k, (_, v) in extra_rounds.items() if v[i] is not None})
+        client_rows = []
+        for c in range(per_round):
+            row = {name: 0 for name in CLIENT_FIELDS}
+            row.update(round=round_number, client_id=c, rank=c % 2 + 1, num_samples=40,
+                       upload_bytes=rounds["upload_bytes"][i] // per_round)
+            j = i * per_round + c
+            row.update({k: v[j] for k, (_, v) in extra_clients.items() if v[j] is not None})
+            client_rows.append(row)
+        writer.append_round(round_row, client_rows)
+    writer.close(finished=finished)
     return path

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.aggregate import sparse_weighted_average, weighted_average
+from fedmpi.aggregate import average_over_holders, sparse_weighted_average, weighted_average
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
 from fedmpi.comm.codec import ModelUpdate
 from fedmpi.config import load_config
-from fedmpi.loop import assign_clients
+from fedmpi.engine import assign_clients
 
 torch.set_num_threads(1)
 
@@ -116,6 +116,168 @@ def test_sparse_average_with_full_masks_equals_weighted_average():
     out, votes = sparse_weighted_average(tensors, masks, weights)
     np.testing.assert_array_equal(out["w"], weighted_average(tensors, weights)["w"])
     assert (votes["w"] > 0).all()
+
+
+# ------------------------------------------------------------------------------ average over holders
+def test_average_over_holders_by_hand_with_slices_masks_and_tensor_subsets():
+    """3 clients: A holds the block [0:3, 0:3] of w, B the block [1:4, 2:5] minus one masked element,
+    C the whole tensor but only 3 elements in its mask. Values outside masks are garbage."""
+    reference = {"w": (100 + np.arange(20, dtype=np.float32)).reshape(4, 5),
+                 "b": np.array([-1, -2, -3], np.float32),
+                 "c": np.array([7, 8], np.float32),                 # nobody sends it
+                 "steps": np.array(5, np.int64)}
+    original = {n: v.copy() for n, v in reference.items()}
+    b_mask = np.ones((3, 3), bool)
+    b_mask[2, 2] = False                                            # global (3, 4)
+    b_values = np.full((3, 3), 4, np.float32)
+    b_values[2, 2] = np.nan
+    c_mask = np.zeros((4, 5), bool)
+    c_mask[0, 0] = c_mask[1, 2] = c_mask[0, 4] = True
+    c_values = np.where(c_mask, np.float32(10), np.float32(1e30))
+    updates = [
+        ModelUpdate({"w": np.ones((3, 3), np.float32), "b": np.full(3, 2, np.float32), "steps": np.array(2)},
+                    slices={"w": ((0, 3), (0, 3))}),
+        ModelUpdate({"w": b_values}, {"w": b_mask}, {"w": ((1, 4), (2, 5))}),
+        ModelUpdate({"w": c_values, "b": np.full(3, 5, np.float32), "steps": np.array(3)}, {"w": c_mask}),
+    ]
+    weights = [1, 2, 3]
+    nobody = np.nan
+    want_w = np.array([[31 / 4, 1, 1, nobody, 10],          # (0,0): (1·1 + 3·10) / 4
+                       [1, 1, 39 / 6, 4, 4],                # (1,2): (1·1 + 2·4 + 3·10) / 6
+                       [1, 1, 9 / 3, 4, 4],                 # (2,2): (1·1 + 2·4) / 3
+                       [nobody, nobody, 4, 4, nobody]])
+    want_votes = np.array([[4, 1, 1, 0, 3],
+                           [1, 1, 6, 2, 2],
+                           [1, 1, 3, 2, 2],
+                           [0, 0, 2, 2, 0]], dtype=np.float64)
+
+    kept, votes = average_over_holders(updates, weights, reference, missing="keep")
+    zeroed, zero_votes = average_over_holders(updates, weights, reference, missing="zero")
+    held = ~np.isnan(want_w)
+    np.testing.assert_array_equal(kept["w"], np.where(held, want_w, reference["w"]).astype(np.float32))
+    np.testing.assert_array_equal(zeroed["w"], np.where(held, want_w, 0).astype(np.float32))
+    np.testing.assert_array_equal(kept["b"], [4.25] * 3)             # (1·2 + 3·5) / 4, B did not send b
+    np.testing.assert_array_equal(kept["c"], reference["c"])
+    np.testing.assert_array_equal(zeroed["c"], [0, 0])
+    assert kept["steps"] == 3 and kept["steps"].dtype == np.int64     # (1·2 + 3·3) / 4 = 2.75, rounded
+    for name in ("w", "b", "c"):
+        assert kept[name].dtype == zeroed[name].dtype == np.float32
+        assert kept[name].shape == zeroed[name].shape == reference[name].shape
+    for v in (votes, zero_votes):
+        np.testing.assert_array_equal(v["w"], want_votes)
+        np.testing.assert_array_equal(v["b"], [4, 4, 4])
+        np.testing.assert_array_equal(v["c"], [0, 0])
+        assert v["steps"] == 4 and v["w"].dtype == np.float64
+    for name, value in original.items():                             # the reference is left as it was
+        np.testing.assert_array_equal(reference[name], value)
+
+
+def test_average_over_holders_sums_masked_holders_in_the_given_order():
+    # float64 cancellation: (1e20 + 1) - 1e20 = 0 but (1e20 - 1e20) + 1 = 1
+    mask = np.array([True])
+    a, b, c = ({"x": np.array([v], np.float32)} for v in (1e20, 1.0, -1e20))
+    reference = {"x": np.zeros(1, np.float32)}
+    for order, want in (([a, b, c], 0.0), ([a, c, b], 1 / 3)):
+        out, _ = average_over_holders([ModelUpdate(t, {"x": mask}) for t in order], [1, 1, 1], reference)
+        assert out["x"][0] == np.float32(want)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(missing="drop"),
+    dict(slices={"w": ((0, 3), (3, 6))}),          # past the end of the reference
+    dict(slices={"w": ((0, 3),)}),                 # wrong number of dimensions
+    dict(values={"w": np.ones((2, 3), np.float32)}),
+])
+def test_average_over_holders_rejects_inconsistent_inputs(bad):
+    update = ModelUpdate(bad.get("values", {"w": np.ones((3, 3), np.float32)}), slices=bad.get("slices", {}))
+    with pytest.raises(ValueError):
+        average_over_holders([update], [1.0], {"w": np.zeros((4, 5), np.float32)}, bad.get("missing", "keep"))
+
+
+def old_weighted_average(tensors, weights):
+    """fedmpi.aggregate.weighted_average before average_over_holders, verbatim."""
+    total = float(np.sum(np.asarray(weights, dtype=np.float64)))
+    out = {}
+    for name in tensors[0]:
+        acc = np.zeros(tensors[0][name].shape, dtype=np.float64)
+        for tensor, w in zip(tensors, weights):
+            acc += w * tensor[name].astype(np.float64)
+        out[name] = (acc / total).astype(np.float32)
+    return out
+
+
+def old_sparse_weighted_average(tensors, masks, weights):
+    """fedmpi.aggregate.sparse_weighted_average before average_over_holders, verbatim."""
+    out, votes = {}, {}
+    dense_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
+    for name in tensors[0]:
+        shape = tensors[0][name].shape
+        numerator = np.zeros(shape, dtype=np.float64)
+        if name not in masks[0]:
+            for tensor, w in zip(tensors, weights):
+                numerator += w * tensor[name].astype(np.float64)
+            out[name] = (numerator / dense_total).astype(np.float32)
+            continue
+        denominator = np.zeros(shape, dtype=np.float64)
+        for tensor, mask, w in zip(tensors, masks, weights):
+            m = mask[name]
+            numerator[m] += w * tensor[name][m].astype(np.float64)
+            denominator[m] += w
+        kept = denominator > 0
+        averaged = np.zeros(shape, dtype=np.float64)
+        averaged[kept] = numerator[kept] / denominator[kept]
+        out[name] = averaged.astype(np.float32)
+        votes[name] = denominator
+    return out, votes
+
+
+def assert_bits_equal(got: dict, want: dict):
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].shape == want[name].shape, name
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_weighted_averages_are_bit_identical_to_the_old_formulas():
+    """Up to 12 clients with fractional weights, so that the order of float64 sums matters."""
+    rng = np.random.default_rng(17)
+    for case in range(40):
+        clients = int(rng.integers(1, 13))
+        weights = (list(rng.random(clients) * 100) if case % 2 else [int(n) for n in rng.integers(1, 900, clients)])
+        shapes = {"w1": (int(rng.integers(1, 30)), 7), "b1": (7,), "w2": (3, 2, int(rng.integers(1, 9)))}
+        tensors = [{n: (rng.standard_normal(s) * 10.0 ** rng.integers(-2, 3)).astype(np.float32)
+                    for n, s in shapes.items()} for _ in range(clients)]
+        masks = [{n: rng.random(shapes[n]) < rng.choice([0.0, 0.1, 0.5, 1.0]) for n in ("w1", "w2")}
+                 for _ in range(clients)]
+        assert_bits_equal(weighted_average(tensors, weights), old_weighted_average(tensors, weights))
+        got, got_votes = sparse_weighted_average(tensors, masks, weights)
+        want, want_votes = old_sparse_weighted_average(tensors, masks, weights)
+        assert_bits_equal(got, want)
+        assert_bits_equal(got_votes, want_votes)
+
+
+def test_plain_average_keeps_dividing_by_the_pairwise_total():
+    """np.sum (pairwise for 8+ terms) and a running sum of fractional weights can differ in the last
+    bit; when the average lies halfway between two float32 numbers that bit decides the rounding.
+    Clients sending a whole unmasked tensor are divided by np.sum(weights), as before."""
+    low = np.float32(1)
+    high = np.nextafter(low, np.float32(2))
+    sensitive = 0
+    for seed in range(100):
+        half = np.random.default_rng(seed).random(5)
+        weights = list(np.concatenate([half, half]))           # exact average: halfway from low to high
+        tensors = [{"x": np.array([low if k < 5 else high])} for k in range(10)]
+        numerator, running_total = 0.0, 0.0
+        for w, t in zip(weights, tensors):
+            numerator += w * float(t["x"][0])
+            running_total += w
+        if np.float32(numerator / running_total) == np.float32(numerator / np.sum(weights)):
+            continue
+        sensitive += 1
+        want = old_weighted_average(tensors, weights)
+        assert_bits_equal(weighted_average(tensors, weights), want)
+        assert_bits_equal(sparse_weighted_average(tensors, [{}] * 10, weights)[0], want)
+    assert sensitive > 5
 
 
 # ------------------------------------------------------------------------------ algorithms

@@ -1,10 +1,11 @@
-"""Model registry, parameter counts, maskable names and analytic FLOP counts."""
+"""Model registry, variants, parameter counts, maskable names and analytic FLOP counts."""
 import pytest
 import torch
 from torch import nn
 
 from fedmpi.errors import ConfigError
-from fedmpi.models import MODELS, build_model, count_parameters, maskable_parameter_names
+from fedmpi.models import MODELS, build_model, count_parameters, maskable_parameter_names, variant_options
+from fedmpi.models.multiexit import hidden_channels
 from fedmpi.models.flops import (
     forward_flops_per_sample,
     layer_flops,
@@ -14,13 +15,15 @@ from fedmpi.models.flops import (
 
 torch.set_num_threads(1)
 
-# (model name, input shape, classes) for each registered model on a dataset it fits.
+# (model name, input shape, classes) for each registered single-output model on a dataset it fits.
 CASES = [
     ("mnistnet", (1, 28, 28), 10),
     ("cifar10net", (3, 32, 32), 10),
     ("femnist_cnn", (1, 28, 28), 62),
+    ("vgg11", (3, 32, 32), 10),
     ("mlp", (60,), 10),
 ]
+MULTI_EXIT = "multiexit_vgg"
 
 
 def conv_macs(c_in, c_out, k, out_hw):
@@ -29,8 +32,10 @@ def conv_macs(c_in, c_out, k, out_hw):
 
 
 def test_registry_holds_the_promised_names():
-    assert set(MODELS) >= {"mnistnet", "cifar10net", "femnist_cnn", "mlp"}
-    assert {name for name, _, _ in CASES} == set(MODELS)
+    assert set(MODELS) >= {"mnistnet", "cifar10net", "femnist_cnn", "vgg11", "multiexit_vgg", "mlp"}
+    assert {name for name, _, _ in CASES} | {MULTI_EXIT} == set(MODELS)
+    assert variant_options(MULTI_EXIT) == ("level", "width")
+    assert all(variant_options(name) == () for name, _, _ in CASES)
 
 
 def test_feddst_parameter_counts_match_the_paper():
@@ -45,6 +50,24 @@ def test_femnist_cnn_parameter_count_matches_leaf():
     assert count_parameters(build_model("femnist_cnn", (1, 28, 28), 62)) == expected
     # Channel count is free: only conv1 grows.
     assert count_parameters(build_model("femnist_cnn", (3, 28, 28), 62)) == expected + 2 * 32 * 25
+    # 10 classes (MNIST-like): the last layer shrinks by 52 rows.
+    assert count_parameters(build_model("femnist_cnn", (1, 28, 28), 10)) == expected - 52 * 2049 == 6_497_162
+
+
+def conv_params(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out
+
+
+def test_vgg11_parameter_count_matches_prunefl():
+    convs = sum(conv_params(c_in, c_out, 3) for c_in, c_out in [
+        (3, 64), (64, 128), (128, 256), (256, 256), (256, 512), (512, 512), (512, 512), (512, 512)])
+    assert convs == 9_220_480
+    classifier = (512 * 512 + 512) * 2 + 512 * 10 + 10  # 512 -> 512 -> 512 -> 10
+    # PruneFL paper: 9.75 M parameters.
+    assert count_parameters(build_model("vgg11", (3, 32, 32), 10)) == convs + classifier == 9_750_922
+    # No batch-norm: the state_dict is exactly the parameters.
+    model = build_model("vgg11", (3, 32, 32), 10)
+    assert list(model.state_dict()) == [name for name, _ in model.named_parameters()]
 
 
 def test_mlp_sizes_follow_the_input():
@@ -160,6 +183,10 @@ def test_flop_probe_leaves_training_mode_and_batchnorm_stats_alone():
     ("cifar10net", (1, 28, 28), "3x32x32"),
     ("femnist_cnn", (3, 32, 32), "Cx28x28"),
     ("femnist_cnn", (60,), "Cx28x28"),
+    ("vgg11", (1, 28, 28), "Cx32x32"),
+    ("multiexit_vgg", (1, 15, 28), "sides >= 16"),
+    ("multiexit_vgg", (60,), "sides >= 16"),
+    ("multiexit_vgg", (1, 3, 32, 32), "sides >= 16"),
 ])
 def test_incompatible_input_shape_is_a_config_error(name, shape, needs):
     with pytest.raises(ConfigError) as err:
@@ -200,3 +227,191 @@ def test_bad_class_count_is_a_config_error(classes):
 def test_shape_given_as_list_or_torch_size_is_accepted():
     assert count_parameters(build_model("mnistnet", [1, 28, 28], 10)) == 261_840
     assert count_parameters(build_model("mnistnet", torch.Size([1, 28, 28]), 10)) == 261_840
+
+
+# --- multiexit_vgg: depth (level) and width (HeteroFL) variants ---------------------------------
+
+NARROW = (32, 64, 128, 256)  # channels of blocks 0..3 for 28x28 / 32x32 inputs
+WIDE = (64, 128, 256, 512)   # for 96x96 images and long (151-sample) series
+
+
+def multiexit_params(in_channels, channels, positions, classes, level, spatial_dims=2):
+    """Blocks 0..level (two 3-wide convs + two BNs of 2 parameters per channel) + exits 1..level."""
+    taps = 3 ** spatial_dims
+    total, c_in = 0, in_channels
+    for c in channels[:level + 1]:
+        total += (c_in * c * taps + c) + (c * c * taps + c) + 2 * 2 * c
+        c_in = c
+    return total + sum(channels[b] * positions[b - 1] * classes + classes for b in range(1, level + 1))
+
+
+@pytest.mark.parametrize("level,expected", [(1, 96_746), (2, 330_228), (3, 1_219_070)])
+def test_multiexit_parameter_counts_by_hand(level, expected):
+    # 28x28 -> 14 -> 7 -> 3 -> 1: exits read 64x7x7, 128x3x3, 256x1x1 features.
+    assert multiexit_params(1, NARROW, (49, 9, 1), 10, level) == expected
+    assert count_parameters(build_model(MULTI_EXIT, (1, 28, 28), 10, level=level)) == expected
+
+
+@pytest.mark.parametrize("shape,channels,positions", [
+    ((1, 28, 28), NARROW, (7 * 7, 3 * 3, 1)),
+    ((3, 32, 32), NARROW, (8 * 8, 4 * 4, 2 * 2)),
+    ((3, 96, 96), WIDE, (24 * 24, 12 * 12, 6 * 6)),
+    ((3, 151), WIDE, (37, 18, 9)),  # time series: 151 -> 75 -> 37 -> 18 -> 9
+])
+def test_multiexit_returns_one_logits_per_exit_for_each_input_size(shape, channels, positions):
+    torch.manual_seed(0)
+    model = build_model(MULTI_EXIT, shape, 7)
+    assert [head.linear.in_features for head in model.exits] == [c * n for c, n in zip(channels[1:], positions)]
+    assert all(head.dropout.p == 0.5 for head in model.exits)
+    assert count_parameters(model) == multiexit_params(shape[0], channels, positions, 7, 3, len(shape) - 1)
+    outputs = model(torch.randn(2, *shape))
+    assert isinstance(outputs, list) and [o.shape for o in outputs] == [(2, 7)] * 3
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_level_variant_returns_a_list_of_level_logits(level):
+    model = build_model(MULTI_EXIT, (1, 28, 28), 10, level=level)
+    outputs = model(torch.randn(3, 1, 28, 28))
+    assert isinstance(outputs, list) and [o.shape for o in outputs] == [(3, 10)] * level
+
+
+def test_level_variant_holds_the_first_blocks_and_exits_under_the_full_models_names():
+    full = build_model(MULTI_EXIT, (1, 28, 28), 10).state_dict()
+    assert {"blocks.0.conv1.weight", "blocks.1.bn2.running_mean", "exits.0.linear.weight",
+            "exits.2.linear.bias"} <= set(full)
+    for level in (1, 2):
+        part = build_model(MULTI_EXIT, (1, 28, 28), 10, level=level).state_dict()
+        held = tuple(f"blocks.{b}." for b in range(level + 1)) + tuple(f"exits.{e}." for e in range(level))
+        assert list(part) == [name for name in full if name.startswith(held)]
+        assert all(part[name].shape == full[name].shape for name in part)
+
+
+def expected_width_shapes(full_shapes, width, in_channels, channels, positions):
+    """Full shapes with every hidden channel dimension cut to hidden_channels(C, width)."""
+    kept = [hidden_channels(c, width) for c in channels]
+    shapes = {}
+    for name, shape in full_shapes.items():
+        group, index, layer, _ = name.split(".")
+        i = int(index)
+        if name.endswith("num_batches_tracked"):
+            shapes[name] = shape
+        elif group == "exits":  # (classes, channels x positions) / (classes,)
+            shapes[name] = (shape[0], kept[i + 1] * positions[i])[:len(shape)]
+        elif layer.startswith("bn") or name.endswith("bias"):
+            shapes[name] = (kept[i],)
+        else:
+            c_in = kept[i] if layer == "conv2" else (kept[i - 1] if i else in_channels)
+            shapes[name] = (kept[i], c_in, *shape[2:])
+    return shapes
+
+
+@pytest.mark.parametrize("width", [0.5, 0.3, 0.0625])
+def test_width_variant_tensors_are_the_leading_blocks_of_the_full_ones(width):
+    full = build_model(MULTI_EXIT, (1, 28, 28), 10).state_dict()
+    narrow = build_model(MULTI_EXIT, (1, 28, 28), 10, width=width).state_dict()
+    assert list(narrow) == list(full)
+    shapes = expected_width_shapes({k: tuple(v.shape) for k, v in full.items()}, width, 1, NARROW, (49, 9, 1))
+    assert {k: tuple(v.shape) for k, v in narrow.items()} == shapes
+    if width == 0.5:
+        assert shapes["blocks.0.conv1.weight"] == (16, 1, 3, 3)
+        assert shapes["blocks.1.conv1.weight"] == (32, 16, 3, 3)
+        assert shapes["exits.0.linear.weight"] == (10, 32 * 49)
+    # Depth and width combine: a level-1 half-width model is the same cut of the level-1 model.
+    both = build_model(MULTI_EXIT, (1, 28, 28), 10, level=1, width=width).state_dict()
+    assert {k: tuple(v.shape) for k, v in both.items()} == {k: shapes[k] for k in both}
+
+
+@pytest.mark.parametrize("shape,width", [((1, 28, 28), 0.5), ((3, 32, 32), 0.3), ((3, 151), 0.5)])
+def test_width_variant_is_the_full_model_with_the_other_channels_switched_off(shape, width):
+    """Loading the leading blocks of the full tensors gives the function of the full model whose
+    channels beyond the kept ones output 0 (their BN scale and shift set to 0)."""
+    torch.manual_seed(1)
+    full = build_model(MULTI_EXIT, shape, 10)
+    narrow = build_model(MULTI_EXIT, shape, 10, width=width)
+    with torch.no_grad():
+        for name, module in full.named_modules():
+            if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                module.running_mean.normal_()
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.normal_()
+                module.bias.normal_()
+                kept = narrow.get_submodule(name).num_features
+                module.weight[kept:] = 0
+                module.bias[kept:] = 0
+    full_state = full.state_dict()
+    narrow.load_state_dict({
+        name: full_state[name][tuple(slice(0, n) for n in tensor.shape)]
+        for name, tensor in narrow.state_dict().items()
+    })
+    full.eval()
+    narrow.eval()
+    x = torch.randn(4, *shape)
+    for wide_logits, narrow_logits in zip(full(x), narrow(x), strict=True):
+        torch.testing.assert_close(narrow_logits, wide_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels,width,kept", [
+    (32, 1.0, 32), (32, 0.5, 16), (32, 0.3, 10), (10, 0.7, 7), (64, 0.0625, 4), (3, 1e-12, 1)])
+def test_hidden_channels_is_the_ceiling_of_width_times_channels(channels, width, kept):
+    assert hidden_channels(channels, width) == kept
+
+
+def test_multiexit_maskable_names_are_the_conv_and_linear_weights():
+    names = maskable_parameter_names(build_model(MULTI_EXIT, (1, 28, 28), 10, level=1))
+    assert names == ["blocks.0.conv1.weight", "blocks.0.conv2.weight", "blocks.1.conv1.weight",
+                     "blocks.1.conv2.weight", "exits.0.linear.weight"]
+    series = maskable_parameter_names(build_model(MULTI_EXIT, (3, 151), 10, level=1))
+    assert series == names
+
+
+@pytest.mark.parametrize("variant,mentions", [
+    ({"level": 0}, "level"), ({"level": 4}, "level"), ({"level": 2.0}, "level"), ({"level": True}, "level"),
+    ({"width": 0}, "width"), ({"width": 1.5}, "width"), ({"width": -0.5}, "width"),
+    ({"width": "0.5"}, "width"), ({"width": True}, "width"), ({"width": float("nan")}, "width"),
+    ({"depth": 2}, "depth"),
+])
+def test_bad_multiexit_variant_is_a_config_error(variant, mentions):
+    with pytest.raises(ConfigError) as err:
+        build_model(MULTI_EXIT, (1, 28, 28), 10, **variant)
+    assert err.value.key == "model"
+    assert mentions in err.value.problem
+
+
+@pytest.mark.parametrize("name,shape,_", CASES)
+def test_models_without_variants_reject_any_variant_option(name, shape, _):
+    with pytest.raises(ConfigError) as err:
+        build_model(name, shape, 10, level=1)
+    assert err.value.key == "model"
+    assert "no variant options" in err.value.problem and "level" in err.value.problem
+
+
+def test_multiexit_flops_count_every_exit_and_follow_the_variant():
+    by_hand = {
+        "blocks.0.conv1.weight": conv_macs(1, 32, 3, 28), "blocks.0.conv2.weight": conv_macs(32, 32, 3, 28),
+        "blocks.1.conv1.weight": conv_macs(32, 64, 3, 14), "blocks.1.conv2.weight": conv_macs(64, 64, 3, 14),
+        "blocks.2.conv1.weight": conv_macs(64, 128, 3, 7), "blocks.2.conv2.weight": conv_macs(128, 128, 3, 7),
+        "blocks.3.conv1.weight": conv_macs(128, 256, 3, 3), "blocks.3.conv2.weight": conv_macs(256, 256, 3, 3),
+        "exits.0.linear.weight": 64 * 49 * 10, "exits.1.linear.weight": 128 * 9 * 10,
+        "exits.2.linear.weight": 256 * 10,
+    }
+    full = layer_flops(build_model(MULTI_EXIT, (1, 28, 28), 10), (1, 28, 28))
+    assert full == {k: 2 * v for k, v in by_hand.items()}
+    level2 = layer_flops(build_model(MULTI_EXIT, (1, 28, 28), 10, level=2), (1, 28, 28))
+    assert level2 == {k: v for k, v in full.items() if not k.startswith(("blocks.3.", "exits.2."))}
+    half = layer_flops(build_model(MULTI_EXIT, (1, 28, 28), 10, width=0.5), (1, 28, 28))
+    assert half["blocks.0.conv1.weight"] == 2 * conv_macs(1, 16, 3, 28)
+    assert half["blocks.1.conv2.weight"] == 2 * conv_macs(32, 32, 3, 14)
+    assert half["exits.0.linear.weight"] == 2 * 32 * 49 * 10
+
+
+def test_conv1d_forward_flops_by_hand():
+    # 3 -> 8 channels, kernel 5, padding 2 on 20 samples: output 8 x 20, each reads 3 x 5 weights.
+    assert forward_flops_per_sample(nn.Conv1d(3, 8, 5, padding=2), (3, 20)) == 2 * 8 * 20 * 3 * 5
+
+
+def test_vgg11_dense_flops_equal_the_hand_sum():
+    convs = [(3, 64, 32), (64, 128, 16), (128, 256, 8), (256, 256, 8),
+             (256, 512, 4), (512, 512, 4), (512, 512, 2), (512, 512, 2)]
+    by_hand = {f"convs.{i}.weight": conv_macs(c_in, c_out, 3, hw) for i, (c_in, c_out, hw) in enumerate(convs)}
+    by_hand |= {"fc1.weight": 512 * 512, "fc2.weight": 512 * 512, "fc3.weight": 512 * 10}
+    assert layer_flops(build_model("vgg11", (3, 32, 32), 10), (3, 32, 32)) == {k: 2 * v for k, v in by_hand.items()}

@@ -1,4 +1,6 @@
-"""Reading results files, summaries, the upload-budget table and the figures."""
+"""Results files: writing algorithm-declared columns, reading, summaries, the upload-budget
+table and the figures."""
+import json
 import math
 import subprocess
 import sys
@@ -9,12 +11,15 @@ import h5py
 import numpy as np
 import pytest
 
-from fake_results import MIB, make_config, make_rounds, write_fake_run
+from fake_results import MIB, make_config, make_rounds, write_fake_run, write_run_with_writer
 from fedmpi.errors import DataError
 from fedmpi.plotting import draw_all
-from fedmpi.report import (
+from fedmpi.results import (
+    ROUND_FIELDS,
+    ResultsWriter,
     budget_summary,
     budget_table,
+    config_identity,
     group_key,
     group_runs,
     info_text,
@@ -281,3 +286,146 @@ def test_read_run_while_writer_appends_in_swmr_mode(tmp_path):
             writer.stdin.write("\n")
             writer.stdin.close()
             assert writer.wait(timeout=20) == 0
+
+
+# -- algorithm-declared columns ------------------------------------------------------------------
+
+LAYERS = ("conv1.weight", "fc1.weight")
+# FedDST-like columns over 4 rounds: the mask moves on rounds 2 and 4 only (None = no value)
+EXTRA_ROUNDS = {
+    "readjusted": (np.int64, [0, 1, 0, 1]),
+    "mask_moved[conv1.weight]": (np.int32, [None, 3, None, 2]),
+    "mask_moved[fc1.weight]": (np.int32, [None, 40, None, 25]),
+    "agreement": (np.float32, [None, 0.5, None, 0.25]),
+}
+EXTRA_CLIENTS = {"local_density": (np.float64, [0.2, 0.3, None, None, 0.4, 0.6, 0.5, 0.5])}
+
+
+@pytest.fixture
+def extra_run(tmp_path):
+    """A 4-round FedDST run, 2 clients per round, written by ResultsWriter with extra columns."""
+    config = make_config("feddst", sparsity=0.8, rounds=4, per_round=2)
+    rounds = make_rounds([0.1, 0.2, 0.3, 0.4], SPARSE_UPLOAD_PER_ROUND, density=0.2)
+    return write_run_with_writer(tmp_path / "results" / "extra.h5", config, rounds,
+                                 extra_rounds=EXTRA_ROUNDS, extra_clients=EXTRA_CLIENTS,
+                                 finished=False)
+
+
+def test_writer_stores_extra_columns_with_missing_values_and_records_them(extra_run):
+    with h5py.File(extra_run, "r") as h5:
+        assert json.loads(h5.attrs["extra_round_fields"]) == {
+            "readjusted": "int64", "mask_moved[conv1.weight]": "int32",
+            "mask_moved[fc1.weight]": "int32", "agreement": "float32"}
+        assert json.loads(h5.attrs["extra_client_fields"]) == {"local_density": "float64"}
+        moved = h5["rounds"]["mask_moved[fc1.weight]"]
+        assert moved.dtype == np.int32 and list(moved[:]) == [-1, 40, -1, 25]
+        np.testing.assert_array_equal(h5["rounds"]["agreement"][:], [np.nan, 0.5, np.nan, 0.25])
+        np.testing.assert_array_equal(h5["clients"]["local_density"][:],
+                                      [0.2, 0.3, np.nan, np.nan, 0.4, 0.6, 0.5, 0.5])
+    run = read_run(extra_run)
+    np.testing.assert_array_equal(run.rounds["mask_moved[conv1.weight]"], [-1, 3, -1, 2])
+    # the reader turns an integer column's missing value (-1) into NaN
+    np.testing.assert_array_equal(run.column("mask_moved[conv1.weight]"), [np.nan, 3, np.nan, 2])
+    np.testing.assert_array_equal(run.column("readjusted"), [0, 1, 0, 1])
+    assert list(run.extra_fields("rounds")) == list(EXTRA_ROUNDS)
+    assert run.extra_fields("clients") == {"local_density": np.dtype("float64")}
+
+
+def test_writer_without_extra_columns_records_none(tmp_path):
+    path = write_run_with_writer(tmp_path / "plain.h5", make_config(rounds=2),
+                                 make_rounds([0.1, 0.2], DENSE_UPLOAD_PER_ROUND))
+    run = read_run(path)
+    assert run.extra_fields("rounds") == {} and run.extra_fields("clients") == {}
+    assert set(run.rounds) == set(ROUND_FIELDS)
+    assert "algorithm columns" not in info_text(path)
+
+
+def test_resume_keeps_extra_columns_and_adds_newly_declared_ones(extra_run):
+    with h5py.File(extra_run, "r") as h5:
+        before = {group: {name: ds[:] for name, ds in h5[group].items()}
+                  for group in ("rounds", "clients")}
+    writer = ResultsWriter(extra_run, {}, resume_rounds=2,
+                           extra_round_fields={"regrown": np.float64})
+    writer.close(finished=False)
+    with h5py.File(extra_run, "r") as h5:
+        assert "resumed" in h5.attrs and "config" in h5.attrs
+        declared = json.loads(h5.attrs["extra_round_fields"])
+        assert declared == {**{name: np.dtype(d).name for name, (d, _) in EXTRA_ROUNDS.items()},
+                            "regrown": "float64"}
+        assert json.loads(h5.attrs["extra_client_fields"]) == {"local_density": "float64"}
+        for group, rows in (("rounds", 2), ("clients", 4)):
+            for name, values in before[group].items():
+                np.testing.assert_array_equal(h5[group][name][:], values[:rows])
+                assert h5[group][name].dtype == values.dtype
+        np.testing.assert_array_equal(h5["rounds"]["regrown"][:], [np.nan, np.nan])
+
+    # appending after the resume fills the columns a row leaves out
+    writer = ResultsWriter(extra_run, {}, resume_rounds=2)
+    row = {name: 0 for name in ROUND_FIELDS}
+    writer.append_round({**row, "round": 3, "regrown": 7.5}, [])
+    writer.close(finished=True)
+    run = read_run(extra_run)
+    assert run.finished and list(run.round_numbers()) == [1, 2, 3]
+    np.testing.assert_array_equal(run.column("regrown"), [np.nan, np.nan, 7.5])
+    np.testing.assert_array_equal(run.rounds["mask_moved[fc1.weight]"], [-1, 40, -1])
+
+
+@pytest.mark.parametrize("declared, problem", [
+    ({"a/b": np.float64}, "no '/'"),
+    ({"density": np.float64}, "fixed column"),
+    ({"note": np.dtype("S8")}, "float or signed integer"),
+    ({"flag": np.bool_}, "float or signed integer"),
+])
+def test_writer_refuses_unusable_extra_columns(tmp_path, declared, problem):
+    with pytest.raises(ValueError, match=problem):
+        ResultsWriter(tmp_path / "bad.h5", {}, extra_round_fields=declared)
+
+
+def test_writer_refuses_rows_with_undeclared_or_without_fixed_columns(tmp_path):
+    writer = ResultsWriter(tmp_path / "r.h5", {"config": json.dumps(make_config())},
+                           extra_round_fields={"x": np.float64})
+    row = {name: 0 for name in ROUND_FIELDS}
+    with pytest.raises(ValueError, match=r"undeclared columns \['y'\]"):
+        writer.append_round({**row, "y": 1.0}, [])
+    with pytest.raises(ValueError, match=r"lacks the columns \['density'\]"):
+        writer.append_round({k: v for k, v in row.items() if k != "density"}, [])
+    writer.append_round({**row, "x": 2.0}, [])
+    writer.close(finished=True)
+    assert read_run(tmp_path / "r.h5").rounds_done == 1  # the refused rows left nothing behind
+
+
+def test_info_lists_the_algorithm_columns(extra_run):
+    lines = info_text(extra_run).splitlines()
+    start = lines.index("algorithm columns, per round:")
+    assert lines[start + 1].split() == ["readjusted", "last", "1", "(round", "4),", "mean", "0.5",
+                                        "over", "4", "rounds"]
+    assert lines[start + 2].split(None, 1) == [
+        "mask_moved[*]", "round 4: conv1.weight=2, fc1.weight=25"]
+    assert lines[start + 3].split(None, 1) == ["agreement",
+                                               "last 0.25 (round 4), mean 0.375 over 2 rounds"]
+    assert lines[start + 4] == "algorithm columns, per client, mean over each round's clients:"
+    # round means 0.25, none (round 2's clients have no value), 0.5, 0.5
+    assert lines[start + 5].split(None, 1) == ["local_density",
+                                               "last 0.5 (round 4), mean 0.4167 over 3 rounds"]
+
+
+def test_summarize_reads_files_with_extra_columns(extra_run):
+    row = _table_row(summarize_table(read_runs(extra_run.parent)), "feddst S=0.8")
+    assert row[3] == "4/4" and row[4] == "0.4000" and row[-1] == "0/1"
+
+
+def test_draw_all_draws_the_algorithm_columns(extra_run, tmp_path):
+    written = draw_all(extra_run.parent, tmp_path / "plots")
+    figure = tmp_path / "plots" / "toy_algorithm_columns.png"
+    assert figure in written and figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_identity_ignores_output_only_keys_but_not_the_seed():
+    base = make_config("feddst", sparsity=0.8, output={"progress": "auto"}, mpi={"wait": "sleep"})
+    renamed = {**base, "experiment": "renamed", "output": {"progress": True},
+               "checkpoint": {"every": 5}, "mpi": {"wait": "spin"},
+               "data": {**base["data"], "root": "/elsewhere"}}
+    assert config_identity(renamed) == config_identity(base)
+    for changed in ({**base, "seed": 1}, {**base, "sparsity": 0.5},
+                    {**base, "data": {**base["data"], "alpha": 0.1}}):
+        assert config_identity(changed) != config_identity(base)

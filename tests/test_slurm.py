@@ -19,7 +19,8 @@ import yaml
 
 from slurm_cluster import SlurmCluster, unavailable_reason
 
-from fedmpi.sweep import load_campaign, run_status
+from fedmpi.campaigns import load_campaign
+from fedmpi.results import run_status
 
 pytestmark = pytest.mark.slurm
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,10 @@ import h5py
 import pytest
 import yaml
 
-from fedmpi.errors import ConfigError
-from fedmpi.sweep import (MAX_NAME_LENGTH, load_campaign, main, render_sbatch, run_name,
-                          run_status, yaml_value)
+from fedmpi.campaigns import MAX_NAME_LENGTH, load_campaign, render_sbatch, run_name, yaml_value
+from fedmpi.cli import main as fedmpi_main
+from fedmpi.errors import ConfigError, PreemptedError
+from fedmpi.results import run_status
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = {"data": {"name": "synthetic", "partition": "natural"}, "model": "mlp",
@@ -37,6 +38,11 @@ def write_result(path: Path, finished: bool) -> None:
         f.attrs["started"] = "now"
         if finished:
             f.attrs["finished"] = "later"
+
+
+def sweep(*args: str) -> int:
+    """``fedmpi sweep ARGS``, in this process."""
+    return fedmpi_main(["sweep", *args])
 
 
 def names(campaign) -> list[str]:
@@ -147,7 +153,7 @@ def test_list_shows_name_status_and_overrides(tmp_path, capsys):
     path = write_campaign(tmp_path, seeds=[0, 1, 2])
     write_result(tmp_path / "results" / "seed=0.h5", finished=True)
     write_result(tmp_path / "results" / "seed=1.h5", finished=False)
-    assert main([str(path), "--list"]) == 0
+    assert sweep(str(path), "--list") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["seed=0", "finished", "seed=0"]
     assert lines[1].split() == ["seed=1", "partial", "seed=1"]
@@ -161,7 +167,7 @@ def test_slurm_dry_run_writes_table_of_unfinished_runs_and_script(tmp_path, caps
                           slurm={"partition": "debug", "account": "proj", "modules": ["gcc", "openmpi"],
                                  "gpus_per_task": 1, "extra_sbatch": ["--qos=long"]})
     write_result(tmp_path / "results" / "data.root=-d-with-space_seed=0.h5", finished=True)
-    assert main([str(path), "--slurm", "--dry-run", "--partition", "gpu", "--time", "0:30:00"]) == 0
+    assert sweep(str(path), "--slurm", "--dry-run", "--partition", "gpu", "--time", "0:30:00") == 0
     assert "dry run" in capsys.readouterr().out
 
     (table,) = (tmp_path / "results" / "slurm").glob("*.tasks")
@@ -185,7 +191,7 @@ def test_nothing_missing_submits_nothing(tmp_path, capsys):
     path = write_campaign(tmp_path, seeds=[0, 1])
     for seed in (0, 1):
         write_result(tmp_path / "results" / f"seed={seed}.h5", finished=True)
-    assert main([str(path), "--slurm"]) == 0   # would fail without sbatch if it tried to submit
+    assert sweep(str(path), "--slurm") == 0   # would fail without sbatch if it tried to submit
     assert "nothing to do" in capsys.readouterr().out
     assert not (tmp_path / "results" / "slurm").exists()
 
@@ -211,7 +217,7 @@ def test_array_task_runs_its_line_and_passes_exit_status_75_on(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     path = write_campaign(tmp_path, ranks=2, seeds=[0, 1], set={"rounds": 1},
                           grid={"data.root": ["/d/with space"]})
-    assert main([str(path), "--slurm", "--dry-run"]) == 0
+    assert sweep(str(path), "--slurm", "--dry-run") == 0
     (script,) = (tmp_path / "results" / "slurm").glob("*.sbatch")
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
@@ -229,13 +235,24 @@ def test_array_task_runs_its_line_and_passes_exit_status_75_on(tmp_path, monkeyp
 
 # -- running locally ---------------------------------------------------------------------------
 
+def test_local_stops_at_a_preempted_run_with_its_exit_status(tmp_path, monkeypatch, capsys):
+    recorder = tmp_path / "mpiexec"
+    recorder.write_text(f'#!/bin/bash\necho run >> {tmp_path}/started\nexit 75\n')
+    recorder.chmod(0o755)
+    monkeypatch.setenv("MPIEXEC", str(recorder))
+    path = write_campaign(tmp_path, seeds=[0, 1])
+    assert sweep(str(path), "--local") == PreemptedError.exit_code == 75
+    assert (tmp_path / "started").read_text() == "run\n"   # the second run was not started
+    assert "seed=0: pre-empted" in capsys.readouterr().err
+
+
 def test_local_runs_missing_runs_then_nothing(tmp_path, capsys):
     path = write_campaign(tmp_path, ranks=2, seeds=[0])
-    assert main([str(path), "--local"]) == 0
+    assert sweep(str(path), "--local") == 0
     (run,) = load_campaign(path).runs
     assert run_status(run.result) == "finished"
     with h5py.File(run.result, "r") as f:
         assert f.attrs["mpi_size"] == 2
     capsys.readouterr()
-    assert main([str(path), "--local"]) == 0
+    assert sweep(str(path), "--local") == 0
     assert "nothing to do" in capsys.readouterr().out

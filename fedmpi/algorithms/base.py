@@ -1,10 +1,17 @@
 """The algorithm interface: a few hooks the round loop calls. Algorithms never touch MPI.
 
 Server side (rank 0):   ``init_server`` → each round: ``select_clients`` → ``download`` per client
-                        → (clients train) → ``aggregate`` with the results in client-id order.
+                        → (clients train) → ``aggregate`` with the results in client-id order
+                        → ``round_metrics``; on evaluation rounds ``evaluation_models`` →
+                        (every rank evaluates a share) → ``evaluation_metrics``.
 Client side (any rank): ``local_update`` gets a ``ClientTask`` (the decoded download, the client's
                         device-resident state, its data, its RNG seed) and returns a
-                        ``ClientResult`` whose ``update`` is what the client uploads.
+                        ``ClientResult`` whose ``update`` is what the client uploads. It trains
+                        through ``LocalTrainer.train``, choosing optimizer, objective, step hooks
+                        and model variant.
+Results columns:        ``round_columns``/``client_columns`` declare the algorithm's own HDF5
+                        columns before round 1; ``round_metrics``, ``evaluation_metrics`` and
+                        ``ClientResult.metrics`` fill them.
 
 What crosses MPI is decided by the ``ModelUpdate``s these hooks return: tensors present, and masks
 for the masked ones. The communication layer encodes them (dense, values-only, bitmap or index) and
@@ -19,6 +26,7 @@ import numpy as np
 
 from ..comm.codec import ModelUpdate
 from ..training import LocalTrainer
+from .evaluation import EvalModel, EvalOutcome
 
 
 @dataclass
@@ -28,6 +36,8 @@ class ModelInfo:
     shapes: dict[str, tuple]          # communicated tensors (float state_dict entries), in order
     maskable: list[str]               # conv/linear weights
     layer_flops: dict[str, int]       # dense forward FLOPs per sample per maskable weight
+    num_clients: int = 0
+    local_test_sizes: tuple = ()      # per client, the size of its local test set
 
 
 @dataclass
@@ -50,6 +60,7 @@ class ClientResult:
     samples_processed: int            # for the FLOP and time model
     state: dict[str, Any] = field(default_factory=dict)
     densities: dict[str, float] | None = None   # per maskable layer during training (None = dense)
+    metrics: dict[str, float] = field(default_factory=dict)  # values of ``client_columns``
 
 
 class Algorithm:
@@ -78,6 +89,39 @@ class Algorithm:
     def global_weights(self) -> dict[str, np.ndarray]:
         """The model the suite evaluates."""
         return self.weights
+
+    def density(self) -> float:
+        """``rounds/density``: the fraction of maskable positions in the global mask for masked
+        methods (a grown weight is exactly 0 yet in the mask), else the nonzero fraction."""
+        if self.masks:
+            return sum(int(np.count_nonzero(m)) for m in self.masks.values()) / sum(m.size for m in self.masks.values())
+        weights = self.global_weights()
+        kept = sum(int(np.count_nonzero(weights[n])) for n in self.info.maskable)
+        return kept / sum(weights[n].size for n in self.info.maskable)
+
+    # ---- results columns -----------------------------------------------------------------
+    def round_columns(self) -> dict[str, Any]:
+        """Extra per-round columns {name: numpy dtype}, declared before round 1."""
+        return {}
+
+    def client_columns(self) -> dict[str, Any]:
+        """Extra per-client columns {name: numpy dtype}, filled from ``ClientResult.metrics``."""
+        return {}
+
+    def round_metrics(self, round_: int) -> dict[str, float]:
+        """Values of ``round_columns`` known after ``aggregate`` (missing ones are written as NaN)."""
+        return {}
+
+    # ---- evaluation ----------------------------------------------------------------------
+    def evaluation_models(self, round_: int) -> list[EvalModel]:
+        """The models to evaluate this round; every rank evaluates a fixed share of the samples."""
+        return [EvalModel("global", self.global_weights())]
+
+    def evaluation_metrics(self, round_: int, outcomes: dict[str, EvalOutcome]) -> dict[str, float]:
+        """Round metrics from the evaluation: the contract's three plus any declared columns."""
+        outcome = outcomes["global"]
+        return {"test_accuracy": outcome.test_accuracy(), "test_loss": outcome.test_loss(),
+                "client_accuracy": outcome.mean_client_accuracy()}
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side state for checkpoints (everything ``aggregate`` carries across rounds)."""

@@ -33,6 +33,22 @@ class FedDST(Algorithm):
         self.densities = layer_densities(maskable_shapes, self.sparsity, self.settings["distribution"])
         self.counts = kept_counts(maskable_shapes, self.densities)
         self.velocity: dict[str, np.ndarray] = {}
+        self.mask_changes: dict[str, int] = {}   # this round: positions whose mask membership changed
+
+    # ---- results columns -------------------------------------------------------------------
+    def round_columns(self):
+        if self.sparsity == 0:
+            return {}
+        per_layer = {f"mask_changed[{n}]": np.int64 for n in self.info.maskable}
+        return {"mask_changed": np.int64, **per_layer, "nonzero_density": np.float64}
+
+    def round_metrics(self, round_):
+        if not self.masks:
+            return {}
+        kept = sum(int(np.count_nonzero(self.weights[n])) for n in self.masks)
+        return {"mask_changed": sum(self.mask_changes.values()),
+                **{f"mask_changed[{n}]": k for n, k in self.mask_changes.items()},
+                "nonzero_density": kept / sum(m.size for m in self.masks.values())}
 
     # ---- server --------------------------------------------------------------------------
     def init_server(self, weights, rng) -> None:
@@ -62,8 +78,10 @@ class FedDST(Algorithm):
         # magnitude-prune each layer back to its density, choosing only among weights some client
         # kept. Grown weights arrive as exact zeros: among equal magnitudes the positions backed by
         # more client data (sample-weighted votes) win, so agreed growth survives the re-prune.
+        previous = self.masks
         self.masks = magnitude_masks({n: averaged[n] for n in self.masks}, self.counts,
                                      within={n: v > 0 for n, v in votes.items()}, tiebreak=votes)
+        self.mask_changes = {n: int(np.count_nonzero(previous[n] != m)) for n, m in self.masks.items()}
         for name, mask in self.masks.items():
             averaged[name] = np.where(mask, averaged[name], np.float32(0))
         self.weights = averaged

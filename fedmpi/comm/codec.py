@@ -1,43 +1,73 @@
 """Encoding of model updates into the flat byte buffers that cross MPI.
 
-A ``ModelUpdate`` holds float32 tensors by name and, for masked tensors, a boolean mask (values
-outside the mask are zero). ``encode`` turns it into one contiguous ``uint8`` buffer plus a
-layout (one row per tensor: name, encoding, element count). Per tensor the encoder picks:
+A ``ModelUpdate`` holds tensors by name (any dtype of ``WIRE_DTYPES``; each keeps its dtype), for
+masked tensors a boolean mask (values outside the mask are zero), and for tensors that are a block of
+a larger registered tensor (HeteroFL width slices) the block's ``(start, end)`` per dimension.
+``encode`` turns it into one contiguous ``uint8`` buffer plus a layout: one self-describing
+``LayoutRow`` per tensor (name, dtype, shape, slice, encoding, element count), so ``decode`` needs
+nothing but the layout, the buffer and, for ``VALUES`` rows, the receiver's masks. Per tensor the
+encoder picks:
 
 - ``DENSE``  : all values (unmasked tensors: biases, norms, anything without a mask);
 - ``VALUES`` : only the values under the mask, when the receiver already holds that exact mask;
 - ``BITMAP`` : mask as a bitmap of ceil(n/8) bytes, then the values under it;
 - ``INDEX``  : mask as a list of flat positions in the narrowest unsigned type that can index the
-               tensor (uint8/16/32/64), then the values; chosen when smaller than the bitmap.
+               tensor (uint8/16/32/64), then the values; chosen when strictly smaller than the bitmap.
 
-The mask part therefore travels only when it changed from what the receiver knows (the
-``reference_masks``). ``len(buffer)`` is what gets counted as upload or download bytes. The layout
-is metadata that a deployment would derive from the shared model schema; its size is reported
-separately (``HEADER_BYTES_PER_TENSOR`` per row) and never mixed into the payload bytes.
+Values travel little-endian in their own dtype (a float32 tensor costs 4 bytes per value sent). The
+mask part travels only when it changed from what the receiver knows (the ``reference_masks``).
+``len(buffer)`` is what gets counted as upload or download bytes.
+
+The layout is metadata; its size is reported separately as ``Encoded.header_bytes`` and never mixed
+into the payload bytes. Every row costs ``HEADER_BYTES_PER_TENSOR`` = 9 bytes (tensor id u32,
+encoding u8, count u32). A deployment derives the rest of a row from the shared model schema
+(name → shape), so a row also pays its description when the receiver cannot know it, i.e. when a
+``schema`` is given and the row is not an unsliced schema tensor at its schema shape:
+
+    len(name in utf-8) + 1 (name length) + 1 (dtype code) + 1 (ndim) + 4·ndim (shape, u32 each)
+    + 8·ndim if sliced (start and end, u32 each)
+
+Without a schema every row costs 9 bytes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 DENSE, VALUES, BITMAP, INDEX = 0, 1, 2, 3
 HEADER_BYTES_PER_TENSOR = 9  # tensor id (u32) + encoding (u8) + count (u32)
-VALUE_DTYPE = np.dtype("<f4")
+# dtypes a tensor may have; its position here is the dtype code a row description carries
+WIRE_DTYPES = ("bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64")
+
+Block = tuple[tuple[int, int], ...]   # (start, end) per dimension of the registered tensor
 
 
 @dataclass
 class ModelUpdate:
-    """Tensors a client or the server sends. ``masks`` holds only the masked tensors."""
+    """Tensors a client or the server sends. ``masks`` holds only the masked tensors, ``slices``
+    only the tensors that are a block of a larger registered tensor."""
 
     values: dict[str, np.ndarray]
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    slices: dict[str, Block] = field(default_factory=dict)
+
+
+class LayoutRow(NamedTuple):
+    name: str
+    dtype: str                  # one of WIRE_DTYPES
+    shape: tuple[int, ...]
+    slice: Block | None         # block of the registered tensor, None for a whole tensor
+    encoding: int
+    count: int                  # values in the payload
 
 
 @dataclass
 class Encoded:
-    layout: list[tuple[str, int, int]]   # (tensor name, encoding, element count)
-    data: np.ndarray                     # uint8, the payload that crosses MPI
+    layout: list[LayoutRow]
+    data: np.ndarray                          # uint8, the payload that crosses MPI
+    schema: dict[str, tuple] | None = None    # what the receiver knows already; prices the header
 
     @property
     def nbytes(self) -> int:
@@ -45,7 +75,15 @@ class Encoded:
 
     @property
     def header_bytes(self) -> int:
-        return HEADER_BYTES_PER_TENSOR * len(self.layout)
+        return sum(HEADER_BYTES_PER_TENSOR + self._description_bytes(row) for row in self.layout)
+
+    def _description_bytes(self, row: LayoutRow) -> int:
+        if self.schema is None:
+            return 0
+        if row.slice is None and row.name in self.schema and tuple(self.schema[row.name]) == row.shape:
+            return 0
+        ndim = len(row.shape)
+        return len(row.name.encode("utf-8")) + 1 + 1 + 1 + 4 * ndim + (8 * ndim if row.slice is not None else 0)
 
 
 def index_dtype(size: int) -> np.dtype:
@@ -61,35 +99,59 @@ def mask_bytes(size: int, kept: int) -> int:
     return min((size + 7) // 8, index_dtype(size).itemsize * kept)
 
 
-def encode(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = None) -> Encoded:
+def _wire_dtype(name: str) -> np.dtype:
+    if name not in WIRE_DTYPES:
+        raise ValueError(f"dtype {name} cannot be sent; supported: {', '.join(WIRE_DTYPES)}")
+    return np.dtype(name).newbyteorder("<")
+
+
+def _checked_block(name: str, block, shape: tuple[int, ...]) -> Block:
+    block = tuple((int(start), int(end)) for start, end in block)
+    if tuple(end - start for start, end in block) != shape or any(start < 0 for start, _ in block):
+        raise ValueError(f"{name}: slice {block} does not describe a tensor of shape {shape}")
+    return block
+
+
+def encode(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = None,
+           schema: dict[str, tuple] | None = None) -> Encoded:
+    """``reference_masks``: the masks the receiver holds (compared with each mask as sent, flat);
+    ``schema``: registered name → shape the receiver knows, used only to price the header."""
     reference_masks = reference_masks or {}
-    layout: list[tuple[str, int, int]] = []
+    layout: list[LayoutRow] = []
     pieces: list[np.ndarray] = []
     for name, tensor in update.values.items():
-        flat = np.ascontiguousarray(tensor, dtype=VALUE_DTYPE).reshape(-1)
+        tensor = np.asarray(tensor)
+        dtype = tensor.dtype.name
+        flat = np.ascontiguousarray(tensor, dtype=_wire_dtype(dtype)).reshape(-1)
+        shape = tuple(tensor.shape)
+        block = update.slices.get(name)
+        if block is not None:
+            block = _checked_block(name, block, shape)
         mask = update.masks.get(name)
         if mask is None:
-            layout.append((name, DENSE, flat.size))
+            layout.append(LayoutRow(name, dtype, shape, block, DENSE, flat.size))
             pieces.append(flat.view(np.uint8))
             continue
-        flat_mask = np.asarray(mask, dtype=bool).reshape(-1)
-        if flat_mask.size != flat.size:
-            raise ValueError(f"mask of {name} has {flat_mask.size} entries, tensor has {flat.size}")
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != shape:
+            raise ValueError(f"mask of {name} has shape {mask.shape}, tensor has {shape}")
+        flat_mask = mask.reshape(-1)
         kept_values = flat[flat_mask]
         reference = reference_masks.get(name)
-        if reference is not None and np.array_equal(reference.reshape(-1), flat_mask):
-            layout.append((name, VALUES, kept_values.size))
+        if reference is not None and np.array_equal(np.asarray(reference).reshape(-1), flat_mask):
+            encoding = VALUES
         else:
             positions_dtype = index_dtype(flat.size)
             if (flat.size + 7) // 8 <= positions_dtype.itemsize * kept_values.size:
-                layout.append((name, BITMAP, kept_values.size))
+                encoding = BITMAP
                 pieces.append(np.packbits(flat_mask))
             else:
-                layout.append((name, INDEX, kept_values.size))
+                encoding = INDEX
                 pieces.append(np.flatnonzero(flat_mask).astype(positions_dtype).view(np.uint8))
+        layout.append(LayoutRow(name, dtype, shape, block, encoding, kept_values.size))
         pieces.append(kept_values.view(np.uint8))
     data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return Encoded(layout, data)
+    return Encoded(layout, data, schema)
 
 
 def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int) -> tuple[np.ndarray, int]:
@@ -100,57 +162,48 @@ def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int) -> tuple[n
     return data[offset:offset + nbytes].copy().view(dtype), offset + nbytes
 
 
-def decode(encoded: Encoded, shapes: dict[str, tuple], reference_masks: dict[str, np.ndarray] | None = None
-           ) -> ModelUpdate:
-    """Inverse of ``encode``: dense tensors with zeros outside their masks, masks as bool arrays."""
+def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = None) -> ModelUpdate:
+    """Inverse of ``encode``: tensors in their dtype with zeros outside their masks, masks as bool
+    arrays, slices as sent. ``reference_masks`` are the receiver's masks, needed for VALUES rows."""
     reference_masks = reference_masks or {}
     values: dict[str, np.ndarray] = {}
     masks: dict[str, np.ndarray] = {}
+    slices: dict[str, Block] = {}
     data, offset = encoded.data, 0
-    for name, encoding, count in encoded.layout:
-        shape = tuple(shapes[name])
+    for name, dtype, shape, block, encoding, count in encoded.layout:
+        wire = _wire_dtype(dtype)
+        shape = tuple(shape)
         size = int(np.prod(shape, dtype=np.int64))
+        if block is not None:
+            slices[name] = _checked_block(name, block, shape)
         if encoding == DENSE:
-            flat, offset = _take(data, offset, VALUE_DTYPE, size)
+            flat, offset = _take(data, offset, wire, size)
             values[name] = flat.reshape(shape)
             continue
         if encoding == VALUES:
             if name not in reference_masks:
                 raise ValueError(f"{name}: values-only payload but the receiver holds no mask for it")
-            flat_mask = reference_masks[name].reshape(-1).astype(bool, copy=True)
+            flat_mask = np.asarray(reference_masks[name]).reshape(-1).astype(bool, copy=True)
+            if flat_mask.size != size:
+                raise ValueError(f"{name}: receiver's mask has {flat_mask.size} entries, tensor has {size}")
         elif encoding == BITMAP:
             packed, offset = _take(data, offset, np.uint8, (size + 7) // 8)
             flat_mask = np.unpackbits(packed, count=size).astype(bool)
         elif encoding == INDEX:
             positions, offset = _take(data, offset, index_dtype(size), count)
+            if positions.size and int(positions.max()) >= size:
+                raise ValueError(f"{name}: mask position {int(positions.max())} outside {size} entries")
             flat_mask = np.zeros(size, dtype=bool)
             flat_mask[positions] = True
         else:
             raise ValueError(f"{name}: unknown encoding {encoding}")
-        kept, offset = _take(data, offset, VALUE_DTYPE, count)
+        kept, offset = _take(data, offset, wire, count)
         if int(flat_mask.sum()) != count:
             raise ValueError(f"{name}: mask keeps {int(flat_mask.sum())} entries, payload has {count} values")
-        flat = np.zeros(size, dtype=VALUE_DTYPE)
+        flat = np.zeros(size, dtype=wire)
         flat[flat_mask] = kept
         values[name] = flat.reshape(shape)
         masks[name] = flat_mask.reshape(shape)
     if offset != data.size:
         raise ValueError(f"payload has {data.size - offset} trailing bytes")
-    return ModelUpdate(values, masks)
-
-
-def expected_payload_bytes(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = None) -> int:
-    """The formula the encoder must meet: 4·values + mask bytes where the mask changed."""
-    reference_masks = reference_masks or {}
-    total = 0
-    for name, tensor in update.values.items():
-        mask = update.masks.get(name)
-        if mask is None:
-            total += 4 * tensor.size
-            continue
-        kept = int(np.count_nonzero(mask))
-        total += 4 * kept
-        reference = reference_masks.get(name)
-        if reference is None or not np.array_equal(reference.reshape(-1), mask.reshape(-1)):
-            total += mask_bytes(mask.size, kept)
-    return total
+    return ModelUpdate(values, masks, slices)

@@ -11,12 +11,12 @@ from pathlib import Path
 from fedmpi.errors import ConfigError
 
 from . import readers
-from .partition import SCHEMES, partition_dataset
+from .partition import SCHEMES, hold_out_local_test, partition_dataset
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from .types import Dataset, Partition
 
 __all__ = ["Dataset", "Partition", "DATASETS", "DEFAULT_ROOTS", "SCHEMES",
-           "SYNTHETIC_DEFAULTS", "load_dataset", "partition_dataset"]
+           "SYNTHETIC_DEFAULTS", "hold_out_local_test", "load_dataset", "partition_dataset"]
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic")
 

@@ -46,6 +46,20 @@ def partition_dataset(dataset: Dataset, scheme: str, num_clients: int, *, seed: 
     return _shards(dataset, num_clients, shard_size, shards_per_client, g)
 
 
+def hold_out_local_test(partition: Partition, fraction: float, seed: int) -> Partition:
+    """Split each client's training data into local train / local test (e.g. 80/20 for
+    ``fraction`` 0.2): ⌊fraction·n⌋ samples (at least 1 when n ≥ 2, never all of them) drawn from
+    ``generator(seed, LOCAL_SPLIT, 0, client)`` become the client's local test set."""
+    train, test = [], []
+    for client, indices in enumerate(partition.train_indices):
+        n = len(indices)
+        held = min(max(int(fraction * n), 1 if n >= 2 else 0), n - 1)
+        order = rng.generator(seed, rng.LOCAL_SPLIT, 0, client).permutation(n)
+        test.append(np.sort(indices[order[:held]]))
+        train.append(np.sort(indices[order[held:]]))
+    return Partition(train, test, local_test_in_train=True)
+
+
 def _sorted_parts(parts) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 

@@ -10,12 +10,14 @@ import numpy as np
 class Partition:
     """Which samples each client holds.
 
-    ``train_indices[k]`` indexes the dataset's train arrays, ``test_indices[k]`` its TEST
-    arrays (client k's local test set); both int64 and sorted ascending.
+    ``train_indices[k]`` indexes the dataset's train arrays; ``test_indices[k]`` (client k's
+    local test set) indexes its TEST arrays, or its TRAIN arrays when ``local_test_in_train``
+    (a held-out part of the client's own data, ``data.local_test_fraction``); int64, sorted.
     """
 
     train_indices: list[np.ndarray]
     test_indices: list[np.ndarray]
+    local_test_in_train: bool = False
 
     @property
     def num_clients(self) -> int:

@@ -1,11 +1,13 @@
 """Analytic FLOP counts per sample, dense or under per-layer weight densities.
 
 Counting convention (the one of the FedDST / RigL papers):
-- Only Conv2d and Linear layers are counted, as 2 FLOPs per multiply-accumulate (MAC).
-  A layer's MACs per sample are (output elements per sample) x (weights that feed one output
-  element): ``in_channels/groups * kh * kw`` for a conv, ``in_features`` for a linear. Output
-  sizes are measured, by forward hooks on one dummy input, so padding/stride/dilation and
+- Only convolutions (1-D, 2-D) and Linear layers are counted, as 2 FLOPs per multiply-accumulate
+  (MAC). A layer's MACs per sample are (output elements per sample) x (weights that feed one output
+  element): ``in_channels/groups * kernel positions`` for a conv, ``in_features`` for a linear.
+  Output sizes are measured, by forward hooks on one dummy input, so padding/stride/dilation and
   repeated calls of a layer are handled without re-deriving shapes.
+- Every layer the forward pass calls counts: a multi-exit model (forward returns one logits per
+  exit) is counted through all the exits it holds, which is what training it on all exits costs.
 - A sparse layer does only the MACs of its live weights: its MACs are scaled by its weight
   density (fraction of nonzero weights), as if every weight were used equally often.
 - Bias additions are ignored (one add per output element, under 1 % of any layer here), and
@@ -15,6 +17,8 @@ Counting convention (the one of the FedDST / RigL papers):
   respect to the layer input and with respect to the weights, each costing about one forward.
   (The first layer needs no input gradient; the convention keeps the factor 3 anyway.)
 """
+import math
+
 import torch
 from torch import nn
 
@@ -29,10 +33,10 @@ def _dense_macs_per_sample(model: nn.Module, input_shape) -> dict[str, int]:
 
     def count(name):
         def hook(module, inputs, output):
-            if isinstance(module, nn.Conv2d):
-                per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-            else:
+            if isinstance(module, nn.Linear):
                 per_output = module.in_features
+            else:
+                per_output = (module.in_channels // module.groups) * math.prod(module.kernel_size)
             # Batch size is 1, so output.numel() is the output elements of one sample.
             macs[name] += output.numel() * per_output
         return hook

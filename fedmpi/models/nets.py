@@ -1,6 +1,6 @@
 """Network modules of the suite. Every model returns logits (no softmax): the loss applies it.
 
-Layers that sparse methods mask (Conv2d / Linear) are named submodules, so their weights have
+Layers that sparse methods mask (convolutions / Linear) are named submodules, so their weights have
 stable state_dict names (``conv1.weight``, ``fc1.weight``, ...). Parameter-free operations
 (ReLU, max-pool, flatten) are functional calls and add nothing to the state_dict.
 """
@@ -60,7 +60,8 @@ class CIFAR10Net(nn.Module):
 
 
 class FEMNISTCNN(nn.Module):
-    """LEAF's FEMNIST CNN for Cx28x28 inputs (6,603,710 parameters with 1 channel, 62 classes).
+    """LEAF's FEMNIST CNN for Cx28x28 inputs: 6,603,710 parameters with 1 channel and 62 classes
+    (PruneFL's 6.6 M), 6,497,162 with 10 classes.
 
     conv(C->32,5,pad 2) -> relu -> maxpool 2 -> conv(32->64,5,pad 2) -> relu -> maxpool 2
     -> FC 3136->2048 -> relu -> FC 2048->classes.
@@ -79,6 +80,41 @@ class FEMNISTCNN(nn.Module):
         x = torch.flatten(x, 1)
         x = F.relu(self.fc1(x))
         return self.fc2(x)
+
+
+class VGG11(nn.Module):
+    """PruneFL's VGG-11 for Cx32x32 inputs, without batch-norm (jiangyuang/PruneFL, bases/nn/models/vgg.py).
+
+    8 convs (3x3, pad 1, each then relu) of 64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M
+    (M = maxpool 2, so 32x32 -> 1x1) -> FC 512->512 -> relu -> FC 512->512 -> relu -> FC 512->classes,
+    no dropout. 9,750,922 parameters with 3 channels and 10 classes (convs 9,220,480, classifier
+    530,442): the PruneFL paper's 9.75 M. (A single 512->classes head would give 9,225,610.)
+    """
+
+    STAGES = ((64,), (128,), (256, 256), (512, 512), (512, 512))  # each stage ends in maxpool 2
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        convs = []
+        for stage in self.STAGES:
+            for out_channels in stage:
+                convs.append(nn.Conv2d(in_channels, out_channels, 3, padding=1))
+                in_channels = out_channels
+        self.convs = nn.ModuleList(convs)
+        self.fc1 = nn.Linear(512, 512)
+        self.fc2 = nn.Linear(512, 512)
+        self.fc3 = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        convs = iter(self.convs)
+        for stage in self.STAGES:
+            for _ in stage:
+                x = F.relu(next(convs)(x))
+            x = F.max_pool2d(x, 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
 
 
 class MLP(nn.Module):

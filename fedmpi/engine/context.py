@@ -1,0 +1,83 @@
+"""What every rank builds before round 1 from the config alone (no MPI): data and partition,
+the model and its schema, the local trainer, the algorithm. Identical on every rank."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+
+from .. import rng
+from ..algorithms import Algorithm, ModelInfo, build_algorithm
+from ..errors import ConfigError
+from ..models import build_model, maskable_parameter_names
+from ..models.flops import layer_flops
+from ..timing import PROFILES, DeviceProfile
+from ..training import LocalTrainer
+
+
+@dataclass
+class RunContext:
+    cfg: dict
+    partition: object
+    sizes: dict[int, int]                 # client → training samples
+    info: ModelInfo
+    initial_weights: dict[str, np.ndarray]
+    trainer: LocalTrainer
+    algorithm: Algorithm
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    profile: DeviceProfile
+
+
+def torch_device(cfg: dict) -> str:
+    if cfg["device"]["torch"] == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ConfigError("device.torch", "is 'cuda' but torch sees no GPU on this node")
+    override = os.environ.get("FEDMPI_DEVICE")
+    if override:
+        return override
+    local_rank = next((int(os.environ[v]) for v in ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK",
+                                                    "SLURM_LOCALID") if v in os.environ), 0)
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def build_context(cfg: dict) -> RunContext:
+    from ..data import hold_out_local_test, load_dataset, partition_dataset
+
+    torch.set_num_threads(1)
+    data = cfg["data"]
+    dataset = load_dataset(data["name"], data["root"], seed=cfg["seed"],
+                           num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
+    partition = partition_dataset(
+        dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
+        alpha=data["alpha"], shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
+    if data["local_test_fraction"] > 0:
+        partition = hold_out_local_test(partition, data["local_test_fraction"], cfg["seed"])
+    empty = [c for c, idx in enumerate(partition.train_indices) if len(idx) == 0]
+    if empty:
+        raise ConfigError("data.partition", f"clients {empty[:5]} have no training data; "
+                          "use fewer clients.total or a larger data.alpha")
+    builder = partial(build_model, cfg["model"], dataset.input_shape, dataset.num_classes)
+    model = builder()
+    torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
+    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    state = model.state_dict()
+    shapes = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
+    info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, dataset.input_shape),
+                     num_clients=partition.num_clients,
+                     local_test_sizes=tuple(len(i) for i in partition.test_indices))
+    return RunContext(
+        cfg=cfg, partition=partition,
+        sizes={c: len(idx) for c, idx in enumerate(partition.train_indices)},
+        info=info,
+        initial_weights={n: state[n].detach().numpy().copy() for n in shapes},
+        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=builder),
+        algorithm=build_algorithm(cfg, info),
+        train=(torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)),
+        test=(torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)),
+        profile=PROFILES[cfg["device"]["profile"]],
+    )

@@ -1,0 +1,107 @@
+"""HypeMeFed's multi-exit VGG (Shin et al., SenSys 2024) with depth and width variants.
+
+Structure (as in eis-lab/HypeMeFed, models/{svhn,stl10}/vgg.py): four blocks of
+[conv3x3(pad 1)-BN-ReLU-conv3x3(pad 1)-BN-ReLU-maxpool 2]. Block 0 is shared; blocks 1, 2, 3
+each end in an exit head, flatten -> dropout 0.5 -> linear to the classes. The head does not pool,
+so its input is the block's channels x its output positions (28x28 inputs: 28->14->7->3->1).
+
+Variants (built as separate models whose state_dicts line up with the full one):
+- ``level`` e in 1..3: holds blocks 0..e and exits 1..e; forward returns ``[exit1, ..., exit_e]``.
+  Its state_dict names are the full model's first blocks and exits, in the full model's order.
+- ``width`` p in (0, 1] (HeteroFL's rate): every hidden layer keeps its first ``hidden_channels(C, p)``
+  channels; input channels and class outputs stay full. Every tensor is the leading block of the
+  full one (``full[:c_out, :c_in, ...]``): the heads flatten channel-major, so a head's first
+  c x positions input features are exactly the first c channels.
+
+The same network runs on time series (input C x L) with 1-D convolutions, norms and pools.
+HypeMeFed's own UniMiB-SHAR model instead reshapes the 3x151 signal into an 18x25 image.
+"""
+import math
+
+import torch
+from torch import nn
+
+NUM_EXITS = 3
+# Channels of blocks 0..3: HypeMeFed's SVHN (32x32) model, and its STL-10 (96x96) and UniMiB-SHAR
+# (151 samples) models, which take inputs whose every spatial side is at least WIDE_FROM.
+NARROW_CHANNELS = (32, 64, 128, 256)
+WIDE_CHANNELS = (64, 128, 256, 512)
+WIDE_FROM = 64
+# Four 2x max-pools leave at least one position only on sides of 16 or more.
+MIN_SIDE = 2 ** (NUM_EXITS + 1)
+
+_LAYERS = {
+    1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
+    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+}
+
+
+def hidden_channels(channels: int, width: float) -> int:
+    """ceil(width x channels), at least 1, as HeteroFL sizes a sub-model's layers.
+
+    The product is rounded to 9 decimals first, so binary floating point cannot push an exact
+    product to the next integer (0.7 x 10 evaluates to 7.000000000000001; this gives 7).
+    """
+    return max(1, math.ceil(round(width * channels, 9)))
+
+
+class ConvBlock(nn.Module):
+    """[conv3x3-BN-ReLU-conv3x3-BN-ReLU-maxpool 2], 1-D or 2-D."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
+        super().__init__()
+        conv, norm, pool = _LAYERS[spatial_dims]
+        self.conv1 = conv(in_channels, out_channels, 3, padding=1)
+        self.bn1 = norm(out_channels)
+        self.conv2 = conv(out_channels, out_channels, 3, padding=1)
+        self.bn2 = norm(out_channels)
+        self.pool = pool(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.pool(x)
+
+
+class ExitHead(nn.Module):
+    """flatten -> dropout 0.5 -> linear to the classes."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+        self.linear = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(torch.flatten(x, 1)))
+
+
+class MultiExitVGG(nn.Module):
+    """Multi-exit VGG for C x H x W or C x L inputs; forward returns a list of ``level`` logits.
+
+    Parameters with 1x28x28 inputs and 10 classes (channels 32/64/128/256; exit inputs
+    64x7x7, 128x3x3, 256x1x1): 96,746 at level 1, 330,228 at level 2, 1,219,070 at level 3.
+    """
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int, level: int = NUM_EXITS,
+                 width: float = 1.0):
+        super().__init__()
+        in_channels, *spatial = input_shape
+        full = WIDE_CHANNELS if min(spatial) >= WIDE_FROM else NARROW_CHANNELS
+        channels = [hidden_channels(c, width) for c in full[:level + 1]]
+        self.blocks = nn.ModuleList()
+        for out_channels in channels:
+            self.blocks.append(ConvBlock(len(spatial), in_channels, out_channels))
+            in_channels = out_channels
+        # Block b's output keeps floor(side / 2^(b+1)) positions per side (pools floor).
+        self.exits = nn.ModuleList(
+            ExitHead(channels[b] * math.prod(side // 2 ** (b + 1) for side in spatial), num_classes)
+            for b in range(1, level + 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.blocks[0](x)
+        logits = []
+        for block, head in zip(self.blocks[1:], self.exits):
+            x = block(x)
+            logits.append(head(x))
+        return logits

@@ -1,0 +1,44 @@
+"""Step hooks: code an algorithm runs inside every local step.
+
+``after_backward`` sees the fresh gradients (before the optimizer uses them); ``after_step``
+sees the updated parameters. The trainer always re-applies the client's masks after each step
+(that is the first hook it runs); an algorithm adds its own through ``train(hooks=...)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class StepHook:
+    def after_backward(self, params: dict[str, torch.nn.Parameter], batch_size: int) -> None:
+        pass
+
+    def after_step(self, params: dict[str, torch.nn.Parameter]) -> None:
+        pass
+
+
+class SquaredGradientAccumulator(StepHook):
+    """PruneFL's importance: for every named parameter, active or not, Σ_steps g² · samples, where
+    g is the step's (dense) minibatch gradient. The masked forward keeps gradients dense, so
+    inactive weights collect importance too and can be regrown."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def after_backward(self, params, batch_size):
+        with torch.no_grad():
+            for name in self.names:
+                grad = params[name].grad
+                if grad is None:
+                    continue
+                contribution = grad.detach().double().pow(2) * batch_size
+                if name in self.totals:
+                    self.totals[name] += contribution
+                else:
+                    self.totals[name] = contribution
+
+    def result(self) -> dict[str, np.ndarray]:
+        """float32 arrays (what a client uploads)."""
+        return {n: t.to("cpu").float().numpy() for n, t in self.totals.items()}
