@@ -17,7 +17,8 @@ import yaml
 
 from .errors import ConfigError
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask")
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask", "depthfl", "fedavg_s", "heterofl")
+TIERED = ("depthfl", "fedavg_s", "heterofl")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -64,17 +65,29 @@ DEFAULTS: dict[str, Any] = {
     "fedprox": {"mu": 0.01},
     "feddst": {
         "alpha": 0.05,             # initial readjustment fraction
-        "readjust_every": 10,      # ΔR
-        "r_end": -1,               # last readjustment round; -1 means rounds // 2
+        "readjust_every": 5,       # ΔR; with the default 20 rounds (R_end 10) round 5 readjusts
+        "r_end": -1,               # readjustment only before this round; -1 means rounds // 2
         "distribution": "erk",     # erk | uniform | erk_public
         "prox_mu": 0.0,            # >0: FedDST+FedProx
         "server_momentum": 0.0,    # >0: FedDST with FedAvgM server momentum
         "server_lr": 1.0,
         "grad_batches": 1,         # local batches used for the regrowth gradient
-        # deviations of the public code, off by default (see shared spec)
-        "constant_alpha": False,
-        "grow_over_all": False,
+        "regrow_pruned": True,     # false: growth may not pick a weight pruned in the same readjustment
+        # deviations of the public code (bibikar/feddst), off by default; see
+        # fedmpi/algorithms/feddst.py. public_code: true sets every one of them (validate writes
+        # them out, so the resolved config shows each key).
+        "public_code": False,
+        "constant_alpha": False,             # readjust the constant α until R_end
+        "grow_over_all": False,              # grow the top-|g| over all positions
+        "aggregation_weight": "samples",     # samples | batches2 (2 × number of local batches)
+        "sample_with_replacement": False,    # draw clients with replacement
+        "detached_prox": False,              # inert proximal term: prox_mu has no effect
+        "readjust_rule": "paper",            # paper: r % ΔR == 0 | public: (s − 1) % ΔR == 0, s = r − 1
+        "server_reprune": "paper",           # paper | public: n − c smallest |w| over the whole tensor
     },
+    # heterogeneous clients (depthfl, fedavg_s, heterofl): tier t holds mix[t] of the clients and
+    # trains depth levels[t] (multi-exit blocks/exits) or width widths[t] (channel fraction)
+    "tiers": {"mix": [1.0, 1.0, 1.0], "levels": [1, 2, 3], "widths": [0.25, 0.5, 1.0]},
     "checkpoint": {"every": 0},    # rounds between checkpoints; 0 = only on SIGTERM
     "mpi": {"wait": "sleep"},      # sleep: wait on MPI without spinning a core; spin: MPI's own busy-poll
     "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round
@@ -221,10 +234,50 @@ def validate(cfg: dict) -> dict:
     _require(0 <= cfg["fedavgm"]["momentum"] < 1, "fedavgm.momentum", "must be in [0, 1)")
     _require(cfg["fedavgm"]["server_lr"] > 0, "fedavgm.server_lr", "must be > 0")
     dst = cfg["feddst"]
+    from .sparsity import DISTRIBUTIONS, READJUST_RULES, readjustment_round, resolve_r_end
+
+    if dst["public_code"]:   # every deviation of the public code at once, written out key by key
+        dst.update({"distribution": "erk_public", "constant_alpha": True, "grow_over_all": True,
+                    "aggregation_weight": "batches2", "sample_with_replacement": True,
+                    "detached_prox": True, "readjust_rule": "public", "server_reprune": "public"})
     _require(0 <= dst["alpha"] <= 1, "feddst.alpha", "must be in [0, 1]")
     _require(dst["readjust_every"] >= 1, "feddst.readjust_every", "must be at least 1")
     _require(dst["r_end"] >= -1, "feddst.r_end", "must be -1 (rounds // 2) or a round number")
     _require(dst["grad_batches"] >= 1, "feddst.grad_batches", "must be at least 1")
+    _require(dst["distribution"] in DISTRIBUTIONS, "feddst.distribution",
+             f"unknown distribution '{dst['distribution']}'; choose one of {', '.join(DISTRIBUTIONS)}")
+    _require(dst["prox_mu"] >= 0, "feddst.prox_mu", "must be >= 0")
+    _require(0 <= dst["server_momentum"] < 1, "feddst.server_momentum", "must be in [0, 1)")
+    _require(dst["server_lr"] > 0, "feddst.server_lr", "must be > 0")
+    _require(dst["aggregation_weight"] in ("samples", "batches2"), "feddst.aggregation_weight",
+             "must be 'samples' (the paper) or 'batches2' (the public code: 2 × local batches)")
+    for key in ("readjust_rule", "server_reprune"):
+        _require(dst[key] in READJUST_RULES, f"feddst.{key}", "must be 'paper' or 'public'")
+    _require(dst["regrow_pruned"] or not dst["grow_over_all"], "feddst.regrow_pruned",
+             "false has no effect with feddst.grow_over_all: true (growth ranks every position)")
+    if cfg["algorithm"] == "feddst" and cfg["sparsity"] > 0:
+        # a FedDST run whose masks never move is RandomMask under another name
+        r_end = resolve_r_end(dst["r_end"], cfg["rounds"])
+        test = "(r - 2) % ΔR == 0 and r <= R_end" if dst["readjust_rule"] == "public" else "r % ΔR == 0 and r < R_end"
+        _require(any(readjustment_round(r, dst["readjust_every"], r_end, dst["readjust_rule"])
+                     for r in range(1, min(cfg["rounds"], r_end) + 1)),
+                 "feddst.r_end" if r_end <= 1 else "feddst.readjust_every",
+                 f"no round readjusts the mask: with rounds {cfg['rounds']}, feddst.readjust_every "
+                 f"ΔR = {dst['readjust_every']} and feddst.r_end R_end = {r_end}, {test} never holds. "
+                 f"Lower feddst.readjust_every or raise feddst.r_end (or use algorithm: randommask "
+                 f"for a static mask)")
+    tiers = cfg["tiers"]
+    _require(len(tiers["mix"]) >= 1 and all(isinstance(m, (int, float)) and m >= 0 for m in tiers["mix"])
+             and sum(tiers["mix"]) > 0, "tiers.mix", "must be a list of non-negative shares, not all 0")
+    for key in ("levels", "widths"):
+        _require(len(tiers[key]) == len(tiers["mix"]), f"tiers.{key}",
+                 f"needs one entry per tier: tiers.mix has {len(tiers['mix'])}")
+    _require(all(isinstance(v, int) and 1 <= v <= 3 for v in tiers["levels"]), "tiers.levels",
+             "entries must be exit levels 1, 2 or 3")
+    _require(all(isinstance(v, (int, float)) and 0 < v <= 1 for v in tiers["widths"]), "tiers.widths",
+             "entries must be width rates in (0, 1]")
+    _require(cfg["algorithm"] not in TIERED or cfg["model"] == "multiexit_vgg", "model",
+             f"algorithm {cfg['algorithm']} trains submodels of a multi-exit family: use model: multiexit_vgg")
     _require(cfg["checkpoint"]["every"] >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg["mpi"]["wait"] in ("sleep", "spin"), "mpi.wait", "must be 'sleep' or 'spin'")
     _require(cfg["device"]["torch"] in ("cpu", "cuda"), "device.torch", "must be 'cpu' or 'cuda'")

@@ -15,6 +15,7 @@ SERVER = 6
 LOCAL_SPLIT = 7
 REGROWTH = 8
 EVAL = 9
+TIERS = 10
 
 
 def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -13,12 +14,17 @@ import pytest
 import torch
 import yaml
 
+from collections import Counter
+
+from fedmpi import rng
 from fedmpi.aggregate import sparse_weighted_average
-from fedmpi.algorithms import ClientTask, ModelInfo, build_algorithm
-from fedmpi.comm.codec import decode, encode, mask_bytes
+from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
+from fedmpi.comm.codec import ModelUpdate, decode, encode, mask_bytes
 from fedmpi.config import load_config
+from fedmpi.errors import ConfigError
 from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops
+from fedmpi.sparsity import cosine_readjust_fraction, layer_densities
 from fedmpi.training import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +42,8 @@ TINY = {
 }
 
 
-def run_fedmpi(tmp_path: Path, name: str, ranks: int = 1, **overrides) -> Path:
+def write_config(tmp_path: Path, name: str, **overrides) -> Path:
+    """TINY with ``section__key=value`` overrides, as a YAML file."""
     cfg = copy.deepcopy(TINY)
     for key, value in overrides.items():
         node = cfg
@@ -46,6 +53,11 @@ def run_fedmpi(tmp_path: Path, name: str, ranks: int = 1, **overrides) -> Path:
         node[parts[-1]] = value
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def run_fedmpi(tmp_path: Path, name: str, ranks: int = 1, **overrides) -> Path:
+    config = write_config(tmp_path, name, **overrides)
     out = tmp_path / f"{name}.h5"
     cmd = [sys.executable, "-m", "fedmpi", "run", str(config), "--out", str(out), "--quiet"]
     if ranks > 1:
@@ -61,11 +73,17 @@ def read(path: Path) -> tuple[dict, dict]:
         return ({k: v[:] for k, v in f["rounds"].items()}, {k: v[:] for k, v in f["clients"].items()})
 
 
-def tiny_setup(**cfg_overrides):
-    cfg = load_config(None, extra=copy.deepcopy(TINY))
+def tiny_cfg(**cfg_overrides) -> dict:
+    """TINY, validated, with ``section.key`` overrides applied before validation."""
+    extra = copy.deepcopy(TINY)
     for key, value in cfg_overrides.items():
         section, _, leaf = key.rpartition(".")
-        (cfg[section] if section else cfg)[leaf] = value
+        (extra.setdefault(section, {}) if section else extra)[leaf] = value
+    return load_config(None, extra=extra)
+
+
+def tiny_setup(**cfg_overrides):
+    cfg = tiny_cfg(**cfg_overrides)
     model = build_model("mlp", (60,), 10)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, (60,)))

@@ -7,17 +7,16 @@ import torch
 
 from fedmpi.errors import ConfigError
 from fedmpi.sparsity import (
-    apply_masks,
     apply_masks_torch,
     cosine_readjust_fraction,
     kept_counts,
     layer_densities,
     magnitude_masks,
-    mask_density,
-    mask_equal,
-    nonzero_masks,
     prune_and_grow,
-    shapes_of,
+    readjustment_round,
+    reprune_public,
+    resolve_r_end,
+    schedule_round,
 )
 
 # Maskable weights of FedDST's CNNs (fedmpi/models/nets.py), in model order.
@@ -43,6 +42,16 @@ def _sizes(shapes):
 def _random_weights(shapes, seed):
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def _zero_outside(weights, masks):
+    """Zero, in place, every masked weight outside its mask."""
+    for name, mask in masks.items():
+        weights[name][~mask] = 0
+
+
+def _same_masks(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[n], b[n]) for n in a)
 
 
 # --------------------------------------------------------------------------- layer densities
@@ -141,7 +150,7 @@ def test_sparsity_outside_range_is_a_config_error(bad):
 def test_unknown_distribution_is_a_config_error():
     with pytest.raises(ConfigError) as info:
         layer_densities(CIFAR10NET, 0.8, "er")
-    assert info.value.key == "sparse.distribution"
+    assert info.value.key == "feddst.distribution"
 
 
 def test_kept_counts_rounding_and_floor_of_one():
@@ -183,32 +192,12 @@ def test_magnitude_masks_within_restricts_to_candidates():
 def test_magnitude_masks_are_deterministic():
     weights = _random_weights(MNISTNET, seed=2)
     counts = kept_counts(MNISTNET, layer_densities(MNISTNET, 0.8))
-    assert mask_equal(magnitude_masks(weights, counts), magnitude_masks(weights, counts))
+    assert _same_masks(magnitude_masks(weights, counts), magnitude_masks(weights, counts))
 
 
 def test_magnitude_masks_reject_bad_counts():
     with pytest.raises(ValueError):
         magnitude_masks({"w": np.ones(3, dtype=np.float32)}, {"w": 4})
-
-
-def test_apply_masks_numpy_and_torch_values():
-    masks = {"w": np.array([True, False, True, False])}
-    numpy_weights = {"w": np.array([1.0, np.nan, 3.0, 4.0], dtype=np.float32), "b": np.ones(2)}
-    apply_masks(numpy_weights, masks)
-    np.testing.assert_array_equal(numpy_weights["w"], [1.0, 0.0, 3.0, 0.0])  # NaN zeroed too
-    np.testing.assert_array_equal(numpy_weights["b"], [1.0, 1.0])  # unmasked left alone
-    torch_weights = {"w": torch.tensor([1.0, float("inf"), 3.0, 4.0])}
-    apply_masks(torch_weights, masks)
-    assert torch_weights["w"].tolist() == [1.0, 0.0, 3.0, 0.0]
-
-
-def test_mask_density_and_nonzero_masks():
-    masks = {"a": np.array([True, False, False, False]), "b": np.ones((2, 3), dtype=bool)}
-    assert mask_density(masks) == pytest.approx(7 / 10)
-    assert mask_density({"a": 1, "b": 6}, {"a": (4,), "b": (2, 3)}) == pytest.approx(7 / 10)
-    weights = {"a": np.array([0.0, 2.0, 0.0, -1.0])}
-    assert mask_equal(nonzero_masks(weights), {"a": np.array([False, True, False, True])})
-    assert shapes_of({"a": np.zeros((2, 3)), "b": torch.zeros(4)}) == {"a": (2, 3), "b": (4,)}
 
 
 # --------------------------------------------------------------------------- prune and grow
@@ -272,13 +261,17 @@ def test_prune_and_grow_invariants_on_random_layers(regrow_pruned):
         gradients = {n: np.round(rng.standard_normal(s), 1) for n, s in shapes.items()}
         densities = {n: float(rng.uniform(0.05, 0.95)) for n in shapes}
         masks = magnitude_masks(weights, kept_counts(shapes, densities))
-        apply_masks(weights, masks)
+        _zero_outside(weights, masks)
         fraction = float(rng.uniform(0, 1))
 
         new_weights, new_masks = prune_and_grow(weights, masks, gradients, fraction,
                                                 regrow_pruned=regrow_pruned)
         for name in shapes:
             old, new, w_new = masks[name], new_masks[name], new_weights[name]
+            if old.all():  # a dense layer is left alone
+                assert new.all()
+                np.testing.assert_array_equal(w_new, weights[name])
+                continue
             active = int(np.count_nonzero(old))
             k = math.floor(fraction * active)
             if not regrow_pruned:
@@ -305,6 +298,47 @@ def test_prune_and_grow_invariants_on_random_layers(regrow_pruned):
                 assert g[grown].min() >= g[passed_over].max()
 
 
+@pytest.mark.parametrize("shapes, dense", [(MNISTNET, "fc2.weight"), (CIFAR10NET, "fc3.weight")],
+                         ids=["mnistnet", "cifar10net"])
+@pytest.mark.parametrize("variant", [{}, {"regrow_pruned": False}, {"grow_over_all_positions": True}],
+                         ids=["default", "no-regrow", "grow-over-all"])
+def test_prune_and_grow_leaves_layers_erk_made_dense_alone(shapes, dense, variant):
+    densities = layer_densities(shapes, 0.8, "erk")
+    assert densities[dense] == 1.0  # the classifier ERK keeps dense
+    counts = kept_counts(shapes, densities)
+    weights = _random_weights(shapes, seed=8)
+    masks = magnitude_masks(weights, counts)
+    _zero_outside(weights, masks)
+    gradients = _random_weights(shapes, seed=9)
+    new_weights, new_masks = prune_and_grow(weights, masks, gradients, 0.5, counts=counts, **variant)
+    assert new_masks[dense].all()
+    np.testing.assert_array_equal(new_weights[dense], weights[dense])  # trained weights kept
+    assert np.count_nonzero(new_weights[dense]) == weights[dense].size
+    # the sparse layers did readjust
+    assert all(not np.array_equal(new_masks[n], masks[n]) for n in shapes if n != dense)
+
+
+def test_prune_and_grow_counts_equal_to_active_change_nothing():
+    weights, masks, gradients = _hand_example()
+    plain = prune_and_grow(weights, masks, gradients, 0.5)
+    counted = prune_and_grow(weights, masks, gradients, 0.5, counts={"w": 4})
+    assert _same_masks(plain[1], counted[1])
+    for name in plain[0]:
+        np.testing.assert_array_equal(plain[0][name], counted[0][name])
+
+
+def test_prune_and_grow_regrows_a_short_layer_to_its_count():
+    weights, masks, gradients = _hand_example()  # 4 active; the target is 5
+    new_weights, new_masks = prune_and_grow(weights, masks, gradients, 0.5, counts={"w": 5})
+    # prune k = 2 (indices 1 and 5), grow 5 - 2 = 3: largest |g| among 1, 2, 4, 5, 6, 7 are
+    # 9.0 (1), 0.8 (4) and 0.5 (6)
+    np.testing.assert_array_equal(new_masks["w"], [True, True, False, True, True, False, True, False])
+    np.testing.assert_array_equal(new_weights["w"], _f32([0.9, 0.0, 0.0, -0.5, 0.0, 0.0, 0.0, 0.0]))
+    # without regrowing just-pruned weights there are enough old inactive positions to reach 5
+    _, strict = prune_and_grow(weights, masks, gradients, 0.5, counts={"w": 5}, regrow_pruned=False)
+    np.testing.assert_array_equal(strict["w"], [True, False, True, True, True, False, True, False])
+
+
 def test_prune_and_grow_tie_break_is_by_flat_index():
     weights = {"w": np.array([0.2, 0.2, 0.2, 0.0, 0.0, 0.0], dtype=np.float32)}
     masks = {"w": np.array([True, True, True, False, False, False])}
@@ -317,10 +351,10 @@ def test_prune_and_grow_tie_break_is_by_flat_index():
 def test_prune_and_grow_fraction_zero_changes_nothing():
     weights = _random_weights(MNISTNET, seed=4)
     masks = magnitude_masks(weights, kept_counts(MNISTNET, layer_densities(MNISTNET, 0.8)))
-    apply_masks(weights, masks)
+    _zero_outside(weights, masks)
     gradients = _random_weights(MNISTNET, seed=5)
     new_weights, new_masks = prune_and_grow(weights, masks, gradients, 0.0)
-    assert mask_equal(new_masks, masks)
+    assert _same_masks(new_masks, masks)
     for name in weights:
         np.testing.assert_array_equal(new_weights[name], weights[name])
 
@@ -329,7 +363,7 @@ def test_prune_and_grow_keeps_cifar10net_counts():
     weights = _random_weights(CIFAR10NET, seed=6)
     counts = kept_counts(CIFAR10NET, layer_densities(CIFAR10NET, 0.8))
     masks = magnitude_masks(weights, counts)
-    apply_masks(weights, masks)
+    _zero_outside(weights, masks)
     gradients = _random_weights(CIFAR10NET, seed=7)
     _, new_masks = prune_and_grow(weights, masks, gradients, 0.05)
     assert {n: int(np.count_nonzero(m)) for n, m in new_masks.items()} == counts
@@ -368,7 +402,8 @@ def test_apply_masks_torch_keeps_pruned_weights_zero_after_sgd():
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     names = ["0.weight", "2.weight"]
     weights = {n: p.detach().numpy().copy() for n, p in model.named_parameters() if n in names}
-    masks = magnitude_masks(weights, kept_counts(shapes_of(weights), {n: 0.5 for n in names}))
+    shapes = {n: w.shape for n, w in weights.items()}
+    masks = magnitude_masks(weights, kept_counts(shapes, {n: 0.5 for n in names}))
     apply_masks_torch(model, masks)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -396,9 +431,14 @@ def test_apply_masks_torch_keeps_pruned_weights_zero_after_sgd():
 
 def test_apply_masks_torch_accepts_named_pairs_and_torch_masks():
     layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight[0, 1], layer.weight[1, 0] = float("nan"), float("inf")
     mask = torch.tensor([[True, False, True], [False, False, True]])
     apply_masks_torch(layer.named_parameters(), {"weight": mask})
-    assert torch.all(layer.weight.detach()[~mask] == 0)
+    assert torch.all(layer.weight.detach()[~mask] == 0)  # NaN and inf outside the mask become 0
+    kept = layer.weight.detach()[mask]
+    apply_masks_torch({"weight": layer.weight}, {"weight": mask.numpy()})  # a mapping, a numpy mask
+    assert torch.equal(layer.weight.detach()[mask], kept)
     with pytest.raises(KeyError):
         apply_masks_torch(layer, {"missing.weight": mask})
 
@@ -416,3 +456,67 @@ def test_magnitude_masks_tiebreak_orders_equal_magnitudes_by_votes():
     weights["w"][5] = 0.4
     np.testing.assert_array_equal(magnitude_masks(weights, {"w": 3}, within=within, tiebreak=votes)["w"],
                                   [True, False, False, True, False, True])
+
+
+# --------------------------------------------------------------------------- public server re-prune
+
+def test_reprune_public_can_fall_below_the_target():
+    """Zeros outside the union and grown (still zero) weights inside it rank alike: the 4
+    smallest |w| over the whole tensor are the zeros at 0, 2, 3 and 5; 2 and 5 were not in the
+    union, so only 3 positions stay where the target is 4."""
+    weights = {"w": _f32([0.0, 0.5, 0.0, 0.0, -0.2, 0.0, 0.9, 0.0])}
+    union = {"w": np.array([True, True, False, True, True, False, True, False])}
+    masks = reprune_public(weights, union, {"w": 4})
+    np.testing.assert_array_equal(masks["w"], [False, True, False, False, True, False, True, False])
+    assert np.count_nonzero(masks["w"]) == 3
+    # the paper's re-prune keeps the target: magnitude within the union, then a grown zero
+    paper = magnitude_masks(weights, {"w": 4}, within=union)
+    assert np.count_nonzero(paper["w"]) == 4
+    # when the zeros do not outnumber n - c the result is exactly the target
+    exact = reprune_public(weights, union, {"w": 3})
+    np.testing.assert_array_equal(exact["w"], [False, True, False, False, True, False, True, False])
+
+
+def test_reprune_public_only_when_the_union_is_denser_than_the_target():
+    weights = {"a": _f32([0.1, 0.2, 0.3, 0.0]), "b": _f32([0.4, 0.0, 0.0, 0.0])}
+    union = {"a": np.array([True, True, True, False]), "b": np.array([True, False, False, False])}
+    # a holds 3 (its count is 2), b holds 1 (count 2): 4 in all, not above the total 4
+    kept = reprune_public(weights, union, {"a": 2, "b": 2})
+    assert _same_masks(kept, union) and kept["a"] is not union["a"]
+    # one more in the union: every layer is cut to its count by |w| over the whole tensor
+    union["b"][1] = True
+    cut = reprune_public(weights, union, {"a": 2, "b": 2})
+    np.testing.assert_array_equal(cut["a"], [False, True, True, False])
+    # b: n - c = 2 smallest are the zeros at 1 and 2 (lower index first), so its grown zero at 1
+    # goes while the zero at 3 stays out: b falls to 1 below its count of 2
+    np.testing.assert_array_equal(cut["b"], [True, False, False, False])
+
+
+def test_reprune_public_leaves_dense_and_empty_layers_as_the_union():
+    weights = {"d": _f32([0.1, 0.0, 0.3]), "s": _f32([0.5, 0.2, 0.1, 0.0])}
+    union = {"d": np.ones(3, dtype=bool), "s": np.ones(4, dtype=bool)}
+    masks = reprune_public(weights, union, {"d": 3, "s": 1})
+    assert masks["d"].all()  # c = n: nothing to prune, even the zero stays
+    np.testing.assert_array_equal(masks["s"], [True, False, False, False])
+
+
+# --------------------------------------------------------------------------- readjustment schedule
+
+@pytest.mark.parametrize("rule, every, r_end, rounds", [
+    ("paper", 5, 10, [5]),
+    ("paper", 2, 5, [2, 4]),
+    ("paper", 10, 10, []),          # the old default: r % 10 == 0 and r < 10 never holds
+    ("public", 5, 10, [2, 7]),      # server_round s = r - 1 in {1, 6}
+    ("public", 10, 10, [2]),
+    ("public", 1, 4, [1, 2, 3, 4]),  # (0 - 1) % 1 == 0: the code's first round readjusts too
+])
+def test_readjustment_rounds(rule, every, r_end, rounds):
+    assert [r for r in range(1, 31) if readjustment_round(r, every, r_end, rule)] == rounds
+
+
+def test_schedule_round_and_r_end():
+    assert schedule_round(5, "paper") == 5 and schedule_round(5, "public") == 4
+    with pytest.raises(ConfigError) as info:
+        schedule_round(5, "code")
+    assert info.value.key == "feddst.readjust_rule"
+    assert resolve_r_end(-1, 21) == 10 and resolve_r_end(7, 20) == 7

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from .base import Algorithm, ClientResult, ClientTask, ModelInfo
+from .evaluation import EvalModel, EvalOutcome
 from .feddst import FedDST, RandomMask
 from .fedavg import FedAvg, FedAvgM, FedProx
+from .heterogeneous import DepthFL, FedAvgS, HeteroFL
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask, DepthFL, FedAvgS, HeteroFL)}
 
 
 def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:
@@ -19,4 +22,5 @@ def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:
     return cls(cfg, info)
 
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "ClientTask", "ModelInfo", "build_algorithm"]
+__all__ = ["ALGORITHMS", "Algorithm", "ClientResult", "ClientTask", "EvalModel", "EvalOutcome", "ModelInfo",
+           "build_algorithm"]

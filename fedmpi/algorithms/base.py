@@ -37,6 +37,9 @@ class ModelInfo:
     maskable: list[str]               # conv/linear weights
     layer_flops: dict[str, int]       # dense forward FLOPs per sample per maskable weight
     num_clients: int = 0
+    model: str = ""                   # config model name, input shape and classes: what an
+    input_shape: tuple = ()           # algorithm needs to build a variant's schema itself
+    num_classes: int = 0
     local_test_sizes: tuple = ()      # per client, the size of its local test set
 
 

@@ -7,15 +7,64 @@ the server merges by sparse weighted average and magnitude-prunes back to the la
 RandomMask keeps the initial mask for ever (α = 0). Which masks cross the network, and how they
 are encoded, is left to the communication layer: a mask travels only when the receiver's copy
 differs.
+
+Deviations of the public code (bibikar/feddst), each a ``feddst.`` key, all off by default;
+``feddst.public_code: true`` switches every one of them on (config.validate writes them out, so
+the results file's config lists each key):
+
+- ``distribution: erk_public``: layer sparsity ∝ 1 − ERK score, nearly uniform, no capping
+  (models.py ``_weights_by_layer``; see sparsity.layer_densities).
+- ``constant_alpha: true``: every readjustment moves the constant α. dst.py's ``Client.train``
+  prunes ``args.readjustment_ratio``; the cosine value it is passed only switches readjustment
+  off at R_end.
+- ``grow_over_all: true``: growth takes the top-|g| over all positions, active ones included
+  (models.py ``layer_grow``), so it can reset active weights to 0.
+- ``aggregation_weight: batches2``: a client's weight is ``Client.train_size()`` =
+  ``sum(len(x) for x in self.train_data)`` over its cached (inputs, labels) batches, i.e.
+  2 × its number of local batches ⌈n_k / B⌉, instead of n_k; dense tensors too.
+- ``sample_with_replacement: true``: clients are drawn with ``rng.choice(..., size=K)``
+  (replace=True). The code caches each client's batches in a fixed order and every draw restarts
+  from the global model with a fresh optimizer, so a client drawn twice uploads the same update
+  twice. Here it trains once (the round loop assumes distinct clients) and its aggregation weight
+  is multiplied by the number of times it was drawn: the same average.
+- ``detached_prox: true``: the proximal term is built from ``state_dict()`` tensors, which are
+  detached (models.py ``proximal_loss``): it adds to the loss value but contributes no gradient,
+  so FedProx has no effect. Clients here train with prox_mu = 0 instead: the same updates (the
+  term is never part of fedmpi's reported loss).
+- ``readjust_rule: public``: readjustment rounds counted as dst.py does, ``(server_round − 1) %
+  ΔR == 0`` on its 0-based counter (fedmpi's round r is its server_round r − 1) while the cosine
+  factor is > 0 (server_round < R_end); the cosine schedule also runs on r − 1
+  (sparsity.readjustment_round).
+- ``server_reprune: public``: the server re-prunes only when the union of the client masks holds
+  more than the target, and then drops the n − c smallest |w| over the whole tensor, zeros
+  included, so the mask can fall below the target until clients regrow it
+  (sparsity.reprune_public; clients grow a short layer back to its count).
+
+``regrow_pruned: false`` (default true) is a variant the spec leaves open, not a public-code
+behaviour: growth may not pick a weight pruned in the same readjustment. The public code grows
+over all positions (``grow_over_all``), which makes the key moot, so ``public_code`` leaves it alone.
+
+Not reproduced: the public code's upload cost is not accumulated (its curves were
+post-processed); fedmpi counts the real buffers. Its client readjusts at the local epoch where its
+lifetime epoch count satisfies ``(epoch − 9) % 10 == 0``, which is the last local epoch for the
+paper's E = 10; fedmpi always readjusts after the last local epoch. Its client prunes down to the
+layer count at sparsity S + (1 − S)·α (smallest |w| over the whole tensor) where fedmpi prunes
+⌊α·active⌋ active weights; its regrowth gradient is the last training batch's, fedmpi's
+``grad_batches`` batches in their own order; its batches are cached once and never reshuffled.
 """
 from __future__ import annotations
+
+import math
+from collections import Counter
 
 import numpy as np
 
 from ..aggregate import sparse_weighted_average
 from ..comm.codec import ModelUpdate
+from ..rng import REGROWTH, torch_seed
 from ..sparsity import (cosine_readjust_fraction, kept_counts, layer_densities, magnitude_masks,
-                        prune_and_grow)
+                        prune_and_grow, readjustment_round, reprune_public, resolve_r_end,
+                        schedule_round)
 from .base import Algorithm, ClientResult, ClientTask
 from .fedavg import server_momentum_step
 
@@ -28,12 +77,13 @@ class FedDST(Algorithm):
         super().__init__(cfg, info)
         self.settings = cfg["feddst"]
         self.sparsity = cfg["sparsity"]
-        self.r_end = self.settings["r_end"] if self.settings["r_end"] >= 0 else cfg["rounds"] // 2
+        self.r_end = resolve_r_end(self.settings["r_end"], cfg["rounds"])
         maskable_shapes = {n: info.shapes[n] for n in info.maskable}
         self.densities = layer_densities(maskable_shapes, self.sparsity, self.settings["distribution"])
         self.counts = kept_counts(maskable_shapes, self.densities)
         self.velocity: dict[str, np.ndarray] = {}
         self.mask_changes: dict[str, int] = {}   # this round: positions whose mask membership changed
+        self.drawn: Counter = Counter()           # this round's draws per client (with replacement)
 
     # ---- results columns -------------------------------------------------------------------
     def round_columns(self):
@@ -60,14 +110,32 @@ class FedDST(Algorithm):
         for name, mask in self.masks.items():
             self.weights[name] = np.where(mask, weights[name], np.float32(0))
 
+    def select_clients(self, round_: int, rng) -> list[int]:
+        if not self.settings["sample_with_replacement"]:
+            self.drawn = Counter()
+            return super().select_clients(round_, rng)
+        # public code: K draws with replacement; a client drawn m times trains once and counts m
+        # times in the average (see the module docstring)
+        total, k = self.cfg["clients"]["total"], self.cfg["clients"]["per_round"]
+        self.drawn = Counter(int(c) for c in rng.choice(total, size=k, replace=True))
+        return sorted(self.drawn)
+
+    def aggregation_weight(self, result: ClientResult) -> float:
+        if self.settings["aggregation_weight"] == "batches2":   # public code: 2 × local batches
+            weight = 2 * math.ceil(result.num_samples / self.cfg["local"]["batch_size"])
+        else:
+            weight = result.num_samples
+        return weight * self.drawn.get(result.client_id, 1)
+
     def is_readjustment_round(self, round_: int) -> bool:
-        return (self.readjusts and self.sparsity > 0 and round_ % self.settings["readjust_every"] == 0
-                and round_ < self.r_end)
+        return (self.readjusts and self.sparsity > 0
+                and readjustment_round(round_, self.settings["readjust_every"], self.r_end,
+                                       self.settings["readjust_rule"]))
 
     def aggregate(self, round_: int, results: list[ClientResult]) -> None:
         averaged, votes = sparse_weighted_average(
             [r.update.values for r in results], [r.update.masks for r in results],
-            [r.num_samples for r in results])
+            [self.aggregation_weight(r) for r in results])
         if self.settings["server_momentum"] > 0:
             averaged, self.velocity = server_momentum_step(
                 self.weights, averaged, self.velocity, self.settings["server_momentum"],
@@ -75,15 +143,23 @@ class FedDST(Algorithm):
         if not self.masks:
             self.weights = averaged
             return
-        # magnitude-prune each layer back to its density, choosing only among weights some client
-        # kept. Grown weights arrive as exact zeros: among equal magnitudes the positions backed by
-        # more client data (sample-weighted votes) win, so agreed growth survives the re-prune.
         previous = self.masks
-        self.masks = magnitude_masks({n: averaged[n] for n in self.masks}, self.counts,
-                                     within={n: v > 0 for n, v in votes.items()}, tiebreak=votes)
+        union = {n: v > 0 for n, v in votes.items()}
+        if self.settings["server_reprune"] == "public":
+            self.masks = reprune_public({n: averaged[n] for n in self.masks}, union, self.counts)
+        else:
+            # magnitude-prune each layer back to its density, choosing only among weights some
+            # client kept. Grown weights arrive as exact zeros: among equal magnitudes the positions
+            # backed by more client data (weighted votes) win, so agreed growth survives the re-prune.
+            self.masks = magnitude_masks({n: averaged[n] for n in self.masks}, self.counts,
+                                         within=union, tiebreak=votes)
         self.mask_changes = {n: int(np.count_nonzero(previous[n] != m)) for n, m in self.masks.items()}
         for name, mask in self.masks.items():
             averaged[name] = np.where(mask, averaged[name], np.float32(0))
+            if name in self.velocity:
+                # a pruned position keeps no velocity: stale momentum would otherwise give it a
+                # value (and so a magnitude advantage) the round it is grown again
+                self.velocity[name] = np.where(mask, self.velocity[name], 0.0)
         self.weights = averaged
 
     def state_dict(self):
@@ -98,20 +174,26 @@ class FedDST(Algorithm):
         alpha = self.settings["alpha"]
         if self.settings["constant_alpha"]:   # public code: constant α until R_end
             return alpha
-        return cosine_readjust_fraction(alpha, round_, self.r_end)
+        return cosine_readjust_fraction(alpha, schedule_round(round_, self.settings["readjust_rule"]),
+                                        self.r_end)
 
     def local_update(self, task: ClientTask, trainer) -> ClientResult:
         masks = task.received.masks
+        # detached_prox: the public code's proximal term has no gradient, so it trains as μ = 0
+        prox_mu = 0.0 if self.settings["detached_prox"] else self.settings["prox_mu"]
         weights, loss, processed = trainer.train(
             task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
-            client_id=task.client_id, masks=masks, prox_mu=self.settings["prox_mu"])
+            client_id=task.client_id, masks=masks, prox_mu=prox_mu)
         if self.is_readjustment_round(task.round):
             names = list(masks)
-            # dense gradient of the plain task loss (no proximal term) at the trained weights
-            grads = trainer.gradients(weights, task.x, task.y, names, seed=task.seed + 1,
+            # dense gradient of the plain task loss (no proximal term) at the trained weights, its
+            # batch order drawn from its own stream
+            grads = trainer.gradients(weights, task.x, task.y, names,
+                                      seed=torch_seed(self.cfg["seed"], REGROWTH, task.round, task.client_id),
                                       batches=self.settings["grad_batches"], masks=masks)
             new_weights, masks = prune_and_grow(
                 {n: weights[n] for n in names}, masks, grads, self.readjust_fraction(task.round),
+                counts=self.counts, regrow_pruned=self.settings["regrow_pruned"],
                 grow_over_all_positions=self.settings["grow_over_all"])
             weights.update(new_weights)
         densities = {n: float(m.mean()) for n, m in masks.items()} or None
@@ -120,7 +202,9 @@ class FedDST(Algorithm):
 
 
 class RandomMask(FedDST):
-    """Static sparse training: FedDST's initial ERK mask, never readjusted (α = 0)."""
+    """Static sparse training: FedDST's initial ERK mask, never readjusted (α = 0). It reads the
+    same ``feddst.`` keys, so ``public_code`` gives the public code's RandomMask
+    (``--readjustment-ratio 0``)."""
 
     name = "randommask"
     readjusts = False

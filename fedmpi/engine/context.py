@@ -68,7 +68,8 @@ def build_context(cfg: dict) -> RunContext:
     state = model.state_dict()
     shapes = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
     info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, dataset.input_shape),
-                     num_clients=partition.num_clients,
+                     num_clients=partition.num_clients, model=cfg["model"],
+                     input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
                      local_test_sizes=tuple(len(i) for i in partition.test_indices))
     return RunContext(
         cfg=cfg, partition=partition,

@@ -97,9 +97,11 @@ class LocalTrainer:
         step (forward uses the sparse weights; gradients stay dense). ``prox_mu`` adds FedProx's
         μ/2·‖θ − θ_start‖² on the live parameters (not part of the reported loss).
         """
+        # build/load first: building a variant the first time draws from torch's global RNG, and
+        # dropout must not depend on whether this rank met the variant before
+        model = self.load(weights, variant)
         torch.manual_seed(seed)  # dropout and any other torch-global draw
         generator = torch.Generator().manual_seed(seed)
-        model = self.load(weights, variant)
         params = dict(model.named_parameters())
         torch_masks = self._torch_masks(masks)
         apply_masks_torch(params, torch_masks)

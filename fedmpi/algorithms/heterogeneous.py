@@ -1,0 +1,149 @@
+"""Heterogeneous clients on one multi-exit model family (``model: multiexit_vgg``): each client
+belongs to a tier (``tiers.mix``), and a tier trains a submodel — fewer blocks and exits
+(``tiers.levels``) or fewer channels (``tiers.widths``). The server averages every element over
+the clients that trained it and keeps its value where nobody did.
+
+- ``depthfl``  : depth-wise averaging (DepthFL-style FedAvg over holders, no weight generation);
+                 a level-e client trains blocks 0..e with the joint loss over exits 1..e.
+- ``fedavg_s`` : FedAvg-S, every client at the smallest depth (level 1).
+- ``heterofl`` : HeteroFL (Diao et al., ICLR 2021), width scaling: a client at rate p trains the
+                 first ⌈p·C⌉ channels of every hidden layer at full depth, loss at the last exit.
+
+The paper's metric is ``client_accuracy``: the global model at each client's deepest exit on
+that client's local test set. Per round they also record each exit's accuracy on the global test
+set (``exit_accuracy[e]``) and the mean client accuracy per tier (``tier_accuracy[t]``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import rng
+from ..aggregate import average_over_holders
+from ..comm.codec import ModelUpdate
+from ..models import build_model
+from ..training import weighted_exits
+from .base import Algorithm, ClientResult, ClientTask
+from .evaluation import EvalModel
+
+
+def tier_of_clients(num_clients: int, mix: list[float], seed: int) -> np.ndarray:
+    """Tier (0-based) of every client: a seeded permutation cut in proportion to ``mix``."""
+    shares = np.asarray(mix, dtype=np.float64) / float(np.sum(mix))
+    bounds = np.floor(np.cumsum(shares) * num_clients + 1e-9).astype(int)
+    tiers = np.searchsorted(bounds, np.arange(num_clients), side="right")
+    order = rng.generator(seed, rng.TIERS).permutation(num_clients)
+    out = np.empty(num_clients, dtype=np.int64)
+    out[order] = tiers
+    return out
+
+
+class TieredAlgorithm(Algorithm):
+    """Tiers, tier-balanced sampling, per-tier submodels, aggregation over holders, tier metrics."""
+
+    objective = None   # None: the trainer's default (joint cross-entropy over the exits held)
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.tier = tier_of_clients(info.num_clients, cfg["tiers"]["mix"], cfg["seed"])
+        self.num_tiers = len(cfg["tiers"]["mix"])
+        self.variants = [self.variant(t) for t in range(self.num_tiers)]
+        self.blocks = [self._blocks(v) for v in self.variants]
+        self._downloads: dict[int, ModelUpdate] = {}
+
+    def variant(self, tier: int) -> dict:
+        raise NotImplementedError
+
+    def exit_of(self, client: int) -> int:
+        """Index of the client's deepest exit in the full model's outputs."""
+        return self.variants[self.tier[client]].get("level", 3) - 1
+
+    def _blocks(self, variant: dict) -> dict[str, tuple]:
+        """Each tensor the variant holds → its block of the full tensor ((0, size) per dim)."""
+        model = build_model(self.cfg["model"], self.info.input_shape, self.info.num_classes, **variant)
+        return {n: tuple((0, d) for d in t.shape) for n, t in model.state_dict().items()
+                if t.is_floating_point()}
+
+    # ---- server --------------------------------------------------------------------------
+    def select_clients(self, round_, generator):
+        """Draw evenly per tier (the remainder goes to the lowest tiers), without replacement."""
+        k = self.cfg["clients"]["per_round"]
+        chosen = []
+        for t in range(self.num_tiers):
+            members = np.flatnonzero(self.tier == t)
+            take = min(len(members), k // self.num_tiers + (1 if t < k % self.num_tiers else 0))
+            chosen.extend(int(c) for c in generator.choice(members, size=take, replace=False))
+        return sorted(chosen)
+
+    def download(self, round_, client_id):
+        tier = int(self.tier[client_id])
+        if round_ not in self._downloads.get(tier, {}):
+            # one dict per tier and round, so the clients of a tier share one payload
+            blocks = self.blocks[tier]
+            values = {n: self.weights[n][tuple(slice(a, b) for a, b in blocks[n])] for n in blocks}
+            slices = {n: b for n, b in blocks.items() if tuple(e for _, e in b) != self.weights[n].shape}
+            self._downloads[tier] = {round_: ModelUpdate(values, slices=slices)}
+        return self._downloads[tier][round_]
+
+    def aggregate(self, round_, results):
+        self.weights, _ = average_over_holders([r.update for r in results], [r.num_samples for r in results],
+                                               self.weights, missing="keep")
+
+    # ---- client --------------------------------------------------------------------------
+    def local_update(self, task: ClientTask, trainer) -> ClientResult:
+        tier = int(self.tier[task.client_id])
+        kwargs = {"objective": self.objective} if self.objective is not None else {}
+        weights, loss, processed = trainer.train(
+            task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
+            client_id=task.client_id, variant=self.variants[tier], **kwargs)
+        update = ModelUpdate(weights, slices=dict(task.received.slices))
+        return ClientResult(task.client_id, len(task.y), update, loss, processed, metrics={"tier": tier + 1})
+
+    # ---- results -------------------------------------------------------------------------
+    def round_columns(self):
+        exits = {f"exit_accuracy[{e}]": np.float64 for e in range(1, 4)}
+        tiers = {f"tier_accuracy[{t}]": np.float64 for t in range(1, self.num_tiers + 1)}
+        return {**exits, **tiers}
+
+    def client_columns(self):
+        return {"tier": np.int64}
+
+    def evaluation_models(self, round_):
+        return [EvalModel("global", self.weights)]
+
+    def evaluation_metrics(self, round_, outcomes):
+        outcome = outcomes["global"]
+        metrics = {"test_accuracy": outcome.test_accuracy(), "test_loss": outcome.test_loss(),
+                   "client_accuracy": outcome.mean_client_accuracy(exit_of=self.exit_of)}
+        for e in range(len(outcome.test_correct)):
+            metrics[f"exit_accuracy[{e + 1}]"] = outcome.test_accuracy(e)
+        for t in range(self.num_tiers):
+            members = [int(c) for c in np.flatnonzero(self.tier == t)]
+            metrics[f"tier_accuracy[{t + 1}]"] = outcome.mean_client_accuracy(exit_of=self.exit_of, clients=members)
+        return metrics
+
+
+class DepthFL(TieredAlgorithm):
+    name = "depthfl"
+
+    def variant(self, tier):
+        return {"level": int(self.cfg["tiers"]["levels"][tier])}
+
+
+class FedAvgS(DepthFL):
+    """Every client at the smallest depth the tiers name (the lower bound)."""
+
+    name = "fedavg_s"
+
+    def variant(self, tier):
+        return {"level": int(min(self.cfg["tiers"]["levels"]))}
+
+
+class HeteroFL(TieredAlgorithm):
+    name = "heterofl"
+    objective = staticmethod(weighted_exits([0.0, 0.0, 1.0]))   # width only: the full-depth exit
+
+    def variant(self, tier):
+        return {"width": float(self.cfg["tiers"]["widths"][tier])}
+
+    def exit_of(self, client):
+        return -1
