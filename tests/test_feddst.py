@@ -248,3 +248,332 @@ def test_feddst_metrics_identical_across_rank_counts(feddst_p1, tmp_path, ranks)
         assert np.array_equal(a[key], b[key], equal_nan=True), key
     assert np.array_equal(ca["train_loss"], cb["train_loss"])
     assert np.array_equal(ca["upload_bytes"], cb["upload_bytes"])
+
+
+# --------------------------------------------------------------------------- review defects
+def tiny_data(seed: int, n: int = 48):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 60, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def maskable_total(info) -> int:
+    return sum(int(np.prod(info.shapes[n])) for n in info.maskable)
+
+
+def run_main(tmp_path: Path, name: str, **overrides) -> Path:
+    """One rank, in this process, through the CLI's main."""
+    from fedmpi.cli import main
+
+    config = write_config(tmp_path, name, **overrides)
+    out = tmp_path / f"{name}.h5"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_default_feddst_config_readjusts():
+    cfg = load_config(None, ["algorithm=feddst", "sparsity=0.8"])
+    _, _, info, _ = tiny_setup()
+    algorithm = build_algorithm(cfg, info)
+    assert [r for r in range(1, cfg["rounds"] + 1) if algorithm.is_readjustment_round(r)] == [5]
+    assert algorithm.readjust_fraction(5) > 0
+
+
+@pytest.mark.parametrize("sets, key", [
+    (["rounds=4"], "feddst.readjust_every"),                  # R_end = 2, ΔR = 5
+    (["feddst.readjust_every=10"], "feddst.readjust_every"),  # the old defaults
+    (["feddst.r_end=1"], "feddst.r_end"),
+    (["feddst.readjust_rule=public", "feddst.readjust_every=3", "feddst.r_end=1"], "feddst.r_end"),
+])
+def test_feddst_without_a_readjustment_round_is_a_config_error(sets, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["algorithm=feddst", "sparsity=0.8", *sets])
+    assert info.value.key == key
+    assert "feddst.readjust_every" in info.value.problem and "feddst.r_end" in info.value.problem
+    # a static mask and a dense FedDST never readjust by design
+    load_config(None, ["algorithm=randommask", "sparsity=0.8", *sets])
+    load_config(None, ["algorithm=feddst", "sparsity=0.0", *sets])
+
+
+def test_config_error_without_readjustment_exits_2(tmp_path, capsys):
+    from fedmpi.cli import main
+
+    config = write_config(tmp_path, "static", feddst__readjust_every=10)  # r_end 5
+    assert main(["run", str(config), "--out", str(tmp_path / "static.h5"), "--quiet"]) == 2
+    assert "feddst.readjust_every" in capsys.readouterr().err
+    assert not (tmp_path / "static.h5").exists()
+
+
+def test_layer_erk_made_dense_keeps_its_trained_weights():
+    cfg, model, info, weights = tiny_setup()
+    algorithm = build_algorithm(cfg, info)
+    algorithm.init_server(weights, np.random.default_rng(0))
+    assert algorithm.densities["fc3.weight"] == 1.0 and algorithm.masks["fc3.weight"].all()
+    trainer = LocalTrainer(model, cfg["local"])
+    received = algorithm.download(2, 0)
+    x, y = tiny_data(4)
+    # same seed, so the same local training; only round 2 readjusts
+    assert algorithm.is_readjustment_round(2) and not algorithm.is_readjustment_round(3)
+    readjusted = algorithm.local_update(ClientTask(2, 0, received, {}, x, y, seed=5), trainer)
+    plain = algorithm.local_update(ClientTask(3, 0, received, {}, x, y, seed=5), trainer)
+    dense = readjusted.update.values["fc3.weight"]
+    np.testing.assert_array_equal(dense, plain.update.values["fc3.weight"])
+    assert np.count_nonzero(dense) == dense.size
+    assert readjusted.update.masks["fc3.weight"].all()
+    for name in ("fc1.weight", "fc2.weight"):  # the sparse layers did move
+        assert not np.array_equal(readjusted.update.masks[name], received.masks[name])
+
+
+def _update(values, masks):
+    return ModelUpdate({n: np.where(masks[n], v, np.float32(0)) if n in masks else v.copy()
+                        for n, v in values.items()}, {n: m.copy() for n, m in masks.items()})
+
+
+def test_server_momentum_velocity_is_masked_so_pruned_weights_stay_dead():
+    cfg, model, info, weights = tiny_setup(**{"feddst.server_momentum": 0.9})
+    algorithm = build_algorithm(cfg, info)
+    algorithm.init_server(weights, np.random.default_rng(0))
+    name = "fc1.weight"
+    flat = algorithm.weights[name].reshape(-1)
+    p = int(np.argmax(np.abs(flat)))                                 # the largest active weight
+    q = int(np.flatnonzero(~algorithm.masks[name].reshape(-1))[0])   # an inactive position
+    theta_p = float(flat[p])
+
+    # round A: every client prunes p and grows q (at 0): p leaves the mask with velocity θ_p
+    masks = {n: m.copy() for n, m in algorithm.masks.items()}
+    masks[name].reshape(-1)[[p, q]] = [False, True]
+    algorithm.aggregate(1, [ClientResult(c, 30, _update(algorithm.weights, masks), 0.0, 30) for c in (0, 1)])
+    assert not algorithm.masks[name].reshape(-1)[p]
+    for n, mask in algorithm.masks.items():
+        assert np.all(algorithm.velocity[n][~mask] == 0)
+        assert np.all(algorithm.weights[n][~mask] == 0)
+
+    # round B: every client grows p again at 0. A stale velocity would set it to -0.9·θ_p and
+    # give it a magnitude no grown weight has.
+    masks = {n: m.copy() for n, m in algorithm.masks.items()}
+    masks[name].reshape(-1)[p] = True
+    algorithm.aggregate(2, [ClientResult(c, 30, _update(algorithm.weights, masks), 0.0, 30) for c in (0, 1)])
+    assert theta_p != 0 and algorithm.weights[name].reshape(-1)[p] == 0
+    for n, mask in algorithm.masks.items():
+        assert np.all(algorithm.velocity[n][~mask] == 0)
+
+
+def test_regrowth_gradient_batch_order_comes_from_the_regrowth_stream():
+    cfg, model, info, weights = tiny_setup(seed=3)
+    algorithm = build_algorithm(cfg, info)
+    algorithm.init_server(weights, np.random.default_rng(0))
+    seeds = []
+
+    class Spy(LocalTrainer):
+        def gradients(self, *args, seed, **kwargs):
+            seeds.append(seed)
+            return super().gradients(*args, seed=seed, **kwargs)
+
+    trainer = Spy(model, cfg["local"])
+    x, y = tiny_data(5)
+    for round_, client, task_seed in ((2, 3, 11), (2, 3, 99), (4, 1, 11)):
+        algorithm.local_update(ClientTask(round_, client, algorithm.download(round_, client), {}, x, y,
+                                          seed=task_seed), trainer)
+    expected = [rng.torch_seed(3, rng.REGROWTH, 2, 3)] * 2 + [rng.torch_seed(3, rng.REGROWTH, 4, 1)]
+    assert seeds == expected  # the task's training seed plays no part
+    assert len(set(expected + [11, 12, 99, 100])) == 6
+
+
+@pytest.mark.parametrize("algorithm", ["feddst", "randommask"])
+def test_no_run_reports_a_density_below_its_target(tmp_path, algorithm):
+    rounds, _ = read(run_main(tmp_path, algorithm, algorithm=algorithm))
+    cfg, model, info, weights = tiny_setup(algorithm=algorithm)
+    counts = build_algorithm(cfg, info).counts
+    target = sum(counts.values()) / maskable_total(info)
+    np.testing.assert_array_equal(rounds["density"], np.full(6, target))   # the mask's density
+    assert np.all(rounds["nonzero_density"] <= rounds["density"])
+    per_layer = sum(rounds[f"mask_changed[{n}]"] for n in info.maskable)
+    np.testing.assert_array_equal(per_layer, rounds["mask_changed"])
+    assert np.all(rounds["mask_changed[fc3.weight]"] == 0)   # dense: never readjusted
+    moved = rounds["mask_changed"] > 0
+    expected = [False, True, False, True, False, False] if algorithm == "feddst" else [False] * 6
+    np.testing.assert_array_equal(moved, expected)
+
+
+# --------------------------------------------------------------------------- public-code deviations
+PUBLIC = {"distribution": "erk_public", "constant_alpha": True, "grow_over_all": True,
+          "aggregation_weight": "batches2", "sample_with_replacement": True, "detached_prox": True,
+          "readjust_rule": "public", "server_reprune": "public"}
+
+
+def test_deviations_are_off_by_default_and_public_code_sets_them_all():
+    paper = load_config(None, ["algorithm=feddst", "sparsity=0.8"])["feddst"]
+    assert {k: paper[k] for k in PUBLIC} == {
+        "distribution": "erk", "constant_alpha": False, "grow_over_all": False,
+        "aggregation_weight": "samples", "sample_with_replacement": False, "detached_prox": False,
+        "readjust_rule": "paper", "server_reprune": "paper"}
+    assert paper["public_code"] is False and paper["regrow_pruned"] is True
+    public = tiny_cfg(**{"feddst.public_code": True})
+    assert {k: public["feddst"][k] for k in PUBLIC} == PUBLIC
+    assert public["feddst"]["regrow_pruned"] is True   # moot under grow_over_all: left alone
+    assert load_config(None, extra=copy.deepcopy(public)) == public   # resolving again changes nothing
+    with pytest.raises(ConfigError) as info:
+        tiny_cfg(**{"feddst.public_code": True, "feddst.regrow_pruned": False})
+    assert info.value.key == "feddst.regrow_pruned"
+    for key, bad in (("aggregation_weight", "batches"), ("readjust_rule", "code"),
+                     ("server_reprune", "code"), ("distribution", "er")):
+        with pytest.raises(ConfigError) as info:
+            tiny_cfg(**{f"feddst.{key}": bad})
+        assert info.value.key == f"feddst.{key}"
+
+
+def test_public_code_run_writes_every_resolved_key(tmp_path):
+    out = run_main(tmp_path, "public", feddst__public_code=True)
+    with h5py.File(out, "r") as f:
+        config = json.loads(f.attrs["config"])
+        assert {k: config["feddst"][k] for k in PUBLIC} == PUBLIC
+        clients = f["clients"]["round"][:]
+        density = f["rounds"]["density"][:]
+    assert all(1 <= np.count_nonzero(clients == r) <= 4 for r in range(1, 7))
+    cfg, model, info, weights = tiny_setup(**{"feddst.public_code": True})
+    algorithm = build_algorithm(cfg, info)
+    assert np.all(density <= sum(algorithm.counts.values()) / maskable_total(info) + 1e-12)
+
+
+def test_erk_public_distribution():
+    cfg, model, info, weights = tiny_setup(**{"feddst.distribution": "erk_public"})
+    shapes = {n: info.shapes[n] for n in info.maskable}
+    assert build_algorithm(cfg, info).densities == layer_densities(shapes, 0.8, "erk_public")
+
+
+def test_constant_alpha_readjusts_alpha_until_r_end():
+    cfg, model, info, weights = tiny_setup(**{"feddst.constant_alpha": True})
+    algorithm = build_algorithm(cfg, info)
+    assert [algorithm.readjust_fraction(r) for r in (2, 4)] == [0.3, 0.3]
+    paper = build_algorithm(tiny_cfg(), info)
+    assert paper.readjust_fraction(2) == cosine_readjust_fraction(0.3, 2, 5) < 0.3
+
+
+def test_readjust_rule_public_counts_rounds_as_the_public_code():
+    sets = {"rounds": 20, "feddst.readjust_every": 5, "feddst.r_end": 10}
+    _, _, info, _ = tiny_setup()
+    paper = build_algorithm(tiny_cfg(**sets), info)
+    public = build_algorithm(tiny_cfg(**sets, **{"feddst.readjust_rule": "public"}), info)
+    assert [r for r in range(1, 21) if paper.is_readjustment_round(r)] == [5]
+    # dst.py: (server_round - 1) % 5 == 0 and server_round < 10, server_round = r - 1
+    assert [r for r in range(1, 21) if public.is_readjustment_round(r)] == [2, 7]
+    assert public.readjust_fraction(7) == cosine_readjust_fraction(0.3, 6, 10)
+    assert paper.readjust_fraction(5) == cosine_readjust_fraction(0.3, 5, 10)
+
+
+@pytest.mark.parametrize("sets, expected", [
+    ({}, {"regrow_pruned": True, "grow_over_all_positions": False}),
+    ({"feddst.regrow_pruned": False}, {"regrow_pruned": False, "grow_over_all_positions": False}),
+    ({"feddst.grow_over_all": True}, {"regrow_pruned": True, "grow_over_all_positions": True}),
+])
+def test_growth_options_reach_prune_and_grow(monkeypatch, sets, expected):
+    import fedmpi.algorithms.feddst as feddst_module
+
+    calls = []
+    real = feddst_module.prune_and_grow
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(feddst_module, "prune_and_grow", spy)
+    cfg, model, info, weights = tiny_setup(**sets)
+    algorithm = build_algorithm(cfg, info)
+    algorithm.init_server(weights, np.random.default_rng(0))
+    x, y = tiny_data(6)
+    result = algorithm.local_update(ClientTask(2, 0, algorithm.download(2, 0), {}, x, y, seed=1),
+                                    LocalTrainer(model, cfg["local"]))
+    assert calls == [{"counts": algorithm.counts, **expected}]
+    if not expected["grow_over_all_positions"]:   # growth fills every layer back to its count
+        assert {n: int(m.sum()) for n, m in result.update.masks.items()} == algorithm.counts
+
+
+def test_aggregation_weight_batches2_is_twice_the_local_batch_count():
+    sizes = (10, 40)   # batch 16: 1 and 3 local batches
+    averages = {}
+    for rule in ("samples", "batches2"):
+        cfg, model, info, weights = tiny_setup(**{"feddst.aggregation_weight": rule})
+        algorithm = build_algorithm(cfg, info)
+        algorithm.init_server(weights, np.random.default_rng(0))
+        gen = np.random.default_rng(1)
+        values = [{n: gen.standard_normal(v.shape).astype(np.float32) for n, v in algorithm.weights.items()}
+                  for _ in sizes]
+        results = [ClientResult(c, n, _update(values[c], algorithm.masks), 0.0, n) for c, n in enumerate(sizes)]
+        assert [algorithm.aggregation_weight(r) for r in results] == ([10, 40] if rule == "samples" else [2, 6])
+        algorithm.aggregate(1, results)
+        averages[rule] = algorithm.weights["fc1.bias"]
+    w = {"samples": (10, 40), "batches2": (2, 6)}
+    for rule, (a, b) in w.items():
+        want = (a * values[0]["fc1.bias"].astype(np.float64) + b * values[1]["fc1.bias"]) / (a + b)
+        np.testing.assert_allclose(averages[rule], want.astype(np.float32), rtol=1e-6)
+
+
+def test_sample_with_replacement_counts_a_client_drawn_twice_twice():
+    cfg, model, info, weights = tiny_setup(**{"feddst.sample_with_replacement": True})
+    algorithm = build_algorithm(cfg, info)
+    algorithm.init_server(weights, np.random.default_rng(0))
+    seed = next(s for s in range(100)
+                if len(set(np.random.default_rng(s).choice(8, size=4, replace=True))) < 4)
+    draws = Counter(int(c) for c in np.random.default_rng(seed).choice(8, size=4, replace=True))
+    chosen = algorithm.select_clients(1, np.random.default_rng(seed))
+    assert chosen == sorted(draws) and len(chosen) < 4
+    gen = np.random.default_rng(2)
+    values = {c: {n: gen.standard_normal(v.shape).astype(np.float32) for n, v in algorithm.weights.items()}
+              for c in chosen}
+    results = [ClientResult(c, 30, _update(values[c], algorithm.masks), 0.0, 30) for c in chosen]
+    assert [algorithm.aggregation_weight(r) for r in results] == [30 * draws[c] for c in chosen]
+    algorithm.aggregate(1, results)
+    want = sum(draws[c] * values[c]["fc1.bias"].astype(np.float64) for c in chosen) / 4
+    np.testing.assert_allclose(algorithm.weights["fc1.bias"], want.astype(np.float32), rtol=1e-6)
+    # without the option: K distinct clients, each counted once
+    paper = build_algorithm(tiny_cfg(), info)
+    distinct = paper.select_clients(1, np.random.default_rng(seed))
+    assert len(set(distinct)) == 4 and paper.aggregation_weight(results[0]) == 30
+
+
+def test_detached_prox_trains_as_if_mu_were_zero():
+    x, y = tiny_data(7)
+    _, model, info, weights = tiny_setup()
+    uploads = {}
+    for label, sets in (("mu0", {}), ("mu", {"feddst.prox_mu": 0.5}),
+                        ("detached", {"feddst.prox_mu": 0.5, "feddst.detached_prox": True})):
+        cfg = tiny_cfg(**sets)
+        algorithm = build_algorithm(cfg, info)
+        algorithm.init_server(weights, np.random.default_rng(0))
+        cfg_local = dict(cfg["local"], epochs=3)
+        result = algorithm.local_update(ClientTask(3, 0, algorithm.download(3, 0), {}, x, y, seed=2),
+                                        LocalTrainer(model, cfg_local))
+        uploads[label] = result.update.values
+    for name in uploads["mu0"]:
+        np.testing.assert_array_equal(uploads["detached"][name], uploads["mu0"][name])
+    assert any(not np.array_equal(uploads["mu"][n], uploads["mu0"][n]) for n in uploads["mu0"])
+
+
+def test_server_reprune_public_can_leave_the_mask_below_target_until_clients_regrow():
+    name = "fc1.weight"
+    kept = {}
+    for rule in ("paper", "public"):
+        cfg, model, info, weights = tiny_setup(**{"feddst.server_reprune": rule})
+        algorithm = build_algorithm(cfg, info)
+        algorithm.init_server(weights, np.random.default_rng(0))
+        flat = algorithm.masks[name].reshape(-1)
+        p = int(np.flatnonzero(flat)[0])            # an active weight every client prunes
+        low = np.flatnonzero(~flat)[:2]             # each client grows one low-index zero
+        results = []
+        for c, q in enumerate(low):
+            masks = {n: m.copy() for n, m in algorithm.masks.items()}
+            masks[name].reshape(-1)[[p, q]] = [False, True]
+            results.append(ClientResult(c, 30, _update(algorithm.weights, masks), 0.0, 30))
+        algorithm.aggregate(2, results)
+        kept[rule] = int(algorithm.masks[name].sum())
+        target = sum(algorithm.counts.values()) / maskable_total(info)
+        if rule == "paper":
+            assert kept[rule] == algorithm.counts[name] and algorithm.density() == target
+        else:
+            # union = c + 1 positions; its 2 grown zeros rank with the zeros outside it, the
+            # lowest indices go first: both grown positions are cut, one short of the count
+            assert kept[rule] == algorithm.counts[name] - 1 and algorithm.density() < target
+            # the next readjustment grows the layer back to its count
+            x, y = tiny_data(8)
+            result = algorithm.local_update(ClientTask(4, 0, algorithm.download(4, 0), {}, x, y, seed=3),
+                                            LocalTrainer(model, cfg["local"]))
+            assert int(result.update.masks[name].sum()) == algorithm.counts[name]

@@ -1,0 +1,238 @@
+"""The core's extension points used for real, end to end (``python -m fedmpi`` in subprocesses,
+P = 1, 2, 4): per-client submodels (depth and width slices) with exact bytes, per-exit, per-tier
+and personalised evaluation identical for every rank count, an extra uploaded tensor with exact
+bytes, and algorithm-declared columns read back by ``fedmpi info`` and drawn by ``fedmpi plots``."""
+from __future__ import annotations
+
+import gzip
+import struct
+import textwrap
+
+import numpy as np
+import pytest
+import yaml
+
+from test_run import fedmpi, needs_mpiexec, read_results, same_bits
+
+TIERED = {
+    "seed": 2, "rounds": 2, "model": "multiexit_vgg",
+    "data": {"name": "mnist", "partition": "dirichlet", "alpha": 1.0, "local_test_fraction": 0.25},
+    "clients": {"total": 9, "per_round": 6},
+    "local": {"epochs": 1, "batch_size": 16, "lr": 0.001, "optimizer": "adam"},
+    "eval": {"every": 1, "batch_size": 40},
+}
+
+
+def write_idx(root, n_train=180, n_test=60, seed=0):
+    """A small MNIST-format dataset (IDX, gzipped) with a learnable pattern per label."""
+    g = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = g.integers(0, 10, n).astype(np.uint8)
+        images = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 2 * label:2 * label + 6, 4:24] = 250
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("extensions")
+
+
+@pytest.fixture(scope="module")
+def tiered_cfg(work):
+    cfg = dict(TIERED, data={**TIERED["data"], "root": str(write_idx(work / "mnist"))})
+    path = work / "tiered.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(work, tiered_cfg):
+    cache = {}
+
+    def get(algorithm: str, ranks: int, script: str | None = None):
+        key = (algorithm, ranks, script)
+        if key not in cache:
+            out = work / f"{algorithm}_{script or 'cli'}_p{ranks}.h5"
+            args = ["run", str(tiered_cfg), "--out", str(out), "--quiet", "--set", f"algorithm={algorithm}"]
+            if script:
+                (work / f"{script}.py").write_text(SCRIPTS[script])
+                proc, _ = fedmpi([str(work / f"{script}.py"), *args], ranks, timeout=300, module=False)
+            else:
+                proc, _ = fedmpi(args, ranks, timeout=300)
+            assert proc.returncode == 0, f"{algorithm} P={ranks} failed:\n{proc.stderr[-3000:]}"
+            cache[key] = (out, read_results(out))
+        return cache[key]
+
+    return get
+
+
+def assert_all_columns_identical(a: dict, b: dict, what: str):
+    timing = {"wall_seconds", "cum_wall_seconds", "compute_seconds", "mpi_payload_bytes", "mpi_control_bytes",
+              "rank"}
+    for group in ("rounds", "clients"):
+        assert set(a[group]) == set(b[group])
+        for name in a[group]:
+            if name not in timing:
+                assert same_bits(a[group][name], b[group][name]), f"{what}: {group}/{name}"
+
+
+def variant_sizes(**variant) -> dict[str, int]:
+    from fedmpi.models import build_model
+
+    model = build_model("multiexit_vgg", (1, 28, 28), 10, **variant)
+    return {n: t.numel() for n, t in model.state_dict().items() if t.is_floating_point()}
+
+
+# ------------------------------------------------------------------------------ submodels, P-invariance
+@needs_mpiexec
+@pytest.mark.parametrize("algorithm", ["depthfl", "heterofl"])
+def test_tiered_runs_are_identical_for_1_2_4_ranks(runs, algorithm):
+    _, base = runs(algorithm, 1)
+    for column in ("exit_accuracy[1]", "exit_accuracy[3]", "tier_accuracy[1]", "tier_accuracy[3]"):
+        assert np.all(np.isfinite(base["rounds"][column])), column
+    assert set(base["clients"]["tier"].tolist()) == {1, 2, 3}
+    for ranks in (2, 4):
+        _, other = runs(algorithm, ranks)
+        assert_all_columns_identical(base, other, f"{algorithm} P=1 vs P={ranks}")
+
+
+def test_depth_submodel_bytes_are_exact(runs):
+    """A level-l client downloads and uploads exactly its blocks and exits, 4 bytes a value."""
+    _, res = runs("depthfl", 1)
+    clients = res["clients"]
+    for level in (1, 2, 3):
+        expected = 4 * sum(variant_sizes(level=level).values())
+        this = clients["tier"] == level
+        assert this.any()
+        assert np.all(clients["upload_bytes"][this] == expected), level
+        assert np.all(clients["download_bytes"][this] == expected), level
+        # every tensor is a registered one at its full shape: 9 header bytes a tensor
+        assert np.all(clients["header_bytes"][this] == 9 * len(variant_sizes(level=level)))
+
+
+def test_width_slices_bytes_are_exact(runs):
+    """HeteroFL: a rate-p client's tensors are blocks of the global ones; sliced rows also pay
+    their description in the header (name, dtype, ndim, shape, start/end per dim)."""
+    _, res = runs("heterofl", 1)
+    clients = res["clients"]
+    full = variant_sizes()
+    for tier, width in ((1, 0.25), (2, 0.5), (3, 1.0)):
+        sizes = variant_sizes(width=width)
+        this = clients["tier"] == tier
+        assert np.all(clients["upload_bytes"][this] == 4 * sum(sizes.values()))
+        from fedmpi.models import build_model
+
+        shapes = {n: t.shape for n, t in build_model("multiexit_vgg", (1, 28, 28), 10, width=width).state_dict().items()
+                  if t.is_floating_point()}
+        header = sum(9 + (0 if sizes[n] == full[n] else len(n) + 3 + 12 * len(shapes[n])) for n in sizes)
+        assert np.all(clients["header_bytes"][this] == header), tier
+
+
+# ------------------------------------------------------------------------------ personalised evaluation
+PERSONALISED = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import fedmpi.algorithms as algorithms
+    from fedmpi import rng
+    from fedmpi.algorithms import EvalModel
+    from fedmpi.algorithms.heterogeneous import DepthFL
+    from fedmpi.cli import main
+
+    class PersonalisedDepthFL(DepthFL):
+        '''Depth-wise averaging plus, for a few clients, "their own" masked model on their local
+        test split (masks drawn from (seed, client)): LotteryFL's personalised accuracy.'''
+
+        def round_columns(self):
+            return {**super().round_columns(), "personal_accuracy": np.float64}
+
+        def masks_of(self, client):
+            g = rng.generator(self.cfg["seed"], 99, 0, client)
+            return {n: g.random(self.weights[n].shape) < 0.7 for n in self.info.maskable}
+
+        def evaluation_models(self, round_):
+            own = [EvalModel(f"client{c}", self.weights, masks=self.masks_of(c), global_test=False,
+                             local_clients=[c]) for c in (0, 3, 7)]
+            return super().evaluation_models(round_) + own
+
+        def evaluation_metrics(self, round_, outcomes):
+            mine = [outcomes[f"client{c}"].client_accuracy(c) for c in (0, 3, 7)]
+            assert outcomes["client0"].test_correct is None      # local test split only
+            return {**super().evaluation_metrics(round_, outcomes), "personal_accuracy": float(np.mean(mine))}
+
+    algorithms.ALGORITHMS["depthfl"] = PersonalisedDepthFL
+    sys.exit(main(sys.argv[1:]))
+""")
+
+EXTRA_TENSOR = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import fedmpi.algorithms as algorithms
+    from fedmpi.algorithms.heterogeneous import DepthFL
+    from fedmpi.cli import main
+
+    class ImportanceUpload(DepthFL):
+        '''Every client also uploads an unregistered tensor (PruneFL's importance upload): here
+        a 3x5 float32 filled with the client id; the server checks it arrived intact.'''
+
+        def local_update(self, task, trainer):
+            result = super().local_update(task, trainer)
+            result.update.values["importance"] = np.full((3, 5), task.client_id, np.float32)
+            return result
+
+        def aggregate(self, round_, results):
+            for r in results:
+                got = r.update.values.pop("importance")
+                assert got.shape == (3, 5) and got.dtype == np.float32 and np.all(got == r.client_id), got
+            super().aggregate(round_, results)
+
+    algorithms.ALGORITHMS["depthfl"] = ImportanceUpload
+    sys.exit(main(sys.argv[1:]))
+""")
+SCRIPTS = {"personalised": PERSONALISED, "extra_tensor": EXTRA_TENSOR}
+
+
+@needs_mpiexec
+def test_personalised_and_per_exit_evaluation_identical_for_1_2_4_ranks(runs):
+    _, base = runs("depthfl", 1, "personalised")
+    assert np.all(np.isfinite(base["rounds"]["personal_accuracy"]))
+    _, plain = runs("depthfl", 1)
+    # the personalised models are really different models from the global one
+    assert not same_bits(base["rounds"]["personal_accuracy"], base["rounds"]["client_accuracy"])
+    assert same_bits(base["rounds"]["client_accuracy"], plain["rounds"]["client_accuracy"])
+    for ranks in (2, 4):
+        _, other = runs("depthfl", ranks, "personalised")
+        assert_all_columns_identical(base, other, f"personalised P=1 vs P={ranks}")
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_extra_tensor_upload_crosses_mpi_with_exact_bytes(runs, ranks):
+    _, res = runs("depthfl", ranks, "extra_tensor")
+    _, plain = runs("depthfl", 1)
+    extra_values = 15 * 4
+    extra_header = 9 + len("importance") + 3 + 4 * 2      # unregistered: name, dtype, ndim, 2 dims
+    assert np.all(res["clients"]["upload_bytes"] == plain["clients"]["upload_bytes"] + extra_values)
+    assert np.all(res["clients"]["header_bytes"] == plain["clients"]["header_bytes"] + extra_header)
+    assert same_bits(res["rounds"]["client_accuracy"], plain["rounds"]["client_accuracy"])
+
+
+# ------------------------------------------------------------------------------ declared columns
+def test_declared_columns_are_read_by_info_and_drawn_by_plots(runs, work):
+    path, res = runs("depthfl", 1)
+    proc, _ = fedmpi(["info", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "exit_accuracy[*]" in proc.stdout and "tier_accuracy[*]" in proc.stdout
+    last = res["rounds"]["exit_accuracy[3]"][-1]
+    assert f"3={last:.4f}" in proc.stdout
+    plots = work / "plots"
+    proc, _ = fedmpi(["plots", "--results", str(path.parent), "--plots", str(plots)])
+    assert proc.returncode == 0, proc.stderr
+    drawn = sorted(p.name for p in plots.glob("*algorithm_columns.png"))
+    assert drawn, sorted(p.name for p in plots.iterdir())
