@@ -1,4 +1,4 @@
-"""Command line: ``fedmpi run | info | summarize | plots | sweep`` (see CONTRACT.md)."""
+"""Command line: ``fedmpi run | info | summarize | plots | sweep`` (docs/interface.md)."""
 from __future__ import annotations
 
 import argparse

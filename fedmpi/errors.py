@@ -1,4 +1,4 @@
-"""Errors that map to the exit statuses promised in CONTRACT.md."""
+"""Errors that map to the exit statuses promised in docs/interface.md."""
 
 
 class FedmpiError(Exception):

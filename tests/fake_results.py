@@ -1,4 +1,4 @@
-"""Synthetic results files in the CONTRACT.md layout, for tests of the readers and figures."""
+"""Synthetic results files in the layout of docs/interface.md, for tests of the readers and figures."""
 from __future__ import annotations
 
 import json

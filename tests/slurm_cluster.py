@@ -1,6 +1,6 @@
 """A throw-away single-node SLURM cluster (munged, slurmctld, slurmd) for tests.
 
-Follows shared/notes/slurm-single-node.md: Debian's packages, daemons started as plain child
+Debian's packages (slurm-wlm, munge), daemons started as plain child
 processes (no systemd), every file under one temporary directory, stopped by PID. Needs root
 (slurmd runs jobs as the submitting user) and the fixed ports 6817/6818, so one at a time.
 """

@@ -10,7 +10,6 @@ from fedmpi.models.flops import (
     forward_flops_per_sample,
     layer_flops,
     scale_flops,
-    training_flops_per_sample,
 )
 
 torch.set_num_threads(1)
@@ -139,7 +138,6 @@ def test_cifar10net_dense_flops_equal_the_hand_sum():
     dense = forward_flops_per_sample(model, (3, 32, 32))
     assert dense == 2 * sum(by_hand.values())
     assert 4.5e6 < dense < 4.7e6  # FedDST paper: ~4.6 MFLOPs dense
-    assert training_flops_per_sample(model, (3, 32, 32)) == 3 * dense
 
 
 def test_mnistnet_dense_flops_equal_the_hand_sum():

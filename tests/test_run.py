@@ -1,6 +1,6 @@
 """End-to-end runs of ``python -m fedmpi`` in subprocesses (P = 1 and under mpiexec).
 
-Covers CONTRACT.md "Running one experiment" and "Results file": rank-count independence, the
+Covers docs/interface.md (running one experiment, the results file): rank-count independence, the
 results schema, exit statuses for bad configs, failures on one rank (divergence, an exception),
 ``fedmpi info``, and kill / SIGTERM followed by ``--resume``.
 """

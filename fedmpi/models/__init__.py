@@ -20,7 +20,7 @@ from fedmpi.models.nets import CIFAR10Net, FEMNISTCNN, MLP, VGG11, MNISTNet
 # FLOPs flops.py counts; biases and norm parameters stay dense.
 MASKABLE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
-# Input shape of each dataset named in CONTRACT.md, only to tell the user which dataset a
+# Input shape of each dataset named in docs/interface.md, only to tell the user which dataset a
 # model needs; the data package is the authority on shapes.
 _DATASET_SHAPES = {
     "mnist": (1, 28, 28),

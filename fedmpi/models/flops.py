@@ -93,8 +93,3 @@ def scale_flops(dense_layer_flops: dict[str, int], densities: dict[str, float] |
 def forward_flops_per_sample(model: nn.Module, input_shape, densities: dict[str, float] | None = None) -> int:
     """FLOPs of one sample's forward pass; ``densities`` maps weight names to nonzero fractions."""
     return scale_flops(layer_flops(model, input_shape), densities)
-
-
-def training_flops_per_sample(model: nn.Module, input_shape, densities: dict[str, float] | None = None) -> int:
-    """FLOPs of one sample's forward + backward pass, taken as 3 x the forward FLOPs."""
-    return 3 * forward_flops_per_sample(model, input_shape, densities)
