@@ -17,8 +17,9 @@ import yaml
 
 from .errors import ConfigError
 
-ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask", "depthfl", "fedavg_s", "heterofl")
-TIERED = ("depthfl", "fedavg_s", "heterofl")
+ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask", "depthfl", "fedavg_s", "heterofl",
+              "hypemefed", "scalefl")
+TIERED = ("depthfl", "fedavg_s", "heterofl", "hypemefed", "scalefl")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -88,6 +89,19 @@ DEFAULTS: dict[str, Any] = {
     # heterogeneous clients (depthfl, fedavg_s, heterofl): tier t holds mix[t] of the clients and
     # trains depth levels[t] (multi-exit blocks/exits) or width widths[t] (channel fraction)
     "tiers": {"mix": [1.0, 1.0, 1.0], "levels": [1, 2, 3], "widths": [0.25, 0.5, 1.0]},
+    # HypeMeFed (fedmpi/algorithms/hypemefed.py): server-side hypernetworks generate the deeper conv
+    # weights of shallow clients; tiers.levels give the depths
+    "hypemefed": {
+        "hypernetwork": "lrf",     # lrf (low-rank, the paper) | naive (flatten → MLP → flatten)
+        "rank": 100,               # SVD rank r, clipped to min(out·k, in·k); 0 = full rank
+        "hidden": 512,             # hidden width of the two LRF MLPs
+        "naive_hidden": 64,        # hidden width of the naive MLP (the public code's NaiveHyperNetwork)
+        "epochs": 25,              # server training epochs per round
+        "lr": 0.0005,              # server Adam learning rate
+        "aggregation": "samples",  # samples | uniform (the public code's equal weights)
+    },
+    # ScaleFL (fedmpi/algorithms/scalefl.py): tier t trains depth tiers.levels[t] at width widths[t]
+    "scalefl": {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.05, "kd_temperature": 3.0, "kd_after": 0.25},
     "checkpoint": {"every": 0},    # rounds between checkpoints; 0 = only on SIGTERM
     "mpi": {"wait": "sleep"},      # sleep: wait on MPI without spinning a core; spin: MPI's own busy-poll
     "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round
@@ -258,7 +272,8 @@ def validate(cfg: dict) -> dict:
     if cfg["algorithm"] == "feddst" and cfg["sparsity"] > 0:
         # a FedDST run whose masks never move is RandomMask under another name
         r_end = resolve_r_end(dst["r_end"], cfg["rounds"])
-        test = "(r - 2) % ΔR == 0 and r <= R_end" if dst["readjust_rule"] == "public" else "r % ΔR == 0 and r < R_end"
+        test = ("(r - 2) % ΔR == 0 and r <= R_end" if dst["readjust_rule"] == "public"
+                else "r % ΔR == 0 and r < R_end")
         _require(any(readjustment_round(r, dst["readjust_every"], r_end, dst["readjust_rule"])
                      for r in range(1, min(cfg["rounds"], r_end) + 1)),
                  "feddst.r_end" if r_end <= 1 else "feddst.readjust_every",
@@ -278,6 +293,22 @@ def validate(cfg: dict) -> dict:
              "entries must be width rates in (0, 1]")
     _require(cfg["algorithm"] not in TIERED or cfg["model"] == "multiexit_vgg", "model",
              f"algorithm {cfg['algorithm']} trains submodels of a multi-exit family: use model: multiexit_vgg")
+    hype = cfg["hypemefed"]
+    _require(hype["hypernetwork"] in ("lrf", "naive"), "hypemefed.hypernetwork", "must be 'lrf' or 'naive'")
+    _require(hype["rank"] >= 0, "hypemefed.rank", "must be >= 0 (0: full rank)")
+    for key in ("hidden", "naive_hidden", "epochs"):
+        _require(hype[key] >= 1, f"hypemefed.{key}", "must be at least 1")
+    _require(hype["lr"] > 0, "hypemefed.lr", "must be > 0")
+    _require(hype["aggregation"] in ("samples", "uniform"), "hypemefed.aggregation",
+             "must be 'samples' (the paper) or 'uniform' (the public code)")
+    scale = cfg["scalefl"]
+    _require(len(scale["widths"]) == len(tiers["mix"]) or cfg["algorithm"] != "scalefl", "scalefl.widths",
+             f"needs one entry per tier: tiers.mix has {len(tiers['mix'])}")
+    _require(all(isinstance(v, (int, float)) and 0 < v <= 1 for v in scale["widths"]), "scalefl.widths",
+             "entries must be width rates in (0, 1]")
+    _require(scale["kd_gamma"] >= 0, "scalefl.kd_gamma", "must be >= 0")
+    _require(scale["kd_temperature"] > 0, "scalefl.kd_temperature", "must be > 0")
+    _require(0 <= scale["kd_after"] <= 1, "scalefl.kd_after", "must be a fraction of the rounds in [0, 1]")
     _require(cfg["checkpoint"]["every"] >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg["mpi"]["wait"] in ("sleep", "spin"), "mpi.wait", "must be 'sleep' or 'spin'")
     _require(cfg["device"]["torch"] in ("cpu", "cuda"), "device.torch", "must be 'cpu' or 'cuda'")

@@ -16,6 +16,7 @@ LOCAL_SPLIT = 7
 REGROWTH = 8
 EVAL = 9
 TIERS = 10
+HYPERNET = 11      # HypeMeFed's server-side hypernetworks: initialisation and per-round shuffles
 
 
 def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:

@@ -1,5 +1,6 @@
 """Sparse-training toolkit shared by FedDST, PruneFL and LotteryFL: layer densities, masks,
-magnitude pruning, gradient regrowth, the cosine readjustment schedule.
+magnitude pruning, gradient regrowth, the public FedDST code's server re-prune, and the
+readjustment schedule (which rounds readjust, and the cosine fraction).
 
 Weights, gradients and masks are ``dict[str, np.ndarray]`` keyed by state_dict name, in model
 order (float weights, bool masks). Only the tensors present in the masks are "maskable"; other

@@ -638,3 +638,20 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(work, tiny_cfg, uninter
     assert "finished" in resumed["attrs"] and "resumed" in resumed["attrs"]
     assert not ckpt.exists()
     assert_same_metrics(resumed, uninterrupted, what="resumed after SIGTERM: ")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_checkpoint_given_to_resume_exits_2_naming_it(work, tiny_cfg, damage):
+    out = work / f"corrupt_{damage}.h5"
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "rounds=2"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = out.with_suffix(".ckpt")
+    with h5py.File(out, "r+") as f:      # pretend the run was cut short after round 1
+        del f.attrs["finished"]
+    good = pickle.dumps({"round": 1, "totals": {}, "client_states": {}, "known_masks": {}, "algorithm": {},
+                         "config_identity": ""})
+    ckpt.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"not a checkpoint at all")
+    proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "rounds=2", "--resume"],
+                     timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(ckpt) in proc.stderr and "corrupt" in proc.stderr

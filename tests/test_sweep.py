@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import textwrap
 import sys
 from pathlib import Path
 
@@ -256,3 +257,22 @@ def test_local_runs_missing_runs_then_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert sweep(str(path), "--local") == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_local_jobs_run_concurrently_and_all_finish(tmp_path, monkeypatch, capsys):
+    """--jobs 2: two runs overlap in time (each recorder run waits until the other started)."""
+    recorder = tmp_path / "mpiexec"
+    recorder.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        echo start >> {tmp_path}/log
+        for i in $(seq 100); do [ $(grep -c start {tmp_path}/log) -ge 2 ] && break; sleep 0.05; done
+        [ $(grep -c start {tmp_path}/log) -ge 2 ] || exit 9
+        exit 0
+    """))
+    recorder.chmod(0o755)
+    monkeypatch.setenv("MPIEXEC", str(recorder))
+    path = write_campaign(tmp_path, seeds=[0, 1, 2, 3])
+    assert sweep(str(path), "--local", "--jobs", "2") == 0
+    assert (tmp_path / "log").read_text().count("start") == 4
+    assert "4 runs finished" in capsys.readouterr().out
+    assert sweep(str(path), "--local", "--jobs", "0") == 2     # bad input

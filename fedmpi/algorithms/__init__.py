@@ -6,9 +6,12 @@ from .evaluation import EvalModel, EvalOutcome
 from .feddst import FedDST, RandomMask
 from .fedavg import FedAvg, FedAvgM, FedProx
 from .heterogeneous import DepthFL, FedAvgS, HeteroFL
+from .hypemefed import HypeMeFed
+from .scalefl import ScaleFL
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask, DepthFL, FedAvgS, HeteroFL)}
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask, DepthFL, FedAvgS, HeteroFL,
+                              HypeMeFed, ScaleFL)}
 
 
 def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:

@@ -1,4 +1,4 @@
-"""FedDST (Bibikar et al., AAAI 2022) and its RandomMask baseline. Spec: shared/spec/feddst.md.
+"""FedDST (Bibikar et al., AAAI 2022) and its RandomMask baseline. Method doc: docs/methods/feddst.md.
 
 Server: random init, ERK layer densities, initial mask = magnitude prune of the init. Each round
 clients train their sparse sub-network; on readjustment rounds (r % ΔR == 0 and r < R_end) each

@@ -89,9 +89,14 @@ class TieredAlgorithm(Algorithm):
                                                self.weights, missing="keep")
 
     # ---- client --------------------------------------------------------------------------
+    def objective_for(self, round_: int, tier: int):
+        """The local objective of a tier's clients this round (None: the trainer's default)."""
+        return self.objective
+
     def local_update(self, task: ClientTask, trainer) -> ClientResult:
         tier = int(self.tier[task.client_id])
-        kwargs = {"objective": self.objective} if self.objective is not None else {}
+        objective = self.objective_for(task.round, tier)
+        kwargs = {"objective": objective} if objective is not None else {}
         weights, loss, processed = trainer.train(
             task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
             client_id=task.client_id, variant=self.variants[tier], **kwargs)

@@ -28,6 +28,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--results-dir", help="where result files go (default: the campaign's "
                                               "results_dir, else results/<name>)")
     parser.add_argument("--ranks", type=int, help="MPI ranks per run (overrides the campaign)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="with --local: runs at a time (default 1); e.g. --ranks 1 --jobs 2 on 2 cores")
     slurm = parser.add_argument_group("with --slurm (override the campaign's slurm: block)")
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
@@ -62,7 +64,7 @@ def sweep_main(args: argparse.Namespace) -> int:
             print(f"all {len(campaign.runs)} runs of {campaign.name} are finished; nothing to do")
             return 0
         if args.local:
-            return run_local(campaign, todo)
+            return run_local(campaign, todo, positive_int(args.jobs, "--jobs"))
         return submit_slurm(campaign, todo, args.wait, args.dry_run, args.force)
     except FedmpiError as err:
         print(f"fedmpi sweep: {err}", file=sys.stderr)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fedmpi.campaigns.campaign import PACKAGE_ROOT, Campaign, Run
@@ -52,33 +53,55 @@ def missing_runs(campaign: Campaign) -> list[Run]:
     return [run for run in campaign.runs if run_status(run.result) != "finished"]
 
 
-def run_local(campaign: Campaign, runs: list[Run]) -> int:
-    """Run ``runs`` one after another under mpiexec; stop at a pre-emption (exit 75,
-    ``PreemptedError.exit_code``)."""
+def run_local(campaign: Campaign, runs: list[Run], jobs: int = 1) -> int:
+    """Run ``runs`` under mpiexec, ``jobs`` at a time (each with ``campaign.ranks`` ranks), in
+    campaign order; stop launching at a pre-emption (exit 75, ``PreemptedError.exit_code``).
+    Several jobs fill the cores when runs are small (e.g. ``--ranks 1 --jobs 2`` on 2 cores)."""
     campaign.results_dir.mkdir(parents=True, exist_ok=True)
     env = run_env()
     config = campaign.config_path()
-    failed = []
-    for index, run in enumerate(runs, 1):
-        command = [mpiexec_path(), "-n", str(campaign.ranks), sys.executable, "-m", "fedmpi",
-                   *campaign.run_args(run, config)]
-        print(f"[{index}/{len(runs)}] {run.name}: {shlex.join(command)}", flush=True)
-        child = subprocess.Popen(command, env=env)
-        # Pass a SIGTERM on to the run so it checkpoints and exits 75 instead of being orphaned.
-        previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
-        try:
-            status = child.wait()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if status == PreemptedError.exit_code:
-            print(f"{run.name}: pre-empted, checkpoint written; run the sweep again to resume",
-                  file=sys.stderr)
-            return PreemptedError.exit_code
-        if status != 0:
-            print(f"{run.name}: failed with exit status {status}", file=sys.stderr)
-            failed.append(run.name)
+    failed, running, preempted = [], {}, False
+    pending = list(enumerate(runs, 1))
+
+    def forward_sigterm(*_):   # each run checkpoints and exits 75 instead of being orphaned
+        for child in running:
+            child.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs and not preempted:
+                index, run = pending.pop(0)
+                command = [mpiexec_path(), "-n", str(campaign.ranks), sys.executable, "-m", "fedmpi",
+                           *campaign.run_args(run, config)]
+                print(f"[{index}/{len(runs)}] {run.name}: {shlex.join(command)}", flush=True)
+                running[subprocess.Popen(command, env=env)] = run
+            if not running:
+                break
+            child = _wait_any(running)
+            run, status = running.pop(child), child.returncode
+            if status == PreemptedError.exit_code:
+                preempted = True
+                print(f"{run.name}: pre-empted, checkpoint written; run the sweep again to resume",
+                      file=sys.stderr)
+            elif status != 0:
+                print(f"{run.name}: failed with exit status {status}", file=sys.stderr)
+                failed.append(run.name)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if preempted:
+        return PreemptedError.exit_code
     if failed:
         print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     print(f"{len(runs)} runs finished")
     return 0
+
+
+def _wait_any(children: dict) -> subprocess.Popen:
+    """The first child to end (polling: children are few and runs last minutes)."""
+    while True:
+        for child in children:
+            if child.poll() is not None:
+                return child
+        time.sleep(0.2)

@@ -42,3 +42,33 @@ class SquaredGradientAccumulator(StepHook):
     def result(self) -> dict[str, np.ndarray]:
         """float32 arrays (what a client uploads)."""
         return {n: t.to("cpu").float().numpy() for n, t in self.totals.items()}
+
+
+class SummedGradientSquared(StepHook):
+    """PruneFL's per-round importance in its FL rounds (the TNNLS paper, spec step 2, and the
+    public code's ``AdaptiveClient.main``): for every named parameter, active or not,
+    (Σ_steps g)² · samples processed, where g is each step's dense minibatch gradient. Unlike
+    ``SquaredGradientAccumulator`` (Σ_steps g² · batch, what PruneFL's initial pruning
+    accumulates), the gradients are summed over the local steps *before* squaring, so directions
+    that agree across the steps count more than noise that cancels."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.samples = 0
+
+    def after_backward(self, params, batch_size):
+        with torch.no_grad():
+            for name in self.names:
+                grad = params[name].grad
+                if grad is None:
+                    continue
+                if name in self.sums:
+                    self.sums[name] += grad.detach().double()
+                else:
+                    self.sums[name] = grad.detach().double().clone()
+        self.samples += int(batch_size)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """float64 arrays (Σ g)² · samples; names that never saw a gradient are left out."""
+        return {n: (s.pow(2) * self.samples).to("cpu").numpy() for n, s in self.sums.items()}

@@ -1,0 +1,62 @@
+"""ScaleFL (Ilhan, Su, Liu, "ScaleFL: Resource-Adaptive Federated Learning with Heterogeneous
+Clients", CVPR 2023) on the multi-exit family: width and depth scaled together, with early exits
+and self-distillation among them.
+
+    tier t (its complexity level) trains the sub-model (depth tiers.levels[t], width scalefl.widths[t]):
+      blocks 0..level with the first ⌈width·C⌉ channels of every hidden layer, exits 1..level
+    for r = 1 .. R
+      C ← K clients, drawn evenly per tier
+      each c ∈ C: download its sub-model (leading blocks of the global tensors), E local epochs on
+        L = Σ_j (j+1)·ℓ_j / Σ_j (j+1),  ℓ_last = CE(z_last, y),
+        ℓ_j = CE(z_j, y) + γ·T²·KL(softmax(z_last/T) ‖ softmax(z_j/T))   for the earlier exits
+        (the deepest exit held is the teacher; γ = 0 for the first kd_after·R rounds)
+      server: every element averaged over the clients that hold it, weighted by samples
+
+As in the authors' code (git-disl/scale-fl): exit weights j+1, temperature 3, distillation from
+the client's last exit switched on after the first quarter of the rounds, widths per level
+0.7/0.75/1 (its defaults for the three largest of four levels). Simplifications, each the plain
+reading of the paper: the teacher's logits are detached, the KL divergence is averaged per sample
+(``batchmean``; the code's ``KLDivLoss()`` also divides by the classes), channels are the leading
+ones (HeteroFL's rule) and averages are sample-weighted like every fedmpi tiered method.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ..training import exit_outputs
+from .heterogeneous import TieredAlgorithm
+
+
+def self_distillation(gamma: float, temperature: float):
+    """ScaleFL's local objective over the exits a client holds (shallowest first)."""
+
+    def objective(outputs, y):
+        exits = exit_outputs(outputs)
+        teacher = F.softmax(exits[-1].detach() / temperature, dim=1)
+        total = 0.0
+        for j, logits in enumerate(exits):
+            term = F.cross_entropy(logits, y)
+            if j < len(exits) - 1 and gamma > 0:
+                student = F.log_softmax(logits / temperature, dim=1)
+                term = term + gamma * temperature ** 2 * F.kl_div(student, teacher, reduction="batchmean")
+            total = total + (j + 1) * term
+        return total / (len(exits) * (len(exits) + 1) / 2)
+
+    return objective
+
+
+class ScaleFL(TieredAlgorithm):
+    name = "scalefl"
+
+    def __init__(self, cfg, info):
+        self.settings = cfg["scalefl"]
+        super().__init__(cfg, info)
+        self._objectives = {active: self_distillation(self.settings["kd_gamma"] if active else 0.0,
+                                                      self.settings["kd_temperature"])
+                            for active in (False, True)}
+
+    def variant(self, tier):
+        return {"level": int(self.cfg["tiers"]["levels"][tier]), "width": float(self.settings["widths"][tier])}
+
+    def objective_for(self, round_, tier):
+        return self._objectives[round_ > self.settings["kd_after"] * self.cfg["rounds"]]
