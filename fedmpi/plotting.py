@@ -23,6 +23,7 @@ from fedmpi.results import (
     column_families,
     family_member,
     group_runs,
+    mask_table,
     read_runs,
     summarize_table,
 )
@@ -32,6 +33,7 @@ ACCURACY_PANELS = [
     ("test_accuracy", "test accuracy (global test set)"),
 ]
 BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
+MAX_GROUPS_PER_LAYER_PANEL = 4
 
 
 def draw_all(results_dir, plots_dir) -> list[Path]:
@@ -87,6 +89,11 @@ def draw_all(results_dir, plots_dir) -> list[Path]:
         table_path = plots_dir / f"{stem}_budget_table.md"
         table_path.write_text(budget_table([r for g in groups for r in g.runs]) + "\n")
         written.append(table_path)
+        masks = mask_table([r for g in groups for r in g.runs])
+        if masks is not None:
+            table_path = plots_dir / f"{stem}_mask_table.md"
+            table_path.write_text(masks + "\n")
+            written.append(table_path)
 
     summary_path = plots_dir / "summary.md"
     summary_path.write_text("# fedmpi results summary\n\n" + summarize_table(runs) + "\n")
@@ -174,7 +181,8 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
 
     A plain column gets a line per group (mean over seeds, min–max band). A per-layer family
     ``x[layer]`` gets a line per layer and group, drawn from the group's first seed only (a band
-    per layer would bury the lines); layers differ in colour, groups in line style.
+    per layer would bury the lines); layers differ in colour, groups in line style. Per-layer
+    panels are left out when more than ``MAX_GROUPS_PER_LAYER_PANEL`` groups share the figure.
     False (nothing written) when no run declared a column.
     """
     families: dict[str, list[str]] = {}
@@ -183,6 +191,14 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
             for family, members in column_families(run.extra_fields("rounds")).items():
                 known = families.setdefault(family, [])
                 known += [m for m in members if m not in known]
+    # a plain column named like a per-layer family (``mask_changed`` beside ``mask_changed[fc1]``)
+    # is the family's total: its own panel, with bands over seeds
+    for family, members in list(families.items()):
+        if family in members and len(members) > 1:
+            members.remove(family)
+            families[f"{family} (total)"] = [family]
+    if len(groups) > MAX_GROUPS_PER_LAYER_PANEL:   # a line per layer and group would be unreadable
+        families = {f: m for f, m in families.items() if not any("[" in n for n in m)}
     if not families:
         return False
     columns = min(3, len(families))

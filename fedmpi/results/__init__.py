@@ -17,6 +17,7 @@ from fedmpi.results.tables import (
     best_within_upload,
     budget_summary,
     budget_table,
+    mask_table,
     format_bytes,
     format_seconds,
     markdown_table,
@@ -38,7 +39,7 @@ from fedmpi.results.writer import (
 __all__ = [
     "BudgetRow", "BudgetSummary", "CLIENT_FIELDS", "NON_IDENTITY_KEYS", "ROUND_FIELDS",
     "ResultsWriter", "RunGroup", "RunResult", "best_within_upload", "budget_summary",
-    "budget_table", "checkpoint_path", "column_families", "config_identity", "experiment_name",
+    "budget_table", "mask_table", "checkpoint_path", "column_families", "config_identity", "experiment_name",
     "family_member", "format_bytes", "format_seconds", "group_key", "group_runs", "info_text",
     "markdown_table", "mean_std", "now_iso", "read_run", "read_runs", "run_attrs", "run_status",
     "summarize_table",

@@ -220,3 +220,35 @@ def budget_table(runs, metric: str = "client_accuracy") -> str:
             markdown_table(headers, rows),
         ]))
     return "\n\n".join(sections) if sections else "no runs"
+
+
+# --------------------------------------------------------------------------- sparse-mask table
+
+def mask_table(runs, metric: str = "client_accuracy") -> str | None:
+    """For groups of masked methods (runs with a ``mask_changed`` column, e.g. FedDST and
+    RandomMask): best and final ``metric`` (mean ± sample std over seeds), total upload per
+    client, and how many global-mask positions changed over the run (the sum of
+    ``mask_changed``, mean over seeds) and on how many rounds. None when no run has the column."""
+    headers = ["group", "seeds", f"best {metric}", f"final {metric}", "upload per client (MiB)",
+               "mask positions changed", "rounds with changes"]
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for group in group_runs(runs):
+            members = [r for r in group.runs if "mask_changed" in r.extra_fields()]
+            if not members:
+                continue
+            changed = [r.column("mask_changed") for r in members]
+            rows.append([
+                group.label, str(len(members)),
+                format_mean_std([r.best(metric) for r in members]),
+                format_mean_std([r.final(metric) for r in members]),
+                format_number(mean_std([r.upload_mib_per_client()[-1] for r in members])[0], 3),
+                format_number(mean_std([float(np.nansum(c)) for c in changed])[0], 0),
+                format_number(mean_std([float(np.count_nonzero(np.nan_to_num(c))) for c in changed])[0], 1),
+            ])
+    if not rows:
+        return None
+    return (markdown_table(headers, rows) + "\n\nMean ± sample std over seeds; best = each run's best "
+            "evaluated round; mask positions changed = Σ over rounds of positions whose membership in "
+            "the global mask changed (a move in and a move out count 2).")
