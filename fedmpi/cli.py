@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError, FedmpiError
+from .errors import ConfigError, FedmpiError, OutputError
 
 
 def _git_commit() -> str:
@@ -79,6 +79,10 @@ def cmd_run(args) -> int:
         report_failure(comm.rank, comm.size, exc)
         if comm.size > 1:
             comm.abort(code)  # never leave the other ranks waiting in a collective
+        if isinstance(exc, OutputError):
+            # HDF5 would retry the failed writes while shutting down and can crash before exit
+            sys.stdout.flush()
+            os._exit(code)
         return code
 
 
@@ -149,6 +153,34 @@ def cmd_plots(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """Measure this machine for one model and write a measured device profile (docs/timing.md)."""
+    from .timing.measure import DEFAULT_DENSITIES, profile_machine
+
+    def numbers(text, kind, flag):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ConfigError(flag, f"must be a comma-separated list, got {text!r}") from None
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"fedmpi: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 2
+    shape = numbers(args.data_shape, int, "--data-shape") if args.data_shape else None
+    densities = numbers(args.densities, float, "--densities") if args.densities else DEFAULT_DENSITIES
+    say = (lambda text: print(f"fedmpi profile: {text}", file=sys.stderr)) if not args.quiet else None
+    profile = profile_machine(args.model, out, data_shape=shape, num_classes=args.classes,
+                              batch_size=args.batch_size, densities=densities, repeats=args.repeats,
+                              min_time=args.min_time, link=args.link, name=args.name, seed=args.seed,
+                              threads=args.threads, progress=say, command=" ".join(sys.argv), clock=args.clock)
+    for name, layer in profile.layers.items():
+        print(f"{name:24s} dense {layer.dense(layer.numel) * 1e3:8.3f} ms  sparse break-even density "
+              f"{layer.break_even:.3f} (active-gradient kernel {layer.break_even_active:.3f})")
+    print(f"fedmpi: profile in {out}; use it with --set device.profile={out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .campaigns import add_sweep_parser
 
@@ -183,6 +215,27 @@ def build_parser() -> argparse.ArgumentParser:
     plots.add_argument("--results", default="results")
     plots.add_argument("--plots", default="plots")
     plots.set_defaults(func=cmd_plots)
+
+    prof = sub.add_parser("profile", help="measure this machine's per-layer step times into a device profile")
+    prof.add_argument("--model", required=True, help="model name (config key model)")
+    prof.add_argument("--data-shape", help="input shape C,H,W (default: the first of 1,28,28 / 3,32,32 / 60 "
+                                           "the model takes)")
+    prof.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    prof.add_argument("--batch-size", type=int, default=20, help="samples per step (default 20, PruneFL's)")
+    prof.add_argument("--densities", help="comma-separated densities (default 0.01,0.02,0.05,0.1,0.2,0.3,0.5,"
+                                          "0.7,0.9,1)")
+    prof.add_argument("--repeats", type=int, default=5, help="measurements per density and kernel (default 5)")
+    prof.add_argument("--min-time", type=float, default=0.02, help="seconds per measurement (default 0.02)")
+    prof.add_argument("--link", default="laptop", help="built-in profile whose link bandwidths the file takes")
+    prof.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as fedmpi run)")
+    prof.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                      help="cpu: the thread's CPU time, robust on a shared machine (default); wall: elapsed time")
+    prof.add_argument("--name", help="profile name (default: the file's stem)")
+    prof.add_argument("--seed", type=int, default=0)
+    prof.add_argument("--out", required=True, help="the YAML file to write, e.g. profiles/NAME.yaml")
+    prof.add_argument("--force", action="store_true", help="overwrite an existing file")
+    prof.add_argument("--quiet", action="store_true", help="no progress lines")
+    prof.set_defaults(func=cmd_profile)
 
     add_sweep_parser(sub)
     return parser

@@ -18,6 +18,17 @@ class ConfigError(FedmpiError):
         super().__init__(f"config key '{key}': {problem}")
 
 
+class OutputError(FedmpiError):
+    """The results file or checkpoint could not be written mid-run (disk full, directory removed):
+    names the file; the run ends on every rank (exit 1), the last checkpoint left as it was."""
+
+    exit_code = 1
+
+    def __init__(self, path, problem: str):
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
 class DataError(FedmpiError):
     """Missing, truncated or malformed data file: names the path (exit 2)."""
 

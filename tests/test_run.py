@@ -501,8 +501,8 @@ NO_CHECKPOINTS = RESUME_ARGS[:-2]
 class Streaming:
     """A run in the background whose stderr lines arrive on a queue (readline would block)."""
 
-    def __init__(self, args):
-        self.proc = subprocess.Popen(command(args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+    def __init__(self, args, ranks: int = 1):
+        self.proc = subprocess.Popen(command(args, ranks), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue = queue.Queue()
         self.seen: list[str] = []
@@ -655,3 +655,44 @@ def test_corrupt_checkpoint_given_to_resume_exits_2_naming_it(work, tiny_cfg, da
                      timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(ckpt) in proc.stderr and "corrupt" in proc.stderr
+
+
+@needs_mpiexec
+def test_results_directory_removed_mid_run_ends_every_rank_naming_the_file(work, tiny_cfg):
+    """HDF5 would keep writing into the unlinked file: the writer notices and the job ends."""
+    directory = work / "doomed"
+    directory.mkdir()
+    out = directory / "run.h5"
+    run = Streaming(["run", str(tiny_cfg), "--out", str(out), "--progress", *RESUME_ARGS[:-2],
+                     "--set", "rounds=30"], ranks=3)
+    run.wait_for_line(r"^round 2/30", timeout=120)
+    shutil.rmtree(directory)
+    started = time.monotonic()
+    rc, stderr = run.finish(timeout=60)
+    assert rc != 0 and time.monotonic() - started < 30
+    assert f"{out}: the results file was removed while the run was writing it" in stderr, stderr
+
+
+def test_full_disk_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(work, tiny_cfg):
+    mount = work / "small_disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        # room for the results file (~90 kB) and one checkpoint (4 bytes per MLP parameter), not for
+        # the next checkpoint, written beside it before the rename
+        free = shutil.disk_usage(mount).free
+        (mount / "ballast").write_bytes(b"\0" * (free - 100_000 - 6 * mlp_parameter_count()))
+        out = mount / "run.h5"
+        proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "rounds=40",
+                          "--set", "checkpoint.every=1"], timeout=180)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "cannot write" in proc.stderr and str(mount) in proc.stderr, proc.stderr[-2000:]
+        failed = int(re.search(r"cannot write (?:the checkpoint of )?round (\d+)", proc.stderr).group(1))
+        with open(out.with_suffix(".ckpt"), "rb") as f:    # the last good checkpoint, whole
+            kept = pickle.load(f)["round"]
+        assert 1 <= kept == failed - 1, (kept, proc.stderr[-500:])
+        assert not out.with_suffix(".ckpt.tmp").exists()
+    finally:
+        subprocess.run(["umount", str(mount)], capture_output=True)

@@ -12,7 +12,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..results import config_identity
 
 
@@ -45,11 +45,16 @@ def write_checkpoint(path: Path, state: ServerState, algorithm_state: dict, cfg:
         "config_identity": config_identity(cfg),
     }
     tmp = path.with_suffix(".ckpt.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic: a kill leaves the old or the new one
+    try:
+        with open(tmp, "wb") as f:
+            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a kill or a full disk leaves the old checkpoint or the new one
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written yet"
+        raise OutputError(path, f"cannot write the checkpoint of round {state.round} ({exc.strerror}); {kept}") from None
 
 
 def read_checkpoint(path: Path, cfg: dict) -> tuple[ServerState, dict]:

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from fedmpi.config import flatten
+from fedmpi.errors import OutputError
 
 ROUND_FIELDS = {
     "round": np.int64,
@@ -199,9 +200,25 @@ class ResultsWriter:
         for group, rows in (("clients", client_rows), ("rounds", [round_row])):
             for row in rows:
                 self._check_row(group, row)
-        self._append(self.file["clients"], self._columns("clients"), client_rows)
-        self._append(self.file["rounds"], self._columns("rounds"), [round_row])
-        self.file.flush()
+        try:
+            self._append(self.file["clients"], self._columns("clients"), client_rows)
+            self._append(self.file["rounds"], self._columns("rounds"), [round_row])
+            self.file.flush()
+        except (OSError, RuntimeError) as exc:   # disk full, I/O error (h5py raises either)
+            self._abandon()
+            raise OutputError(self.path, f"cannot write round {round_row['round']} "
+                              f"({str(exc).splitlines()[0]})") from None
+        # HDF5 keeps writing into an unlinked file without complaint: check it is still there
+        if not self.path.exists():
+            raise OutputError(self.path, "the results file was removed while the run was writing it")
+
+    def _abandon(self) -> None:
+        """Close a file HDF5 can no longer write, now: left open, its close at interpreter exit
+        fails again and can crash the process before the error is reported."""
+        try:
+            self.file.close()
+        except (OSError, RuntimeError):
+            pass
 
     def _check_row(self, group: str, row: dict) -> None:
         fixed, attr = TABLES[group]
