@@ -29,6 +29,7 @@ help:
 	@echo "make test    create $(VENV) if missing, install everything, run the whole test suite"
 	@echo "make bench   default local benchmark on Fashion-MNIST under mpiexec, then the figures"
 	@echo "make plots   redraw every figure in plots/ from results/*.h5"
+	@echo "make bench-perf  fedmpi vs the bare PyTorch loop (results/perf/*.json, then plots); PERF_ARGS=--quick: a smoke run"
 	@echo "make clean   remove caches and plots (keeps $(VENV) and results/)"
 	@echo "switches: MPI=system (cluster MPI), BENCH_RANKS=$(BENCH_RANKS), TORCH_SPEC='$(TORCH_SPEC)'"
 
@@ -60,6 +61,13 @@ bench: venv data
 
 plots: venv
 	$(PY) -m fedmpi plots --results results --plots plots
+
+# performance benchmark (bench/perf/run.py, docs/performance.md): interleaved, 5 repeats; quiet machine please
+.PHONY: bench-perf
+PERF_ARGS ?=
+bench-perf: venv data
+	MPIEXEC=$(MPIEXEC) $(PY) bench/perf/run.py $(PERF_ARGS)
+	$(MAKE) plots
 
 # Fashion-MNIST for the bench: Debian's package when we can install it, else say what to do.
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist

@@ -18,7 +18,7 @@ import yaml
 from .errors import ConfigError
 
 ALGORITHMS = ("fedavg", "fedavgm", "fedprox", "feddst", "randommask", "depthfl", "fedavg_s", "heterofl",
-              "hypemefed", "scalefl")
+              "hypemefed", "scalefl", "prunefl", "snip", "imp", "lotteryfl")
 TIERED = ("depthfl", "fedavg_s", "heterofl", "hypemefed", "scalefl")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -53,13 +53,23 @@ DEFAULTS: dict[str, Any] = {
         "nesterov": False,
         "betas": [0.9, 0.999],
         "eps": 1e-8,
+        # clients of a rank trained at once (fedmpi/training/multi_client.py): the round's sorted
+        # clients in consecutive blocks of this many, a block never split across ranks; results
+        # are the same as one by one, bit for bit; 1: one by one
+        "client_batch": 1,
     },
     "eval": {
         "every": 1,
         "batch_size": 1000,    # evaluation chunk size; fixed so results do not depend on the rank count
     },
     "device": {
-        "profile": "laptop",   # see fedmpi/timing.py: PROFILES
+        # the device profile behind sim_seconds (docs/timing.md): a built-in name (laptop,
+        # raspberry-pi-4, jetson-nano, phone-lte) or a measured profile (profiles/NAME.yaml,
+        # written by `fedmpi profile`)
+        "profile": "laptop",
+        "tier_profiles": [],      # one profile per tier of tiers.mix for that tier's clients; []: profile
+        "sparse_kernels": "off",  # off | auto (sparse kernel below the measured break-even) | always
+        "kernel_profile": None,   # measured profile whose break-evens auto uses; None: device.profile
         "torch": "cpu",        # "cpu", or "cuda" to put each rank on GPU (local rank modulo GPU count)
     },
     "fedavgm": {"momentum": 0.9, "server_lr": 0.1},   # effective step η/(1−β) = 1, as FedAvg
@@ -99,9 +109,55 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 25,              # server training epochs per round
         "lr": 0.0005,              # server Adam learning rate
         "aggregation": "samples",  # samples | uniform (the public code's equal weights)
+        # the public code's effective behaviour: generated weights are discarded and a client's
+        # untrained tensors count as the global values it was sent (fedmpi/algorithms/hypemefed.py)
+        "public_generation": False,
     },
     # ScaleFL (fedmpi/algorithms/scalefl.py): tier t trains depth tiers.levels[t] at width widths[t]
     "scalefl": {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.05, "kd_temperature": 3.0, "kd_after": 0.25},
+    # PruneFL (fedmpi/algorithms/prunefl.py): initial pruning at one client (round 1), then
+    # masked FedAvg with dense importance uploads and a reconfiguration every ΔR FL rounds.
+    # The paper's scale: reconfigure_every 50, ip_interval 500, ip_max_iterations 10000.
+    "prunefl": {
+        "local_steps": 5,            # local iterations per round (0: local.epochs)
+        "initial_pruning": True,     # false: the public code's --no-init-pruning
+        "adaptive": True,            # false: --no-adaptive (initial pruning only)
+        "reconfigure_every": 5,      # ΔR, in FL rounds
+        "max_drop": 0.3,             # d_0: at most this fraction of the active weights is dropped
+        "half_life": -1,             # d_r = d_0 · 0.5^(r / half_life), in FL rounds; -1: rounds
+        "max_density": 1.0,          # density cap (--max-density); 1: none
+        "target_density": -1.0,      # cap falls linearly to this over the run (--target-density); -1: off
+        "ip_interval": 50,           # initial pruning: local iterations between reconfigurations
+        "ip_threshold": 0.1,         # ... stable when the density changed by at most this (relative)
+        "ip_patience": 5,            # ... stop after this many stable reconfigurations in a row
+        "ip_max_iterations": 1000,   # ... or after this many iterations
+        "time_constant": -1.0,       # c_0 in seconds; -1: from the device profile's time model
+        # deviations of the public code (jiangyuang/PruneFL), off by default; public_code: true
+        # sets every one of them (see fedmpi/algorithms/prunefl.py)
+        "public_code": False,
+        "ip_accuracy_factor": 0.0,   # public 1.5: reconfigure once train accuracy >= factor / classes
+        "ip_data_batches": 0,        # public 10: initial pruning on a fixed subset of this many batches
+        "regrow_value": "zero",      # zero | last (public: a re-activated weight resumes its last value)
+        "aggregation_weight": "samples",   # samples | processed (public: samples processed in the round)
+    },
+    # PruneFL's baselines (fedmpi/algorithms/pruning_baselines.py): SNIP after a dense round 1, and
+    # iterative magnitude pruning; density_from: a results file ("{seed}" → the seed) whose final
+    # density is the target (the density PruneFL ends with)
+    "snip": {"density": 0.1, "density_from": None, "local_steps": 5},
+    "imp": {"density": 0.1, "density_from": None, "prunes": 20, "every": -1, "local_steps": 5},
+    # LotteryFL (fedmpi/algorithms/lotteryfl.py): personalised masks
+    "lotteryfl": {
+        "prune_step": 0.2,           # fraction of a client's remaining weights pruned per layer
+        "acc_threshold": 0.5,        # prune when the personalised accuracy before training exceeds this
+        "target_density": 0.1,       # ... and the client's density is above this
+        "local_steps": 0,            # local iterations per round (0: local.epochs)
+        "check_samples": 0,          # >0: the pre-training check uses a fixed subset of this many samples
+        # deviations of the public code (charleslipku/LotteryFL); public_code: true sets them all
+        "public_code": False,
+        "overshoot": False,          # the last prune step may go below the target density
+        "aggregation": "samples",    # samples | uniform (public)
+        "rewind_biases": False,      # rewinding also resets the biases to their initial values
+    },
     "checkpoint": {"every": 0},    # rounds between checkpoints; 0 = only on SIGTERM
     "mpi": {"wait": "sleep"},      # sleep: wait on MPI without spinning a core; spin: MPI's own busy-poll
     "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round
@@ -239,6 +295,7 @@ def validate(cfg: dict) -> dict:
     _require(len(local["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in local["betas"]),
              "local.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     _require(local["eps"] > 0, "local.eps", "must be > 0")
+    _require(local["client_batch"] >= 1, "local.client_batch", "must be at least 1 (1: clients one by one)")
     _require(not local["nesterov"] or (local["optimizer"] == "sgd" and local["momentum"] > 0), "local.nesterov",
              "needs local.optimizer: sgd and local.momentum > 0")
     _require(0 <= data["local_test_fraction"] < 1, "data.local_test_fraction", "must be in [0, 1)")
@@ -291,8 +348,9 @@ def validate(cfg: dict) -> dict:
              "entries must be exit levels 1, 2 or 3")
     _require(all(isinstance(v, (int, float)) and 0 < v <= 1 for v in tiers["widths"]), "tiers.widths",
              "entries must be width rates in (0, 1]")
-    _require(cfg["algorithm"] not in TIERED or cfg["model"] == "multiexit_vgg", "model",
-             f"algorithm {cfg['algorithm']} trains submodels of a multi-exit family: use model: multiexit_vgg")
+    _require(cfg["algorithm"] not in TIERED or cfg["model"] in ("multiexit_vgg", "multiexit_vgg_small"), "model",
+             f"algorithm {cfg['algorithm']} trains submodels of a multi-exit family: use model: multiexit_vgg "
+             f"(or multiexit_vgg_small)")
     hype = cfg["hypemefed"]
     _require(hype["hypernetwork"] in ("lrf", "naive"), "hypemefed.hypernetwork", "must be 'lrf' or 'naive'")
     _require(hype["rank"] >= 0, "hypemefed.rank", "must be >= 0 (0: full rank)")
@@ -309,17 +367,79 @@ def validate(cfg: dict) -> dict:
     _require(scale["kd_gamma"] >= 0, "scalefl.kd_gamma", "must be >= 0")
     _require(scale["kd_temperature"] > 0, "scalefl.kd_temperature", "must be > 0")
     _require(0 <= scale["kd_after"] <= 1, "scalefl.kd_after", "must be a fraction of the rounds in [0, 1]")
+    _validate_pruning(cfg)
     _require(cfg["checkpoint"]["every"] >= 0, "checkpoint.every", "must be >= 0")
     _require(cfg["mpi"]["wait"] in ("sleep", "spin"), "mpi.wait", "must be 'sleep' or 'spin'")
     _require(cfg["device"]["torch"] in ("cpu", "cuda"), "device.torch", "must be 'cpu' or 'cuda'")
     progress = cfg["output"]["progress"]
     _require(isinstance(progress, bool) or progress == "auto", "output.progress",
              "must be auto, true or false")
-    from .timing import PROFILES  # local import: timing imports nothing from config
+    from .timing import MeasuredProfile, load_profile  # local import: timing imports nothing from config
 
-    _require(cfg["device"]["profile"] in PROFILES, "device.profile",
-             f"unknown profile '{cfg['device']['profile']}'; choose one of {', '.join(PROFILES)}")
+    device = cfg["device"]
+    load_profile(device["profile"], "device.profile")   # a built-in name, or a valid measured file
+    _require(all(isinstance(p, str) for p in device["tier_profiles"]), "device.tier_profiles",
+             "must be a list of profile names or measured profile paths")
+    _require(not device["tier_profiles"] or len(device["tier_profiles"]) == len(cfg["tiers"]["mix"]),
+             "device.tier_profiles", f"needs one profile per tier: tiers.mix has {len(cfg['tiers']['mix'])}")
+    for i, spec in enumerate(device["tier_profiles"]):
+        load_profile(spec, f"device.tier_profiles[{i}]")
+    _require(device["sparse_kernels"] in ("off", "auto", "always"), "device.sparse_kernels",
+             "must be off, auto (a sparse kernel where the measured profile found it faster) or always")
+    if device["kernel_profile"] is not None:
+        _require(isinstance(load_profile(device["kernel_profile"], "device.kernel_profile"), MeasuredProfile),
+                 "device.kernel_profile", "must be a measured profile (profiles/NAME.yaml from `fedmpi profile`)")
+    elif device["sparse_kernels"] == "auto":
+        _require(isinstance(load_profile(device["profile"]), MeasuredProfile), "device.sparse_kernels",
+                 "auto needs the break-even densities of a measured profile of this machine: set "
+                 "device.kernel_profile (or device.profile) to a file written by `fedmpi profile`")
     return cfg
+
+
+def _validate_pruning(cfg: dict) -> None:
+    """The prunefl, snip, imp and lotteryfl sections."""
+    pf = cfg["prunefl"]
+    if pf["public_code"]:   # every deviation of the public code at once, written out key by key
+        pf.update({"ip_accuracy_factor": 1.5, "ip_data_batches": 10, "regrow_value": "last",
+                   "aggregation_weight": "processed"})
+    for key in ("local_steps", "ip_data_batches"):
+        _require(pf[key] >= 0, f"prunefl.{key}", "must be >= 0")
+    for key in ("reconfigure_every", "ip_interval", "ip_patience", "ip_max_iterations"):
+        _require(pf[key] >= 1, f"prunefl.{key}", "must be at least 1")
+    _require(0 <= pf["max_drop"] <= 1, "prunefl.max_drop", "must be in [0, 1]")
+    _require(pf["half_life"] == -1 or pf["half_life"] >= 1, "prunefl.half_life", "must be -1 (rounds) or >= 1")
+    _require(0 < pf["max_density"] <= 1, "prunefl.max_density", "must be in (0, 1] (1: no cap)")
+    _require(pf["target_density"] == -1 or 0 < pf["target_density"] <= pf["max_density"],
+             "prunefl.target_density", "must be -1 (off) or in (0, prunefl.max_density]")
+    _require(pf["ip_threshold"] >= 0, "prunefl.ip_threshold", "must be >= 0")
+    _require(pf["ip_accuracy_factor"] >= 0, "prunefl.ip_accuracy_factor", "must be >= 0 (0: off)")
+    _require(pf["time_constant"] == -1 or pf["time_constant"] >= 0, "prunefl.time_constant",
+             "must be -1 (the device profile's) or >= 0 seconds")
+    _require(pf["regrow_value"] in ("zero", "last"), "prunefl.regrow_value", "must be 'zero' or 'last'")
+    _require(pf["aggregation_weight"] in ("samples", "processed"), "prunefl.aggregation_weight",
+             "must be 'samples' or 'processed' (the public code: samples processed in the round)")
+    if cfg["algorithm"] == "prunefl" and pf["adaptive"]:
+        fl_rounds = cfg["rounds"] - (1 if pf["initial_pruning"] else 0)
+        _require(fl_rounds >= pf["reconfigure_every"], "prunefl.reconfigure_every",
+                 f"no FL round reconfigures: {fl_rounds} FL rounds"
+                 f"{' after the initial-pruning round 1' if pf['initial_pruning'] else ''} and "
+                 f"ΔR = {pf['reconfigure_every']}; lower it or set prunefl.adaptive: false")
+    for section in ("snip", "imp"):
+        sec = cfg[section]
+        _require(0 < sec["density"] <= 1, f"{section}.density", "must be in (0, 1]")
+        _require(sec["local_steps"] >= 0, f"{section}.local_steps", "must be >= 0")
+    _require(cfg["imp"]["prunes"] >= 1, "imp.prunes", "must be at least 1")
+    _require(cfg["imp"]["every"] == -1 or cfg["imp"]["every"] >= 1, "imp.every",
+             "must be -1 (rounds / (2 · prunes)) or at least 1")
+    lf = cfg["lotteryfl"]
+    if lf["public_code"]:
+        lf.update({"overshoot": True, "aggregation": "uniform", "rewind_biases": True})
+    _require(0 < lf["prune_step"] < 1, "lotteryfl.prune_step", "must be in (0, 1)")
+    _require(0 <= lf["acc_threshold"] <= 1, "lotteryfl.acc_threshold", "must be in [0, 1]")
+    _require(0 < lf["target_density"] <= 1, "lotteryfl.target_density", "must be in (0, 1]")
+    _require(lf["local_steps"] >= 0, "lotteryfl.local_steps", "must be >= 0")
+    _require(lf["check_samples"] >= 0, "lotteryfl.check_samples", "must be >= 0 (0: the whole local test set)")
+    _require(lf["aggregation"] in ("samples", "uniform"), "lotteryfl.aggregation", "must be 'samples' or 'uniform'")
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: dict | None = None) -> dict:

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedmpi.plots_perf import draw_perf
+from fedmpi.plots_prunefl import draw_prunefl
 from fedmpi.results import (
     RunGroup,
     budget_summary,
@@ -39,6 +41,7 @@ MAX_GROUPS_PER_LAYER_PANEL = 4
 def draw_all(results_dir, plots_dir) -> list[Path]:
     """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths."""
     results_dir, plots_dir = Path(results_dir), Path(plots_dir)
+    draw_perf(results_dir, plots_dir)   # make bench-perf's figures (results/perf/*.json), with or without runs
     if not results_dir.is_dir() or not any(results_dir.rglob("*.h5")):
         print(f"no results in {results_dir}/*.h5 yet: run `make bench` or "
               "`python -m fedmpi run CONFIG.yaml --out results/NAME.h5` first")
@@ -94,6 +97,7 @@ def draw_all(results_dir, plots_dir) -> list[Path]:
             table_path = plots_dir / f"{stem}_mask_table.md"
             table_path.write_text(masks + "\n")
             written.append(table_path)
+        written += draw_prunefl(experiment, groups, colors, plots_dir, stem)   # PruneFL's figures
 
     summary_path = plots_dir / "summary.md"
     summary_path.write_text("# fedmpi results summary\n\n" + summarize_table(runs) + "\n")

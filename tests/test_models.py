@@ -32,8 +32,8 @@ def conv_macs(c_in, c_out, k, out_hw):
 
 def test_registry_holds_the_promised_names():
     assert set(MODELS) >= {"mnistnet", "cifar10net", "femnist_cnn", "vgg11", "multiexit_vgg", "mlp"}
-    assert {name for name, _, _ in CASES} | {MULTI_EXIT} == set(MODELS)
-    assert variant_options(MULTI_EXIT) == ("level", "width")
+    assert {name for name, _, _ in CASES} | {MULTI_EXIT, "multiexit_vgg_small"} == set(MODELS)
+    assert variant_options(MULTI_EXIT) == variant_options("multiexit_vgg_small") == ("level", "width")
     assert all(variant_options(name) == () for name, _, _ in CASES)
 
 

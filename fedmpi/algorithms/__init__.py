@@ -7,11 +7,14 @@ from .feddst import FedDST, RandomMask
 from .fedavg import FedAvg, FedAvgM, FedProx
 from .heterogeneous import DepthFL, FedAvgS, HeteroFL
 from .hypemefed import HypeMeFed
+from .lotteryfl import LotteryFL
+from .prunefl import PruneFL
+from .pruning_baselines import SNIP, IterativeMagnitudePruning
 from .scalefl import ScaleFL
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedDST, RandomMask, DepthFL, FedAvgS, HeteroFL,
-                              HypeMeFed, ScaleFL)}
+                              HypeMeFed, ScaleFL, PruneFL, SNIP, IterativeMagnitudePruning, LotteryFL)}
 
 
 def build_algorithm(cfg: dict, info: ModelInfo) -> Algorithm:

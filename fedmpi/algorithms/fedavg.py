@@ -20,6 +20,19 @@ class FedAvg(Algorithm):
             client_id=task.client_id, prox_mu=self.prox_mu)
         return ClientResult(task.client_id, len(task.y), ModelUpdate(weights), loss, processed)
 
+    def local_update_group(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
+        """``local_update`` for several clients at once (``local.client_batch``): the same results,
+        bit for bit (fedmpi/training/multi_client.py). A subclass with its own ``local_update``
+        trains one by one."""
+        if type(self).local_update is not FedAvg.local_update:
+            return [self.local_update(task, trainer) for task in tasks]
+        from ..training.multi_client import Member, train_group
+
+        trained = train_group(trainer, [Member(t.client_id, t.received.values, t.x, t.y, t.seed) for t in tasks],
+                              round_=tasks[0].round, prox_mu=self.prox_mu)
+        return [ClientResult(t.client_id, len(t.y), ModelUpdate(weights), loss, processed)
+                for t, (weights, loss, processed) in zip(tasks, trained)]
+
     def aggregate(self, round_: int, results: list[ClientResult]) -> None:
         self.weights = weighted_average([r.update.values for r in results],
                                         [r.num_samples for r in results])

@@ -178,12 +178,30 @@ class FedDST(Algorithm):
                                         self.r_end)
 
     def local_update(self, task: ClientTask, trainer) -> ClientResult:
-        masks = task.received.masks
-        # detached_prox: the public code's proximal term has no gradient, so it trains as μ = 0
-        prox_mu = 0.0 if self.settings["detached_prox"] else self.settings["prox_mu"]
         weights, loss, processed = trainer.train(
             task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
-            client_id=task.client_id, masks=masks, prox_mu=prox_mu)
+            client_id=task.client_id, masks=task.received.masks, prox_mu=self._prox_mu())
+        return self._readjust(task, trainer, weights, loss, processed)
+
+    def local_update_group(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
+        """``local_update`` for several clients at once (``local.client_batch``): their masked
+        training steps together (fedmpi/training/multi_client.py, the same results bit for bit),
+        then each client's readjustment on its own."""
+        if type(self).local_update is not FedDST.local_update:
+            return [self.local_update(task, trainer) for task in tasks]
+        from ..training.multi_client import Member, train_group
+
+        members = [Member(t.client_id, t.received.values, t.x, t.y, t.seed, t.received.masks) for t in tasks]
+        trained = train_group(trainer, members, round_=tasks[0].round, prox_mu=self._prox_mu())
+        return [self._readjust(t, trainer, *out) for t, out in zip(tasks, trained)]
+
+    def _prox_mu(self) -> float:
+        # detached_prox: the public code's proximal term has no gradient, so it trains as μ = 0
+        return 0.0 if self.settings["detached_prox"] else self.settings["prox_mu"]
+
+    def _readjust(self, task: ClientTask, trainer, weights, loss, processed) -> ClientResult:
+        """After local training: on readjustment rounds prune and regrow the client's mask."""
+        masks = task.received.masks
         if self.is_readjustment_round(task.round):
             names = list(masks)
             # dense gradient of the plain task loss (no proximal term) at the trained weights, its

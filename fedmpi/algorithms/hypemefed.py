@@ -20,6 +20,13 @@ The public code's rank-1 SVD (the round number passed where the rank belongs) is
 rank is ``hypemefed.rank`` (default 100, the value its server meant to pass; clipped to
 min(out·k, in·k); 0 = full rank).
 
+``hypemefed.public_generation: true`` reproduces what the public code (eis-lab/HypeMeFed) computes:
+it assigns each generated weight to ``model.state_dict()[name].data``, a detached copy, so the
+generated values never reach the models it averages; a shallow client's deeper tensors there are
+the global model it was sent. With the option, the hypernetworks are still trained (their time is
+still spent) but every tensor a client did not train counts as the current global value in the
+average, which damps the deeper layers instead of generating them. Off by default.
+
 Server work (hypernetwork training and generation) runs on rank 0 with one thread, seeded from
 (seed, rng.HYPERNET, round, pair): every metric is identical for any rank count. Its measured time
 is the round column ``server_seconds``; ``hypernet_loss`` is the mean over this round's trained
@@ -69,6 +76,8 @@ class HypeMeFed(DepthFL):
             loss = self.train_hypernetworks(round_, results)
             generated = [self.generate(r.update.values, self.level_of(r.client_id)) for r in results]
         seconds = time.perf_counter() - started
+        if self.settings["public_generation"]:   # the generated values are discarded (see above)
+            generated = [{n: v for n, v in self.weights.items() if n not in r.update.values} for r in results]
         updates = [ModelUpdate({**r.update.values, **extra}, slices=dict(r.update.slices))
                    for r, extra in zip(results, generated)]
         weights = ([float(r.num_samples) for r in results] if self.settings["aggregation"] == "samples"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from fedmpi.errors import ConfigError
 
 from . import readers
@@ -18,7 +20,8 @@ from .types import Dataset, Partition
 __all__ = ["Dataset", "Partition", "DATASETS", "DEFAULT_ROOTS", "SCHEMES",
            "SYNTHETIC_DEFAULTS", "hold_out_local_test", "load_dataset", "partition_dataset"]
 
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "synthetic")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "unimib_shar", "unimib_shar_adl",
+            "unimib_shar_fall", "femnist", "synthetic")
 
 DEFAULT_ROOTS = {
     "fashion_mnist": "/usr/share/datasets/fashion-mnist",
@@ -26,6 +29,11 @@ DEFAULT_ROOTS = {
     "cifar10": None,
     "cifar100": None,
     "svhn": None,
+    "stl10": None,
+    "unimib_shar": None,
+    "unimib_shar_adl": None,
+    "unimib_shar_fall": None,
+    "femnist": None,    # LEAF's femnist data/ (train/*.json, test/*.json): fedmpi/data/femnist.py
     "synthetic": None,  # generated, needs no files
 }
 
@@ -43,6 +51,10 @@ def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int,
                                        f"{', '.join(DATASETS)}")
     if name == "synthetic":
         return make_synthetic(seed, num_clients, synthetic)
+    if name == "femnist":   # LEAF JSON with its natural per-writer partition
+        from .femnist import load_femnist
+
+        return load_femnist(root, num_clients)
     if root is None:
         root = DEFAULT_ROOTS[name]
     if root is None:
@@ -51,11 +63,13 @@ def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int,
                                        f"{readers.EXPECTED_FILES[name]}")
     root = Path(root).expanduser()
     x_train, y_train, x_test, y_test = readers.READERS[name](root)
+    if x_train.dtype == np.uint8:   # images; signals (UniMiB-SHAR) come back standardised
+        x_train, x_test = readers.normalise(x_train, name), readers.normalise(x_test, name)
     return Dataset(
         name=name,
-        x_train=readers.normalise(x_train, name),
+        x_train=x_train,
         y_train=y_train,
-        x_test=readers.normalise(x_test, name),
+        x_test=x_test,
         y_test=y_test,
         num_classes=readers.NUM_CLASSES[name],
         input_shape=tuple(x_train.shape[1:]),

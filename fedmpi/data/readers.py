@@ -298,3 +298,11 @@ READERS = {
     "svhn": read_svhn,
 }
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
+
+# HypeMeFed's other datasets (STL-10 binary, UniMiB-SHAR .mat): readers_extra.py
+from . import readers_extra as _extra  # noqa: E402  (after the helpers it imports at call time)
+
+READERS.update(_extra.READERS)
+NUM_CLASSES.update(_extra.NUM_CLASSES)
+NORMALISATION.update(_extra.NORMALISATION)
+EXPECTED_FILES.update(_extra.EXPECTED_FILES)

@@ -14,7 +14,7 @@ from ..algorithms import Algorithm, ModelInfo, build_algorithm
 from ..errors import ConfigError
 from ..models import build_model, maskable_parameter_names
 from ..models.flops import layer_flops
-from ..timing import PROFILES, DeviceProfile
+from ..timing import RunTiming
 from ..training import LocalTrainer
 
 
@@ -29,7 +29,7 @@ class RunContext:
     algorithm: Algorithm
     train: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
-    profile: DeviceProfile
+    profile: RunTiming                    # each client's device profile and round-time model
 
 
 def torch_device(cfg: dict) -> str:
@@ -71,14 +71,16 @@ def build_context(cfg: dict) -> RunContext:
                      num_clients=partition.num_clients, model=cfg["model"],
                      input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
                      local_test_sizes=tuple(len(i) for i in partition.test_indices))
+    timing = RunTiming.from_config(cfg, info)
     return RunContext(
         cfg=cfg, partition=partition,
         sizes={c: len(idx) for c, idx in enumerate(partition.train_indices)},
         info=info,
         initial_weights={n: state[n].detach().numpy().copy() for n in shapes},
-        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=builder),
+        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=builder,
+                             sparse_kernels=timing.kernel_policy()),
         algorithm=build_algorithm(cfg, info),
         train=(torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)),
         test=(torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)),
-        profile=PROFILES[cfg["device"]["profile"]],
+        profile=timing,
     )

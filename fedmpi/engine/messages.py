@@ -54,14 +54,28 @@ class RankReport:
     terminate_requested: bool = False   # SIGTERM seen on this rank; the server decides when to stop
 
 
-def assign_clients(clients: list[int], sizes: dict[int, int], ranks: list[int]) -> dict[int, list[int]]:
-    """Largest-first greedy: each client to the least-loaded rank (ties: lowest rank)."""
+def client_blocks(clients: list[int], group: int = 1) -> list[list[int]]:
+    """The round's clients, sorted, in consecutive blocks of ``group`` (the last may be shorter):
+    the units ``local.client_batch`` trains together. They depend on the round's clients only,
+    never on the rank count."""
+    ordered = sorted(clients)
+    return [ordered[i:i + group] for i in range(0, len(ordered), group)]
+
+
+def assign_clients(clients: list[int], sizes: dict[int, int], ranks: list[int],
+                   group: int = 1) -> dict[int, list[int]]:
+    """Largest-first greedy over ``client_blocks(clients, group)``: each block (largest total
+    samples first; ties: lowest first client) to the least-loaded rank (ties: lowest rank), so a
+    block is never split across ranks. ``group`` = 1 is per-client assignment. Each rank's list
+    is sorted, and cutting it into blocks of ``group`` gives back its blocks: all but the round's
+    last block have exactly ``group`` clients, and the last one comes last on its rank."""
     load = {r: 0 for r in ranks}
     assignment: dict[int, list[int]] = {r: [] for r in ranks}
-    for c in sorted(clients, key=lambda c: (-sizes[c], c)):
+    blocks = [(sum(sizes[c] for c in block), block) for block in client_blocks(clients, group)]
+    for total, block in sorted(blocks, key=lambda b: (-b[0], b[1][0])):
         target = min(ranks, key=lambda r: (load[r], r))
-        assignment[target].append(c)
-        load[target] += sizes[c]
+        assignment[target].extend(block)
+        load[target] += total
     return {r: sorted(cs) for r, cs in assignment.items()}
 
 

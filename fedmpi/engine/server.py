@@ -20,7 +20,6 @@ from ..errors import PreemptedError
 from ..models.flops import scale_flops
 from ..progress import Progress
 from ..results import ResultsWriter, run_attrs
-from ..timing import client_seconds
 from .checkpoint import ServerState, read_checkpoint, write_checkpoint
 from .context import RunContext
 from .messages import RankReport, RankTask, RoundPlan, assign_clients, pack_masks, unpack_masks
@@ -79,7 +78,7 @@ class Server:
         started = time.perf_counter()
         traffic_before = (comm.traffic.payload_bytes, comm.traffic.control_bytes)
         clients = algorithm.select_clients(round_, rng.generator(ctx.cfg["seed"], rng.SAMPLING, round_))
-        assignment = assign_clients(clients, ctx.sizes, comm.worker_ranks)
+        assignment = assign_clients(clients, ctx.sizes, comm.worker_ranks, ctx.cfg["local"]["client_batch"])
         rank_of = {c: r for r, cs in assignment.items() for c in cs}
         evaluate = evaluation_due(ctx.cfg, round_)
 
@@ -133,7 +132,8 @@ class Server:
     def _client_row(self, round_: int, report, rank: int) -> dict:
         ctx = self.ctx
         flops = report.samples_processed * 3 * scale_flops(ctx.info.layer_flops, report.densities)
-        sim = client_seconds(ctx.profile, flops, report.upload_bytes, report.download_bytes)
+        sim = ctx.profile.client_seconds(report.client_id, report.samples_processed, report.densities,
+                                         report.upload_bytes, report.download_bytes)
         return {
             "round": round_, "client_id": report.client_id, "rank": rank, "num_samples": report.num_samples,
             "upload_bytes": report.upload_bytes, "download_bytes": report.download_bytes,

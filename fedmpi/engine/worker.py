@@ -16,27 +16,45 @@ from .messages import ClientReport, RankReport, RankTask, unpack_masks
 
 
 def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray):
-    """Train this rank's clients in id order; returns (reports, concatenated upload payloads)."""
+    """Train this rank's clients in id order; returns (reports, concatenated upload payloads).
+
+    With ``local.client_batch`` = G > 1 and an algorithm that has ``local_update_group``, the
+    clients go in blocks of G (the server's assignment keeps blocks whole, so cutting this rank's
+    sorted list into G's gives them back) trained together; a block's compute time is shared among
+    its clients by sample count."""
     reports, pieces = [], []
     x_train, y_train = ctx.train
-    for c in task.clients:
-        payload = task.payload_of[c]
-        start, length = task.offsets[payload]
-        known = unpack_masks(task.known_masks.get(c, {}))
-        received = decode(Encoded(task.layouts[payload], buffer[start:start + length]), known)
-        idx = torch.from_numpy(ctx.partition.train_indices[c])
-        client_task = ClientTask(round_, c, received, task.states[c], x_train[idx], y_train[idx],
-                                 rng.torch_seed(ctx.cfg["seed"], rng.CLIENT, round_, c))
+    group = ctx.cfg["local"]["client_batch"]
+    grouped = group > 1 and hasattr(ctx.algorithm, "local_update_group")
+    blocks = [task.clients[i:i + group] for i in range(0, len(task.clients), group)] if grouped \
+        else [[c] for c in task.clients]
+    for block in blocks:
+        received, client_tasks = {}, []
+        for c in block:
+            payload = task.payload_of[c]
+            start, length = task.offsets[payload]
+            known = unpack_masks(task.known_masks.get(c, {}))
+            received[c] = (decode(Encoded(task.layouts[payload], buffer[start:start + length]), known), length)
+            idx = torch.from_numpy(ctx.partition.train_indices[c])
+            client_tasks.append(ClientTask(round_, c, received[c][0], task.states[c], x_train[idx], y_train[idx],
+                                           rng.torch_seed(ctx.cfg["seed"], rng.CLIENT, round_, c)))
         began = time.perf_counter()
-        result = ctx.algorithm.local_update(client_task, ctx.trainer)
-        compute = time.perf_counter() - began
-        upload = encode(result.update, received.masks, schema=ctx.info.shapes)
-        reports.append(ClientReport(
-            client_id=c, num_samples=result.num_samples, train_loss=result.train_loss,
-            samples_processed=result.samples_processed, densities=result.densities, state=result.state,
-            metrics=result.metrics, layout=upload.layout, upload_bytes=upload.nbytes,
-            header_bytes=upload.header_bytes, download_bytes=length, compute_seconds=compute))
-        pieces.append(upload.data)
+        if len(block) > 1:
+            results = ctx.algorithm.local_update_group(client_tasks, ctx.trainer)
+        else:
+            results = [ctx.algorithm.local_update(client_tasks[0], ctx.trainer)]
+        elapsed = time.perf_counter() - began
+        samples = sum(len(t.y) for t in client_tasks)
+        for client_task, result in zip(client_tasks, results):
+            c = client_task.client_id
+            compute = elapsed * len(client_task.y) / samples if len(block) > 1 else elapsed
+            upload = encode(result.update, received[c][0].masks, schema=ctx.info.shapes)
+            reports.append(ClientReport(
+                client_id=c, num_samples=result.num_samples, train_loss=result.train_loss,
+                samples_processed=result.samples_processed, densities=result.densities, state=result.state,
+                metrics=result.metrics, layout=upload.layout, upload_bytes=upload.nbytes,
+                header_bytes=upload.header_bytes, download_bytes=received[c][1], compute_seconds=compute))
+            pieces.append(upload.data)
     return reports, np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from fedmpi.errors import ConfigError
-from fedmpi.models.multiexit import MIN_SIDE, NUM_EXITS, MultiExitVGG
+from fedmpi.models.multiexit import MIN_SIDE, NUM_EXITS, MultiExitVGG, default_channels
 from fedmpi.models.nets import CIFAR10Net, FEMNISTCNN, MLP, VGG11, MNISTNet
 
 # Layer types whose ``weight`` sparse methods (FedDST, PruneFL, LotteryFL) mask and whose
@@ -70,6 +70,7 @@ _ACCEPTS: dict[str, Callable[[tuple[int, ...]], bool]] = {
     "femnist_cnn": _any_channels(28),
     "vgg11": _any_channels(32),
     "multiexit_vgg": _image_or_series_for_multiexit,
+    "multiexit_vgg_small": _image_or_series_for_multiexit,
     "mlp": lambda got: True,
 }
 
@@ -98,17 +99,27 @@ def _build_vgg11(input_shape, num_classes):
     return VGG11(input_shape[0], num_classes)
 
 
-def _build_multiexit_vgg(input_shape, num_classes, *, level=NUM_EXITS, width=1.0):
-    if not _ACCEPTS["multiexit_vgg"](input_shape):
-        raise _shape_error("multiexit_vgg", f"CxHxW or CxL (sides >= {MIN_SIDE})",
-                           _ACCEPTS["multiexit_vgg"], input_shape)
+def _multiexit(name, channel_divisor, input_shape, num_classes, level, width):
+    if not _ACCEPTS[name](input_shape):
+        raise _shape_error(name, f"CxHxW or CxL (sides >= {MIN_SIDE})", _ACCEPTS[name], input_shape)
     if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 1 <= level <= NUM_EXITS:
         raise ConfigError("model", f"multiexit_vgg level (exits held) must be an integer in "
                                    f"1..{NUM_EXITS}, got {level!r}")
     if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width <= 1:
         raise ConfigError("model", f"multiexit_vgg width (HeteroFL rate) must be a number in (0, 1], "
                                    f"got {width!r}")
-    return MultiExitVGG(input_shape, num_classes, level=int(level), width=float(width))
+    channels = tuple(c // channel_divisor for c in default_channels(input_shape))
+    return MultiExitVGG(input_shape, num_classes, level=int(level), width=float(width), channels=channels)
+
+
+def _build_multiexit_vgg(input_shape, num_classes, *, level=NUM_EXITS, width=1.0):
+    return _multiexit("multiexit_vgg", 1, input_shape, num_classes, level, width)
+
+
+def _build_multiexit_vgg_small(input_shape, num_classes, *, level=NUM_EXITS, width=1.0):
+    """multiexit_vgg with a quarter of the spec's channels (8/16/32/64 on 28x28 and 32x32): the same
+    family, light enough for CPU campaigns; variants (level, width) work as for multiexit_vgg."""
+    return _multiexit("multiexit_vgg_small", 4, input_shape, num_classes, level, width)
 
 
 def _build_mlp(input_shape, num_classes):
@@ -121,6 +132,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "femnist_cnn": _build_femnist_cnn,
     "vgg11": _build_vgg11,
     "multiexit_vgg": _build_multiexit_vgg,
+    "multiexit_vgg_small": _build_multiexit_vgg_small,
     "mlp": _build_mlp,
 }
 

@@ -45,6 +45,11 @@ def hidden_channels(channels: int, width: float) -> int:
     return max(1, math.ceil(round(width * channels, 9)))
 
 
+def default_channels(input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The spec's channels of blocks 0..3 for this input shape."""
+    return WIDE_CHANNELS if min(input_shape[1:]) >= WIDE_FROM else NARROW_CHANNELS
+
+
 class ConvBlock(nn.Module):
     """[conv3x3-BN-ReLU-conv3x3-BN-ReLU-maxpool 2], 1-D or 2-D."""
 
@@ -83,10 +88,10 @@ class MultiExitVGG(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, level: int = NUM_EXITS,
-                 width: float = 1.0):
+                 width: float = 1.0, channels: tuple[int, ...] | None = None):
         super().__init__()
         in_channels, *spatial = input_shape
-        full = WIDE_CHANNELS if min(spatial) >= WIDE_FROM else NARROW_CHANNELS
+        full = channels or default_channels(input_shape)
         channels = [hidden_channels(c, width) for c in full[:level + 1]]
         self.blocks = nn.ModuleList()
         for out_channels in channels:

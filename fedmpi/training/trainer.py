@@ -28,9 +28,13 @@ def variant_key(variant: dict | None) -> tuple:
 
 class LocalTrainer:
     def __init__(self, model: torch.nn.Module, local_cfg: dict, device: str = "cpu", *,
-                 build_variant: Callable[..., torch.nn.Module] | None = None):
+                 build_variant: Callable[..., torch.nn.Module] | None = None, sparse_kernels=None):
         """``model`` is the full model; ``build_variant(**variant)`` builds a submodel (a model
-        family's ``level``/``width`` keywords) the first time a client needs it."""
+        family's ``level``/``width`` keywords) the first time a client needs it.
+        ``sparse_kernels``: a ``fedmpi.sparse_kernels.SparseKernelPolicy`` choosing which masked
+        layers run a real sparse kernel (None: dense kernels only)."""
+        self.sparse_kernels = sparse_kernels
+        self._kernels: dict[tuple, object] = {}
         self.device = torch.device(device)
         self.local = local_cfg
         self.optimizer = OptimizerSpec.from_config(local_cfg)
@@ -88,6 +92,7 @@ class LocalTrainer:
               prox_mu: float = 0.0, epochs: int | None = None, steps: int | None = None,
               optimizer: OptimizerSpec | None = None, objective: Objective = cross_entropy,
               hooks: Iterable[StepHook] = (), variant: dict | None = None,
+              sparse_layers: Iterable[str] | None = None,
               ) -> tuple[dict[str, np.ndarray], float, int]:
         """Local training from ``weights``; returns (new weights, mean objective value, samples processed).
 
@@ -96,6 +101,10 @@ class LocalTrainer:
         With ``masks``, masked weights are zero before the first step and re-zeroed after every
         step (forward uses the sparse weights; gradients stay dense). ``prox_mu`` adds FedProx's
         μ/2·‖θ − θ_start‖² on the live parameters (not part of the reported loss).
+        ``sparse_layers`` names masked layers to run with a real sparse kernel (CPU; None: the
+        trainer's ``sparse_kernels`` policy picks them from their densities); results equal the
+        masked dense layers' up to float rounding. Their weight gradient is dense when ``hooks``
+        are given (a hook may read inactive gradients), else computed at active positions only.
         """
         # build/load first: building a variant the first time draws from torch's global RNG, and
         # dropout must not depend on whether this rank met the variant before
@@ -106,6 +115,7 @@ class LocalTrainer:
         torch_masks = self._torch_masks(masks)
         apply_masks_torch(params, torch_masks)
         hooks = list(hooks)
+        kernels = self._sparse_plan(model, variant, torch_masks, sparse_layers, "dense" if hooks else "active")
         model.train()
         anchors = [p.detach().clone() for p in params.values()] if prox_mu > 0 else None
         opt = (optimizer or self.optimizer).build(list(params.values()))
@@ -118,7 +128,8 @@ class LocalTrainer:
                 if steps is not None and step == steps:
                     break
                 xb, yb = x[batch], y[batch]
-                loss = objective(model(xb), yb)
+                with kernels:   # forward through the sparse kernels; their backward follows
+                    loss = objective(model(xb), yb)
                 task_loss = loss.item()
                 if not math.isfinite(task_loss):
                     raise DivergenceError(round_, client_id, task_loss)
@@ -136,6 +147,25 @@ class LocalTrainer:
                 processed += len(yb)
                 step += 1
         return self.export(weights.keys(), variant), loss_sum / max(processed, 1), processed
+
+    def _sparse_plan(self, model, variant, torch_masks, sparse_layers, weight_grad):
+        from ..sparse_kernels import SparseKernels, masked_weight_modules
+
+        key = variant_key(variant)
+        kernels = self._kernels.setdefault(key, SparseKernels())
+        if sparse_layers is None:
+            if self.sparse_kernels is None or self.device.type != "cpu" or not torch_masks:
+                return kernels.plan({}, {})
+            modules = masked_weight_modules(model)
+            densities = {n: int(m.count_nonzero()) / m.numel() for n, m in torch_masks.items() if n in modules}
+            sparse_layers = self.sparse_kernels.choose(modules, densities, weight_grad)
+        else:
+            modules = masked_weight_modules(model)
+        sparse_layers = list(sparse_layers)
+        missing = [n for n in sparse_layers if n not in torch_masks or n not in modules]
+        if missing:
+            raise ValueError(f"sparse_layers {missing} need a mask and a Linear/Conv2d (groups 1) layer")
+        return kernels.plan({n: modules[n] for n in sparse_layers}, torch_masks, weight_grad)
 
     def gradients(self, weights: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, names, *,
                   seed: int, batches: int, masks: dict[str, np.ndarray] | None = None,

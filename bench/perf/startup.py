@@ -1,0 +1,99 @@
+"""fedmpi's fixed start-up cost, stage by stage, on every rank (``make bench-perf`` runs it).
+
+Run as fedmpi runs (``python bench/perf/startup.py`` for P = 1, ``mpiexec -n P python
+bench/perf/startup.py`` otherwise) with ``FEDMPI_PERF_T0`` set to the launcher's ``time.time()``
+just before it started the command. Each rank does what ``python -m fedmpi run`` does before round
+1, in order, timing each stage:
+
+    launch       mpiexec + Python interpreter start, until this script's first line
+    imports      numpy, torch, and fedmpi's modules (the CLI's import chain)
+    mpi          MPI_Init and a first barrier (every rank up)
+    data         reading and normalising the dataset (``load_dataset``)
+    partition    the federated partition (``partition_dataset``)
+    model        model, initial weights, trainer and algorithm (the rest of ``build_context``)
+    lazy imports what round 1 pays on first use: ``torch.optim``'s first optimizer imports
+                 ``torch._dynamo`` (seconds; the per-client loop pays it, grouped training does not)
+
+Rank 0 prints one JSON line: per stage the slowest rank's seconds, and ``total`` (launch to the
+end of the last stage, slowest rank).
+
+    FEDMPI_PERF_T0=$(python -c 'import time; print(time.time())') python bench/perf/startup.py overhead
+"""
+import os
+import sys
+import time
+
+T_SCRIPT = time.time()
+T_LAUNCH = float(os.environ.get("FEDMPI_PERF_T0", T_SCRIPT))
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> int:
+    workload = sys.argv[1] if len(sys.argv) > 1 else "overhead"
+    marks = [("launch", T_SCRIPT)]
+
+    import numpy  # noqa: F401
+    import torch
+
+    import fedmpi.cli  # noqa: F401
+    import fedmpi.engine  # noqa: F401
+    from fedmpi.comm.transport import Communicator  # noqa: F401
+    marks.append(("imports", time.time()))
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    comm.Barrier()
+    marks.append(("mpi", time.time()))
+
+    from functools import partial
+
+    from fedmpi import rng
+    from fedmpi.algorithms import ModelInfo, build_algorithm
+    from fedmpi.config import load_config
+    from fedmpi.data import load_dataset, partition_dataset
+    from fedmpi.models import build_model, maskable_parameter_names
+    from fedmpi.models.flops import layer_flops
+    from fedmpi.training import LocalTrainer
+    from workloads import fedmpi_config
+
+    torch.set_num_threads(1)
+    cfg = load_config(None, extra=fedmpi_config(workload, "fedavg", 1))
+    data = cfg["data"]
+    dataset = load_dataset(data["name"], data["root"], seed=cfg["seed"], num_clients=cfg["clients"]["total"])
+    marks.append(("data", time.time()))
+    partition = partition_dataset(dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
+                                  alpha=data["alpha"], shard_size=data["shard_size"],
+                                  shards_per_client=data["shards_per_client"])
+    marks.append(("partition", time.time()))
+    builder = partial(build_model, cfg["model"], dataset.input_shape, dataset.num_classes)
+    model = builder()
+    torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
+    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, dataset.input_shape),
+                     num_clients=partition.num_clients, model=cfg["model"], input_shape=tuple(dataset.input_shape),
+                     num_classes=dataset.num_classes)
+    LocalTrainer(model, cfg["local"], "cpu", build_variant=builder)
+    build_algorithm(cfg, info)
+    marks.append(("model", time.time()))
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    marks.append(("lazy imports", time.time()))
+
+    durations = {name: end - (marks[i - 1][1] if i else T_LAUNCH) for i, (name, end) in enumerate(marks)}
+    durations["total"] = marks[-1][1] - T_LAUNCH
+    gathered = comm.gather(durations, root=0)
+    if comm.Get_rank() == 0:
+        slowest = {k: max(d[k] for d in gathered) for k in durations}
+        print(json.dumps({"ranks": comm.Get_size(), "workload": workload, "stages": slowest}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""LotteryFL (Li et al., arXiv 2008.03371, 2020; SEC 2021): personalised sparse sub-networks.
+Spec: the last section of shared/spec/prunefl.md; doc: docs/methods/lotteryfl.md.
+
+Each client k keeps its own mask M_k and nominal density d_k as device state (``ClientResult.state``,
+handed back as ``ClientTask.state``; the mask travels packed, n/8 bytes, and is not network
+traffic). The server learns each mask from the uploads (the mask part of the upload encoding)
+and keeps a copy for the downloads and for evaluation. One round, for a sampled client k:
+
+1. download θ ⊙ M_k: the values under M_k only (dense while M_k is full), the mask itself only
+   when the client's copy differs (never, here: the client is the source of its mask);
+2. acc ← accuracy of θ ⊙ M_k on k's local test set (the evaluator's definition: the global test
+   images of k's labels, or its held-out split with ``data.local_test_fraction``);
+3. if acc > ``acc_threshold`` and d_k > ``target_density``: per layer drop the
+   ⌊p·a_l + 0.5⌋ smallest-|θ| of the a_l weights active in M_k, with p = ``prune_step``, lowered
+   so d_k · (1 − p) does not go below the target (``overshoot: true``: the full step, the public
+   code); d_k ← d_k · (1 − p); then rewind the surviving weights to the initial global weights
+   θ₀ (biases keep the received values; ``rewind_biases: true``: θ₀'s biases too, the public
+   code);
+4. local training from there (``local_steps`` iterations, 0: ``local.epochs``), masked;
+5. upload θ_k ⊙ M_k (the mask on the round it changed, as a bitmap or index list).
+
+Server: per maskable element the sample-weighted mean over the clients of the round that hold it
+(``average_over_holders``, ``missing="keep"``: an element no client holds keeps its value); dense
+tensors the mean over all of them (``aggregation: uniform``: unweighted, the public code).
+
+θ₀ is regenerated on every rank from the seed exactly as the run's setup builds it (the init is
+a shared seed, so a client needs no download for it); the server checks the copy against the
+real init once.
+
+Evaluation (every evaluation round): ``test_accuracy`` / ``test_loss`` / ``client_accuracy`` of
+the global model θ as for every method, and the personalised accuracy ``personal_accuracy``:
+mean over clients (with a local test set) of θ ⊙ M_k on k's local test set, one ``EvalModel``
+per client whose mask is not full (a full-mask client's personalised model is the global model).
+``personal_accuracy_best`` is the mean over clients of each client's best personalised accuracy
+so far, the public code's reported "test accuracy".
+
+Where the local test set comes from on the client: the ``ClientTask`` carries the training data
+only; when it gains a ``local_test`` attribute (x, y) it is used, otherwise the client side
+rebuilds the run's partition from the config (as the run's setup does, deterministic) and keeps
+the local test sets in memory once per rank. ``check_samples`` > 0 uses a fixed subset of that
+many samples per client (drawn from (seed, client)) for the pre-training check, a cost knob; the
+public code checks at most 80 shuffled samples.
+
+Not copied from the public code (charleslipku/LotteryFL): the 90/10 train/validation split that
+is never used, the value-based freeze of weights with |w| < 1e-6, the fixed momentum 0.5, the
+unseeded sampling (see docs/methods/lotteryfl.md).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from .. import rng
+from ..aggregate import average_over_holders
+from ..comm.codec import ModelUpdate
+from ..sparsity import apply_masks_torch, magnitude_masks
+from .base import Algorithm, ClientResult, ClientTask
+from .evaluation import EvalModel
+
+
+def pack(masks: dict[str, np.ndarray]) -> dict[str, tuple]:
+    return {n: (tuple(m.shape), np.packbits(np.asarray(m, bool).reshape(-1))) for n, m in masks.items()}
+
+
+def unpack(packed: dict[str, tuple]) -> dict[str, np.ndarray]:
+    return {n: np.unpackbits(bits, count=math.prod(shape)).astype(bool).reshape(shape)
+            for n, (shape, bits) in packed.items()}
+
+
+# --------------------------------------------------------------------------- per-rank caches
+
+_INIT_CACHE: dict[str, dict[str, np.ndarray]] = {}
+_LOCAL_TEST_CACHE: dict[str, tuple] = {}
+
+
+def initial_weights(cfg: dict, info) -> dict[str, np.ndarray]:
+    """θ₀ as ``engine.context.build_context`` makes it: the model built, then every module's
+    ``reset_parameters`` under ``torch.manual_seed(torch_seed(seed, INIT))``."""
+    key = json.dumps([cfg["seed"], info.model, list(info.input_shape), info.num_classes])
+    if key not in _INIT_CACHE:
+        from ..models import build_model
+
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(info.model, info.input_shape, info.num_classes)
+            torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
+            model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+        state = model.state_dict()
+        _INIT_CACHE[key] = {n: state[n].detach().numpy().copy() for n in info.shapes}
+    return _INIT_CACHE[key]
+
+
+def local_test_sets(cfg: dict):
+    """(x, y, per-client index arrays into them): every client's local test set, rebuilt from
+    the config as the run's setup builds data and partition (once per rank)."""
+    data = cfg["data"]
+    key = json.dumps([data, cfg["seed"], cfg["clients"]["total"]], sort_keys=True)
+    if key not in _LOCAL_TEST_CACHE:
+        from ..data import hold_out_local_test, load_dataset, partition_dataset
+
+        dataset = load_dataset(data["name"], data["root"], seed=cfg["seed"],
+                               num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
+        partition = partition_dataset(
+            dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"], alpha=data["alpha"],
+            shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
+        if data["local_test_fraction"] > 0:
+            partition = hold_out_local_test(partition, data["local_test_fraction"], cfg["seed"])
+        x, y = ((dataset.x_train, dataset.y_train) if partition.local_test_in_train
+                else (dataset.x_test, dataset.y_test))
+        union = np.unique(np.concatenate([np.asarray(i, np.int64) for i in partition.test_indices]))
+        per_client = [np.searchsorted(union, np.asarray(i, np.int64)) for i in partition.test_indices]
+        _LOCAL_TEST_CACHE[key] = (torch.from_numpy(np.ascontiguousarray(x[union])),
+                                  torch.from_numpy(np.ascontiguousarray(y[union])), per_client)
+    return _LOCAL_TEST_CACHE[key]
+
+
+# --------------------------------------------------------------------------- the algorithm
+
+class LotteryFL(Algorithm):
+    name = "lotteryfl"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.settings = cfg["lotteryfl"]
+        self.client_masks: dict[int, dict] = {}     # server's copy, packed; absent = full mask
+        self.best: dict[int, float] = {}            # best personalised accuracy so far
+        self.dense_size = sum(math.prod(s) for n, s in info.shapes.items() if n not in info.maskable)
+        self.maskable_size = sum(math.prod(info.shapes[n]) for n in info.maskable)
+        self._round: dict[str, float] = {}
+        self._dense_download: tuple[int, ModelUpdate] | None = None
+
+    # ---- helpers -------------------------------------------------------------------------
+    def masks_of(self, client: int) -> dict[str, np.ndarray] | None:
+        packed = self.client_masks.get(client)
+        return unpack(packed) if packed is not None else None
+
+    def client_density(self, client: int) -> float:
+        packed = self.client_masks.get(client)
+        if packed is None:
+            return 1.0
+        return sum(int(np.count_nonzero(m)) for m in unpack(packed).values()) / self.maskable_size
+
+    def local_steps(self) -> int | None:
+        steps = int(self.settings["local_steps"])
+        return steps if steps > 0 else None
+
+    def density(self) -> float:
+        """Mean over all clients of their mask density (a client never sampled: 1)."""
+        total = self.info.num_clients or self.cfg["clients"]["total"]
+        masked = sum(self.client_density(c) for c in self.client_masks)
+        return (masked + (total - len(self.client_masks))) / total
+
+    # ---- results columns -----------------------------------------------------------------
+    def round_columns(self):
+        return {"personal_accuracy": np.float64, "personal_accuracy_best": np.float64,
+                "active_params": np.float64, "pruned_clients": np.int64}
+
+    def client_columns(self):
+        return {"pre_accuracy": np.float64, "pruned": np.int64, "client_density": np.float64}
+
+    def round_metrics(self, round_):
+        metrics = {"active_params": self.density() * self.maskable_size + self.dense_size,
+                   "pruned_clients": int(self._round.get("pruned_clients", 0))}
+        self._round = {}
+        return metrics
+
+    # ---- server --------------------------------------------------------------------------
+    def init_server(self, weights, rng_) -> None:
+        self.weights = dict(weights)
+        if self.info.model:
+            regenerated = initial_weights(self.cfg, self.info)
+            if any(not np.array_equal(regenerated[n], weights[n]) for n in weights):
+                raise RuntimeError("lotteryfl: the regenerated initial weights differ from the run's "
+                                   "(engine.context.build_context changed how it initialises)")
+
+    def download(self, round_, client_id):
+        masks = self.masks_of(client_id)
+        if masks is None:
+            # one shared payload per round for every full-mask client
+            if self._dense_download is None or self._dense_download[0] != round_:
+                self._dense_download = (round_, ModelUpdate(self.weights))
+            return self._dense_download[1]
+        return ModelUpdate(self.weights, masks)
+
+    def aggregate(self, round_, results):
+        uniform = self.settings["aggregation"] == "uniform"
+        weights = [1.0 if uniform else float(r.num_samples) for r in results]
+        self.weights, _ = average_over_holders([r.update for r in results], weights, self.weights, missing="keep")
+        for r in results:
+            if r.update.masks:
+                self.client_masks[r.client_id] = pack(r.update.masks)
+            else:
+                self.client_masks.pop(r.client_id, None)
+        self._round["pruned_clients"] = sum(int(r.metrics.get("pruned", 0)) for r in results)
+
+    def evaluation_models(self, round_):
+        models = [EvalModel("global", self.weights)]
+        for c in sorted(self.client_masks):
+            models.append(EvalModel(f"client{c}", self.weights, masks=self.masks_of(c), global_test=False,
+                                    local_clients=[c]))
+        return models
+
+    def evaluation_metrics(self, round_, outcomes):
+        metrics = super().evaluation_metrics(round_, outcomes)
+        glob = outcomes["global"]
+        accuracies = []
+        for c in sorted(glob.local_correct):
+            outcome = outcomes.get(f"client{c}", glob)
+            correct = outcome.local_correct[c][-1]
+            if len(correct) == 0:
+                continue
+            accuracy = float(correct.mean())
+            accuracies.append(accuracy)
+            self.best[c] = max(self.best.get(c, 0.0), accuracy)
+        metrics["personal_accuracy"] = float(np.mean(accuracies)) if accuracies else float("nan")
+        metrics["personal_accuracy_best"] = float(np.mean(list(self.best.values()))) if self.best else float("nan")
+        return metrics
+
+    def state_dict(self):
+        return {"weights": self.weights, "client_masks": self.client_masks, "best": self.best}
+
+    def load_state_dict(self, state):
+        self.weights, self.client_masks, self.best = state["weights"], state["client_masks"], state["best"]
+        self.masks = {}
+
+    # ---- client --------------------------------------------------------------------------
+    def _local_test(self, task: ClientTask):
+        provided = getattr(task, "local_test", None)
+        if provided is not None:
+            return provided
+        x, y, per_client = local_test_sets(self.cfg)
+        index = per_client[task.client_id]
+        samples = int(self.settings["check_samples"])
+        if 0 < samples < len(index):
+            order = rng.generator(self.cfg["seed"], rng.EVAL, 0, task.client_id).permutation(len(index))
+            index = np.sort(index[order[:samples]])
+        index = torch.from_numpy(index)
+        return x[index], y[index]
+
+    @torch.no_grad()
+    def _accuracy(self, trainer, weights, masks, x, y) -> float:
+        if len(y) == 0:
+            return 0.0
+        network = trainer.load(weights)
+        if masks:
+            apply_masks_torch(dict(network.named_parameters()), masks)
+        network.eval()
+        chunk = self.cfg["eval"]["batch_size"]
+        correct = 0
+        for start in range(0, len(y), chunk):
+            xb = x[start:start + chunk].to(trainer.device)
+            yb = y[start:start + chunk].to(trainer.device)
+            correct += int((network(xb).argmax(dim=1) == yb).sum())
+        return correct / len(y)
+
+    def local_update(self, task: ClientTask, trainer) -> ClientResult:
+        s = self.settings
+        state = task.state or {}
+        masks = unpack(state["mask"]) if state.get("mask") else {
+            n: np.ones(self.info.shapes[n], bool) for n in self.info.maskable}
+        density = float(state.get("density", 1.0))
+        received = task.received
+        for name, mask in received.masks.items():   # the server's copy is the client's mask
+            if not np.array_equal(mask, masks[name]):
+                raise RuntimeError(f"lotteryfl: client {task.client_id} holds a different mask for {name}")
+        weights = {n: np.asarray(v) for n, v in received.values.items()}
+        x_test, y_test = self._local_test(task)
+        accuracy = self._accuracy(trainer, weights, masks, x_test, y_test)
+        pruned = accuracy > s["acc_threshold"] and density > s["target_density"]
+        if pruned:
+            step = s["prune_step"]
+            if not s["overshoot"]:
+                step = min(step, 1.0 - s["target_density"] / density)
+            counts = {}
+            for name, mask in masks.items():
+                active = int(np.count_nonzero(mask))
+                counts[name] = active - int(math.floor(step * active + 0.5))
+            masks = magnitude_masks({n: weights[n] for n in masks}, counts, within=masks)
+            density *= 1.0 - step
+            init = initial_weights(self.cfg, self.info)
+            for name in weights:
+                if name in masks:
+                    weights[name] = np.where(masks[name], init[name], np.zeros_like(init[name]))
+                elif s["rewind_biases"]:
+                    weights[name] = init[name].copy()
+        full = all(m.all() for m in masks.values())
+        trained, loss, processed = trainer.train(
+            weights, task.x, task.y, seed=task.seed, round_=task.round, client_id=task.client_id,
+            masks=None if full else masks, steps=self.local_steps())
+        update = ModelUpdate(trained, {} if full else masks)
+        densities = None if full else {n: float(m.mean()) for n, m in masks.items()}
+        actual = sum(int(np.count_nonzero(m)) for m in masks.values()) / sum(m.size for m in masks.values())
+        return ClientResult(task.client_id, len(task.y), update, loss, processed,
+                            state={"mask": None if full else pack(masks), "density": density},
+                            densities=densities,
+                            metrics={"pre_accuracy": accuracy, "pruned": int(pruned), "client_density": actual})

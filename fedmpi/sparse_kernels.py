@@ -1,0 +1,340 @@
+"""Real sparse kernels for masked Linear and Conv2d layers (CPU, torch sparse CSR through MKL).
+
+A masked layer computes with ``weight ⊙ mask``; the dense kernel spends the same time whatever the
+mask. Here the layer's active weights become a CSR matrix and the products touch only them:
+
+- Linear ``y = x Wᵀ + b``: ``yᵀ = W_csr · xᵀ``; input gradient ``gxᵀ = (Wᵀ)_csr · gyᵀ``.
+- Conv2d (groups 1): im2col (``F.unfold``) turns the input into columns ``X`` (C·kh·kw × B·L),
+  ``Y = W_csr · X`` (W viewed as O × C·kh·kw); input gradient ``(Wᵀ)_csr · gY`` folded back with
+  ``F.fold`` (col2im).
+
+The weight stays what it is everywhere else: a dense ``nn.Parameter`` of the module (the
+optimizer, masks, hooks, export see nothing new). Each call gathers the active values from it
+(O(nnz) reads, though at density 0.1 nearly every cache line of the weight is touched) into a
+CSR matrix whose index structure (``SparseStructure``) is built once per mask. Gradient w.r.t.
+the dense weight, two modes:
+
+- ``"dense"``: every position, ``gW = gyᵀ x`` (Linear) or ``gY Xᵀ`` (conv), one dense GEMM —
+  what a masked dense layer gives, so step hooks that read gradients of inactive weights
+  (PruneFL's importance, FedDST's regrowth) see the same numbers. The GEMM costs about a third of
+  the dense layer's step, which bounds the gain.
+- ``"active"``: only the active positions (a sampled dense-dense product, SDDMM), written into a
+  buffer that is zero elsewhere and assigned to ``weight.grad`` directly (the autograd function
+  returns no weight gradient, so nothing clones the buffer). Inactive entries of ``.grad`` are 0.
+  Weights after a masked optimizer step are the same as with dense gradients — inactive weights
+  are re-zeroed after every step and elementwise optimizers (SGD with momentum and weight decay,
+  Adam) never mix positions — but hooks must not rely on inactive gradients. ``.grad`` is set by
+  the backward pass (accumulated into when it already holds a different tensor), so
+  ``torch.autograd.grad`` does not see the weight's gradient in this mode.
+
+Results equal the masked dense layer up to float rounding: the same products summed in another
+order. ``SparseKernels`` swaps chosen modules' ``forward`` for the duration of a ``with`` block
+(the trainer's ``sparse_layers`` option); ``SparseKernelPolicy`` decides which layers run sparse
+from their density and a profile's measured break-even densities.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_GRAD_MODES = ("dense", "active")
+
+# torch warns once per process that sparse CSR support is "beta"; the operations used here (CSR
+# construction, sparse.mm, sampled_addmm on CPU) are the stable, MKL-backed ones. Spend that one
+# warning here, silenced.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.sparse_csr_tensor(torch.tensor([0, 0]), torch.tensor([], dtype=torch.int64), torch.tensor([]), (1, 1))
+
+
+def supports(module: nn.Module) -> bool:
+    """Whether ``module`` has a sparse kernel here: Linear, and Conv2d with groups 1 and
+    zero padding mode."""
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+class SparseStructure:
+    """Index structure of one mask, built once and reused while the mask does not change.
+
+    The weight is viewed as a matrix ``rows × cols`` (O × in_features, or O × C·kh·kw). ``flat``
+    holds the active positions in row-major order (CSR order); ``crow``/``col`` index W's CSR,
+    ``crow_t``/``col_t`` index Wᵀ's CSR and ``perm_t`` takes W's CSR values to Wᵀ's order.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        mask = mask.detach().to(torch.bool)
+        self.mask = mask
+        self.shape = tuple(mask.shape)
+        rows = mask.shape[0]
+        cols = mask.numel() // rows if rows else 0
+        self.rows, self.cols = rows, cols
+        m2 = mask.reshape(rows, cols)
+        self.flat = m2.reshape(-1).nonzero().reshape(-1)                   # int64, sorted
+        self.nnz = int(self.flat.numel())
+        r = torch.div(self.flat, cols, rounding_mode="floor") if cols else self.flat
+        c = self.flat - r * cols
+        counts = torch.bincount(r, minlength=rows)
+        index = torch.int32 if max(rows, cols, self.nnz) < 2**31 - 1 else torch.int64
+        self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
+        self.col = c.to(index)
+        # Wᵀ: sort the active positions by (column, row); stable sort of the columns keeps rows sorted
+        self.perm_t = torch.sort(c, stable=True).indices
+        counts_t = torch.bincount(c, minlength=cols)
+        self.crow_t = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)]).to(index)
+        self.col_t = r[self.perm_t].to(index)
+        self.flat_index = self.flat.to(index)
+        self._grad_buffer: torch.Tensor | None = None
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(self.rows * self.cols, 1)
+
+    def values(self, weight: torch.Tensor) -> torch.Tensor:
+        """The active values of ``weight`` in CSR order (a copy)."""
+        return weight.detach().reshape(-1).index_select(0, self.flat_index)
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow, self.col, values, (self.rows, self.cols),
+                                       check_invariants=False)
+
+    def csr_t(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values.index_select(0, self.perm_t),
+                                       (self.cols, self.rows), check_invariants=False)
+
+    def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Values of ``a @ b`` (rows × k @ k × cols) at the active positions, CSR order."""
+        if self.nnz == 0:
+            return a.new_zeros(0)
+        pattern = self.csr(a.new_zeros(self.nnz))
+        return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
+
+    def set_active_grad(self, weight: torch.Tensor, values: torch.Tensor) -> None:
+        """``weight.grad`` gets ``values`` at the active positions and 0 elsewhere (mode "active")."""
+        buffer = self._grad_buffer
+        if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
+            buffer = self._grad_buffer = torch.zeros(self.shape, dtype=weight.dtype, device=weight.device)
+        grad = weight.grad
+        if grad is None:
+            # the buffer is zero outside the mask: only active positions are ever written
+            buffer.view(-1).index_copy_(0, self.flat, values)
+            weight.grad = buffer
+        elif grad is buffer:   # accumulating over several backward passes without zero_grad
+            buffer.view(-1).index_add_(0, self.flat, values)
+        else:
+            grad.view(-1).index_add_(0, self.flat, values.to(grad.dtype))
+
+
+def _check(structure: SparseStructure, weight: torch.Tensor, weight_grad: str) -> None:
+    if weight_grad not in WEIGHT_GRAD_MODES:
+        raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
+    if tuple(weight.shape) != structure.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} != mask shape {structure.shape}")
+
+
+# ------------------------------------------------------------------------------------ linear
+class _SparseLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, structure: SparseStructure, weight_grad: str):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        values = structure.values(weight)
+        xt = x2.t().contiguous()
+        y = torch.sparse.mm(structure.csr(values), xt).t()          # (B, out)
+        if bias is not None:
+            y = y + bias
+        else:
+            y = y.contiguous()
+        ctx.structure, ctx.weight_grad = structure, weight_grad
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2, values, weight)
+        ctx.lead = lead
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, values, weight = ctx.saved_tensors
+        structure = ctx.structure
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.sparse.mm(structure.csr_t(values), gy2.t().contiguous()).t()
+            grad_x = gx.reshape(*ctx.lead, x2.shape[-1])
+        if ctx.needs_input_grad[1]:
+            if ctx.weight_grad == "dense":
+                grad_w = gy2.t().mm(x2)
+            else:
+                structure.set_active_grad(weight, structure.sampled(gy2.t().contiguous(), x2))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy2.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  structure: SparseStructure, weight_grad: str = "dense") -> torch.Tensor:
+    """``F.linear(x, weight ⊙ mask, bias)`` with a sparse kernel (see the module doc)."""
+    _check(structure, weight, weight_grad)
+    return _SparseLinear.apply(x, weight, bias, structure, weight_grad)
+
+
+# ------------------------------------------------------------------------------------ conv2d
+def _pair(v) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class _SparseConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, structure: SparseStructure, weight_grad: str,
+                stride, padding, dilation):
+        batch, _, height, width = x.shape
+        out_channels, _, kh, kw = weight.shape
+        out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # B, K, L
+        columns = cols.transpose(0, 1).reshape(cols.shape[1], -1)                          # K, B·L
+        values = structure.values(weight)
+        y = torch.sparse.mm(structure.csr(values), columns)                                  # O, B·L
+        y = y.reshape(out_channels, batch, out_h, out_w).transpose(0, 1)
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1, 1)
+        y = y.contiguous()
+        ctx.structure, ctx.weight_grad = structure, weight_grad
+        ctx.has_bias = bias is not None
+        ctx.geometry = ((height, width), (kh, kw), stride, padding, dilation)
+        ctx.save_for_backward(columns, values, weight)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        columns, values, weight = ctx.saved_tensors
+        structure = ctx.structure
+        (height, width), kernel, stride, padding, dilation = ctx.geometry
+        batch, out_channels = gy.shape[0], gy.shape[1]
+        gy2 = gy.transpose(0, 1).reshape(out_channels, -1)                                  # O, B·L
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gcols = torch.sparse.mm(structure.csr_t(values), gy2)                            # K, B·L
+            gcols = gcols.reshape(gcols.shape[0], batch, -1).transpose(0, 1)                 # B, K, L
+            grad_x = F.fold(gcols, (height, width), kernel, dilation=dilation, padding=padding,
+                            stride=stride)
+        if ctx.needs_input_grad[1]:
+            if ctx.weight_grad == "dense":
+                grad_w = gy2.mm(columns.t()).reshape(weight.shape)
+            else:
+                structure.set_active_grad(weight, structure.sampled(gy2, columns.t()))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = gy2.sum(1)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  structure: SparseStructure, weight_grad: str = "dense", *, stride=1, padding=0,
+                  dilation=1) -> torch.Tensor:
+    """``F.conv2d(x, weight ⊙ mask, bias, stride, padding, dilation)`` (groups 1, zero padding)
+    with im2col and a sparse kernel (see the module doc)."""
+    _check(structure, weight, weight_grad)
+    if x.dim() != 4:
+        raise ValueError(f"sparse_conv2d needs a 4-D input (batch, channels, height, width), got {x.dim()}-D")
+    return _SparseConv2d.apply(x, weight, bias, structure, weight_grad, _pair(stride), _pair(padding),
+                               _pair(dilation))
+
+
+def sparse_forward(module: nn.Module, structure: SparseStructure, weight_grad: str = "dense"):
+    """A replacement for ``module.forward`` that runs the sparse kernel."""
+    if isinstance(module, nn.Linear):
+        return lambda x: sparse_linear(x, module.weight, module.bias, structure, weight_grad)
+    if supports(module):
+        return lambda x: sparse_conv2d(x, module.weight, module.bias, structure, weight_grad,
+                                       stride=module.stride, padding=module.padding,
+                                       dilation=module.dilation)
+    raise TypeError(f"no sparse kernel for {type(module).__name__} (Linear, Conv2d with groups 1)")
+
+
+# ------------------------------------------------------------------------------------ swapping
+class SparseKernels:
+    """Runs chosen modules with their sparse kernels inside ``with kernels:`` blocks.
+
+    ``plan(modules, masks, weight_grad)`` picks the modules ({weight name: module}) and builds
+    (or reuses) the index structure of each one's mask; each ``with`` block then swaps those
+    modules' ``forward`` for the sparse one and restores the dense forward on exit. A forward pass
+    run inside the block records the sparse autograd functions, so its backward pass (run after the
+    block) is sparse too. Structures are cached across plans and rebuilt only when a mask changes
+    (``torch.equal``), so a trainer keeps one instance per model variant.
+    """
+
+    def __init__(self):
+        self._structures: dict[str, SparseStructure] = {}
+        self._forwards: dict[str, tuple[nn.Module, object]] = {}
+        self._installed: list[nn.Module] = []
+
+    def structure(self, name: str, mask: torch.Tensor) -> SparseStructure:
+        cached = self._structures.get(name)
+        if cached is None or cached.shape != tuple(mask.shape) or cached.mask.device != mask.device \
+                or not torch.equal(cached.mask, mask.to(torch.bool)):
+            cached = self._structures[name] = SparseStructure(mask)
+        return cached
+
+    def plan(self, modules: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor],
+             weight_grad: str = "dense") -> "SparseKernels":
+        if weight_grad not in WEIGHT_GRAD_MODES:
+            raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
+        self._forwards = {name: (module, sparse_forward(module, self.structure(name, masks[name]), weight_grad))
+                          for name, module in modules.items()}
+        return self
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self._forwards)
+
+    def __enter__(self):
+        for module, forward in self._forwards.values():
+            module.forward = forward
+            self._installed.append(module)
+        return self
+
+    def __exit__(self, *exc):
+        for module in self._installed:
+            if "forward" in module.__dict__:
+                del module.forward
+        self._installed = []
+        return False
+
+
+@dataclass(frozen=True)
+class SparseKernelPolicy:
+    """Which masked layers run a sparse kernel: ``mode`` "off" (none), "always" (every supported
+    layer with a mask below density 1) or "auto" (those whose density is below
+    ``break_even[name]``, the density under which a profile measured the sparse kernel faster;
+    layers missing from ``break_even`` stay dense)."""
+
+    mode: str = "off"
+    break_even: Mapping[str, float] | None = None
+    break_even_active: Mapping[str, float] | None = None   # the same for weight_grad "active"
+
+    def choose(self, modules: Mapping[str, nn.Module], densities: Mapping[str, float],
+               weight_grad: str = "dense") -> list[str]:
+        if self.mode == "off":
+            return []
+        table = (self.break_even_active if weight_grad == "active" and self.break_even_active
+                 else self.break_even) or {}
+        chosen = []
+        for name, density in densities.items():
+            module = modules.get(name)
+            if module is None or not supports(module) or not density < 1.0:
+                continue
+            if self.mode == "always" or density < table.get(name, 0.0):
+                chosen.append(name)
+        return chosen
+
+
+def masked_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{"<prefix>.weight": module}`` for every module that has a sparse kernel."""
+    return {(f"{p}.weight" if p else "weight"): m for p, m in model.named_modules() if supports(m)}
+

@@ -1,0 +1,379 @@
+"""Measuring a machine: forward + backward time of each maskable layer at several densities with
+the dense and the sparse kernels, line fits, break-even densities, and the measured profile that
+``fedmpi profile`` writes (``bench/kernels.py`` uses the same measurements).
+
+Protocol. Each layer gets the input it sees in the model (captured by a forward hook on one
+random batch) and a fixed random output gradient. For each density d, a random mask with exactly
+round(d·n) active weights (seeded) is applied to the weight; a *step* is ``zero grads → forward →
+backward(output gradient)``, the input gradient computed unless the layer reads the model input.
+Kernels: ``dense`` (the module's own forward on the masked weight), ``sparse`` (CSR kernel,
+gradient of every weight) and ``sparse_active`` (CSR kernel, gradient of the active weights).
+After one warm-up step per (density, kernel), ``repeats`` rounds each time every (density,
+kernel) pair once, the order rotated from round to round, so that slow phases of a shared
+machine hit every kernel alike; one measurement is the mean of ``inner`` steps (``inner`` chosen
+so a measurement lasts about ``min_time`` seconds). Reported: the median over rounds and the
+spread (min, max, interquartile range). Lines are least-squares fits of the medians against nnz
+(sparse kernels: on densities <= 0.5, see ``SPARSE_FIT_MAX_DENSITY``).
+Clock: ``cpu`` (default) is the measuring thread's CPU time (user + system), which time spent
+descheduled on a shared machine does not inflate; with one torch thread it equals the wall time
+of an idle machine. ``wall`` is ``time.perf_counter``.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..sparse_kernels import SparseStructure, sparse_forward, supports
+from .profiles import LayerLine, MeasuredLayer, MeasuredProfile
+
+KERNELS = ("dense", "sparse", "sparse_active")
+DEFAULT_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+# Sparse kernels are fitted on densities up to this (when two or more were measured there): the
+# regime where one can beat the dense kernel; at high density their cost bends away from a line
+# (the index traffic, the dense weight's memory), and above the break-even the dense kernel runs.
+SPARSE_FIT_MAX_DENSITY = 0.5
+
+
+@dataclass
+class LayerTimes:
+    name: str
+    shape: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    densities: list[float]
+    nnz: list[int]
+    times: dict[str, list[list[float]]] = field(default_factory=dict)   # kernel → per density → repeats
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def medians(self, kernel: str) -> list[float]:
+        return [statistics.median(ts) for ts in self.times[kernel]]
+
+    def spread(self, kernel: str) -> list[dict]:
+        out = []
+        for ts in self.times[kernel]:
+            q = np.quantile(ts, [0.25, 0.75]) if len(ts) > 1 else (ts[0], ts[0])
+            out.append({"median": statistics.median(ts), "min": min(ts), "max": max(ts),
+                        "iqr": float(q[1] - q[0]), "repeats": len(ts)})
+        return out
+
+
+def layer_inputs(model: nn.Module, input_shape, batch_size: int, seed: int = 0) -> dict[str, tuple]:
+    """{weight name: (module, captured input, whether the layer reads the model input)}."""
+    from ..models import maskable_weight_modules
+
+    modules = maskable_weight_modules(model)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size, *input_shape), generator=g)
+    captured: dict[str, tuple] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if name not in captured:
+                captured[name] = (module, inputs[0].detach().clone(), inputs[0] is x)
+        return fn
+
+    for name, module in modules.items():
+        hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(x)
+            model.train()
+    finally:
+        for h in hooks:
+            h.remove()
+    order = [k for k in model.state_dict() if k in captured]
+    return {k: captured[k] for k in order}
+
+
+def exact_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:
+    n = math.prod(shape)
+    keep = int(round(density * n))
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:keep]] = True
+    return mask.reshape(shape)
+
+
+def _step_fn(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, forward):
+    def step():
+        module.weight.grad = None
+        if module.bias is not None:
+            module.bias.grad = None
+        x.grad = None
+        forward(x).backward(gy)
+    return step
+
+
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
+
+
+def _timed(step, inner: int, clock: str = "cpu") -> float:
+    now = CLOCKS[clock]
+    began = now()
+    for _ in range(inner):
+        step()
+    return (now() - began) / inner
+
+
+def time_layer(name: str, module: nn.Module, x: torch.Tensor, reads_model_input: bool, densities,
+               *, repeats: int = 5, min_time: float = 0.02, kernels=KERNELS, seed: int = 0,
+               max_inner: int = 50, clock: str = "cpu") -> LayerTimes:
+    """Step times of one layer (see the module doc); the module's weight is restored after."""
+    kernels = [k for k in kernels if k == "dense" or supports(module)]
+    shape = tuple(module.weight.shape)
+    original = module.weight.detach().clone()
+    g = torch.Generator().manual_seed(seed)
+    xin = x.clone().requires_grad_(not reads_model_input)
+    with torch.no_grad():
+        gy = torch.randn(module(xin).shape, generator=g)
+    setups = []   # per density: (masked weight, structure)
+    for d in densities:
+        mask = exact_mask(shape, d, g)
+        setups.append((original * mask, SparseStructure(mask)))
+    steps = {}
+    for i, (_, structure) in enumerate(setups):
+        for k in kernels:
+            forward = module.forward if k == "dense" else sparse_forward(
+                module, structure, "dense" if k == "sparse" else "active")
+            steps[i, k] = _step_fn(module, xin, gy, forward)
+
+    def load(i):
+        with torch.no_grad():
+            module.weight.copy_(setups[i][0])
+
+    # warm-up, and the number of steps per measurement (from the slowest kernel's warm-up step)
+    slowest = 0.0
+    for i in range(len(setups)):
+        load(i)
+        for k in kernels:
+            steps[i, k]()
+            slowest = max(slowest, _timed(steps[i, k], 1))
+    inner = int(min(max_inner, max(1, math.ceil(min_time / max(slowest, 1e-6)))))
+    result = LayerTimes(name, shape, tuple(x.shape), [float(d) for d in densities],
+                        [int(s.nnz) for _, s in setups], {k: [[] for _ in setups] for k in kernels})
+    pairs = [(i, k) for i in range(len(setups)) for k in kernels]
+    for r in range(repeats):
+        shift = (r * (len(kernels) + 1)) % len(pairs)
+        for i, k in pairs[shift:] + pairs[:shift]:
+            load(i)
+            result.times[k][i].append(_timed(steps[i, k], inner, clock))
+    with torch.no_grad():
+        module.weight.copy_(original)
+    module.weight.grad = None
+    return result
+
+
+def fit_line(nnz, seconds) -> LayerLine:
+    """Least-squares line; slope and intercept kept non-negative (a negative slope — noise on a
+    flat dense kernel — becomes a flat line at the median; a negative intercept a line through 0)."""
+    x = np.asarray(nnz, dtype=np.float64)
+    y = np.asarray(seconds, dtype=np.float64)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return LayerLine(float(np.median(y)), 0.0)
+    slope, intercept = np.polyfit(x, y, 1)
+    if slope < 0:
+        return LayerLine(float(np.median(y)), 0.0)
+    if intercept < 0:
+        return LayerLine(0.0, float(np.dot(x, y) / np.dot(x, x)))
+    return LayerLine(float(intercept), float(slope))
+
+
+def fit_sparse(times: LayerTimes, kernel: str) -> LayerLine:
+    """The line of a sparse kernel, fitted on densities <= SPARSE_FIT_MAX_DENSITY if two or more."""
+    points = [(n, t) for d, n, t in zip(times.densities, times.nnz, times.medians(kernel))
+              if d <= SPARSE_FIT_MAX_DENSITY]
+    if len(points) < 2:
+        return fit_line(times.nnz, times.medians(kernel))
+    return fit_line([n for n, _ in points], [t for _, t in points])
+
+
+def break_even(dense: LayerLine, sparse: LayerLine, numel: int) -> float:
+    """Density below which the ``sparse`` line is below the ``dense`` line, in [0, 1]."""
+    if sparse.slope <= dense.slope:
+        return 1.0 if sparse(numel) < dense(numel) else (0.0 if sparse(0) >= dense(0) else 1.0)
+    crossing = (dense.intercept - sparse.intercept) / (sparse.slope - dense.slope)
+    return float(min(1.0, max(0.0, crossing / numel)))
+
+
+def measured_crossover(times: LayerTimes, kernel: str = "sparse") -> float | None:
+    """The largest measured density at which ``kernel``'s median beats dense's, with every lower
+    density beating it too (None: not even the lowest)."""
+    dense, sparse = times.medians("dense"), times.medians(kernel)
+    best = None
+    for d, a, b in zip(times.densities, dense, sparse):
+        if b < a:
+            best = d
+        else:
+            break
+    return best
+
+
+def trainer_seconds(model_name: str, input_shape, num_classes: int, batch_size: int, *, repeats: int = 5,
+                    steps: int = 4, seed: int = 0, clock: str = "cpu") -> tuple[list[float], list[float]]:
+    """Whole-model cost through fedmpi's own ``LocalTrainer`` (plain SGD, random masks of density
+    0.5 on every maskable weight — re-masking costs the same whatever the kernels, and its writes
+    grow as density falls: 0.5 is the middle —, dense kernels): per repeat, the seconds of one
+    training step — (T(steps) − T(0)) / steps — and the per-round overhead T(0) (load weights and
+    masks, export)."""
+    import copy
+
+    from ..config import DEFAULTS
+    from ..models import build_model, maskable_parameter_names
+    from ..training import LocalTrainer
+
+    torch.manual_seed(seed)
+    model = build_model(model_name, input_shape, num_classes)
+    weights = {k: v.detach().numpy().copy() for k, v in model.state_dict().items() if v.is_floating_point()}
+    rng = np.random.default_rng(seed)
+    masks = {n: rng.random(weights[n].shape) < 0.5 for n in maskable_parameter_names(model)}
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch_size * steps, *input_shape), generator=g)
+    y = torch.randint(0, num_classes, (batch_size * steps,), generator=g)
+    local = copy.deepcopy(DEFAULTS["local"])
+    local.update(batch_size=batch_size, lr=1e-6, momentum=0.0, weight_decay=0.0, optimizer="sgd")
+    trainer = LocalTrainer(model, local)
+
+    def run(k):
+        return lambda: trainer.train(weights, x, y, seed=seed, round_=1, client_id=0, masks=masks, steps=k)
+
+    run(steps)(), run(0)()   # warm-up
+    per_step, overhead = [], []
+    for _ in range(repeats):
+        t0 = _timed(run(0), 1, clock)
+        tk = _timed(run(steps), 1, clock)
+        per_step.append(max(0.0, (tk - t0) / steps))
+        overhead.append(t0)
+    return per_step, overhead
+
+
+def measure_model(model: nn.Module, input_shape, batch_size: int, densities=DEFAULT_DENSITIES, *,
+                  repeats: int = 5, min_time: float = 0.02, kernels=KERNELS, seed: int = 0,
+                  layers=None, progress=None, clock: str = "cpu") -> dict[str, LayerTimes]:
+    inputs = layer_inputs(model, input_shape, batch_size, seed)
+    out = {}
+    for name, (module, x, reads_input) in inputs.items():
+        if layers is not None and name not in layers:
+            continue
+        if progress:
+            progress(f"{name} {tuple(module.weight.shape)} input {tuple(x.shape)}")
+        out[name] = time_layer(name, module, x, reads_input, densities, repeats=repeats,
+                               min_time=min_time, kernels=kernels, seed=seed, clock=clock)
+    return out
+
+
+def build_profile(name: str, model_name: str, input_shape, num_classes: int, batch_size: int,
+                  layer_times: dict[str, LayerTimes], model_step: list[float], *, uplink: float,
+                  downlink: float, latency: float = 0.0, overhead: list[float] | None = None,
+                  description: str = "", extra: dict | None = None) -> MeasuredProfile:
+    """Fit the lines, the break-even densities and the rest of the step (the whole model's dense
+    ``model_step`` minus its layers' dense medians) into a profile; ``overhead``: per-round
+    measurements (their median)."""
+    layers = {}
+    dense_sum = 0.0
+    for lname, lt in layer_times.items():
+        dense = fit_line(lt.nnz, lt.medians("dense"))
+        dense_sum += statistics.median(lt.medians("dense"))
+        sparse = fit_sparse(lt, "sparse") if "sparse" in lt.times else None
+        active = fit_sparse(lt, "sparse_active") if "sparse_active" in lt.times else None
+        layers[lname] = MeasuredLayer(
+            shape=lt.shape, dense=dense, sparse=sparse, sparse_active=active,
+            break_even=break_even(dense, sparse, lt.numel) if sparse else 0.0,
+            break_even_active=break_even(dense, active, lt.numel) if active else 0.0)
+    other = max(0.0, statistics.median(model_step) - dense_sum)
+    return MeasuredProfile(name=name, path="", model=model_name, input_shape=tuple(input_shape),
+                           num_classes=num_classes, batch_size=batch_size, other_seconds=other,
+                           layers=layers, uplink_bytes_per_second=uplink, downlink_bytes_per_second=downlink,
+                           latency_seconds=latency, description=description, extra=extra or {},
+                           overhead_seconds=statistics.median(overhead) if overhead else 0.0)
+
+
+def machine_description() -> dict:
+    import os
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
+            "mkl": bool(torch.backends.mkl.is_available())}
+
+
+def _default_shape(model_name: str) -> tuple[int, ...]:
+    from ..errors import ConfigError
+    from ..models import build_model
+
+    for shape in ((1, 28, 28), (3, 32, 32), (60,)):
+        try:
+            build_model(model_name, shape, 10)
+            return shape
+        except ConfigError:
+            continue
+    raise ConfigError("--data-shape", f"give the input shape of {model_name}, e.g. --data-shape 3,32,32")
+
+
+def profile_machine(model_name: str, out, *, data_shape=None, num_classes: int = 10, batch_size: int = 20,
+                    densities=DEFAULT_DENSITIES, repeats: int = 5, min_time: float = 0.02,
+                    link: str = "laptop", name: str | None = None, seed: int = 0, threads: int = 1,
+                    progress=None, command: str = "", clock: str = "cpu") -> MeasuredProfile:
+    """``fedmpi profile``: measure, fit and write ``out`` (YAML); returns the profile as loaded back."""
+    import datetime
+    from pathlib import Path
+
+    import yaml
+
+    from ..errors import ConfigError
+    from ..models import build_model
+    from .profiles import PROFILES, load_profile, profile_document
+
+    if link not in PROFILES:
+        raise ConfigError("--link", f"unknown profile '{link}'; choose one of {', '.join(PROFILES)}")
+    if repeats < 1 or batch_size < 1 or not densities or any(not 0 < d <= 1 for d in densities):
+        raise ConfigError("--densities", "need densities in (0, 1], --repeats >= 1 and --batch-size >= 1")
+    shape = tuple(data_shape) if data_shape else _default_shape(model_name)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    model = build_model(model_name, shape, num_classes)
+    layer_times = measure_model(model, shape, batch_size, densities, repeats=repeats, min_time=min_time,
+                                seed=seed, progress=progress, clock=clock)
+    if progress:
+        progress("whole model through LocalTrainer (step and per-round overhead)")
+    step, overhead = trainer_seconds(model_name, shape, num_classes, batch_size, repeats=repeats, seed=seed,
+                                     clock=clock)
+    out = Path(out)
+    links = PROFILES[link]
+    extra = {"machine": machine_description(),
+             "measurement": {"densities": [float(d) for d in densities], "repeats": repeats,
+                             "min_time": min_time, "seed": seed, "link_from": link, "clock": clock,
+                             "trainer_step_seconds": [float(t) for t in step],
+                             "trainer_overhead_seconds": [float(t) for t in overhead],
+                             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             "command": command}}
+    profile = build_profile(
+        name or out.stem, model_name, shape, num_classes, batch_size, layer_times, step,
+        uplink=links.uplink_bytes_per_second, downlink=links.downlink_bytes_per_second, overhead=overhead,
+        description=f"{model_name} {'x'.join(map(str, shape))}, {num_classes} classes, batch {batch_size}, "
+                    f"measured on {extra['machine']['cpu']} ({threads} torch thread{'s' if threads > 1 else ''}); "
+                    f"links of the built-in '{link}' profile", extra=extra)
+    medians = {n: {k: lt.medians(k) for k in lt.times} for n, lt in layer_times.items()}
+    doc = profile_document(profile, medians)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("# measured device profile written by `fedmpi profile` (docs/timing.md); seconds per\n"
+                   "# training step of `batch_size` samples; lines: intercept + slope * nonzero weights\n"
+                   + yaml.safe_dump(doc, sort_keys=False, width=100, default_flow_style=None))
+    return load_profile(str(out))

@@ -1,0 +1,391 @@
+"""Several clients of one rank trained at once (``local.client_batch`` > 1).
+
+``LocalTrainer.train`` trains one client at a time. For a small model and a few dozen samples per
+client, most of that time is not arithmetic but per-step overhead: dozens of small kernel calls,
+autograd bookkeeping, ``torch.optim`` machinery, each paid once per client and step.
+``train_group`` trains G clients in lockstep instead: their weights are stacked ``[G, ...]``, the
+model runs once per step for all of them under ``torch.func.vmap`` + ``functional_call``, and each
+client keeps its own batch order (its own seeded generator, as in ``LocalTrainer._batches``), its
+masks, its proximal anchor and its SGD momentum buffer.
+
+Exactness: every client's weights, loss and sample count equal ``LocalTrainer.train``'s bit for bit.
+Batching changes values only where a batched kernel would reduce in another order than the
+per-client one. Under a plain ``vmap`` that happens in three places: a linear layer becomes ``bmm``
+followed by a separate bias add (``addmm`` adds the bias inside the GEMM), a convolution becomes a
+grouped convolution, and the cross-entropy's batch mean is reduced by another kernel. So those three
+run as custom autograd Functions whose batched rule loops over the clients and calls, per client,
+the ATen kernel the one-by-one loop calls, on the same shape and strides, forward and backward
+(the backward formulas are autograd's own for ``addmm``/``mm``/``convolution``/``log_softmax``/
+``nll_loss``). Everything else is elementwise or per row / per image (ReLU, pooling, flatten, the
+SGD arithmetic, mask re-zeroing), where batching changes no value; the SGD step runs
+``torch.optim.SGD``'s single-tensor arithmetic (weight decay, momentum, Nesterov) per client slice.
+What is batched is what costs: one model call, one autograd graph and one optimizer pass per step
+for G clients, the elementwise kernels, the data gather.
+
+Clients whose sample counts differ have differently shaped batches; a group is split into
+sub-groups of equal size (exact shapes, no padding), so a partition with unequal clients gains only
+where sizes repeat (iid and shards partitions give equal sizes).
+
+Only what is known to be exact is grouped (``group_unsupported`` says why not): SGD, the default
+cross-entropy objective, no step hooks, no ``steps`` limit, the full model, no sparse kernels, a
+model without buffers (no batch norm) whose parameters all sit in ``nn.Linear`` / ``nn.Conv2d``
+layers, and no random op in the forward (``vmap`` refuses one). Otherwise ``train_group`` trains the
+clients one by one with ``LocalTrainer.train``: the same results, without the speed-up.
+On CUDA the optimizer's per-client kernels are the same, but bit-equality with the one-by-one loop
+(which uses ``torch.optim``'s foreach kernels there) is not claimed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import groupby
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
+
+from ..errors import DivergenceError
+from .objectives import cross_entropy
+
+
+@dataclass
+class Member:
+    """One client of a group: what ``LocalTrainer.train`` takes for it."""
+
+    client_id: int
+    weights: dict[str, np.ndarray]
+    x: torch.Tensor
+    y: torch.Tensor
+    seed: int
+    masks: dict[str, np.ndarray] | None = None
+
+
+# ------------------------------------------------------------------ per-client kernels under vmap
+def _stacked(t: torch.Tensor | None, dim, size: int):
+    if t is None:
+        return None
+    return t.unsqueeze(0).expand(size, *t.shape) if dim is None else t.movedim(dim, 0)
+
+
+class _GroupLinear(torch.autograd.Function):
+    """``F.linear`` for G clients: x [G, B, in], W [G, out, in], b [G, out] or None. Per client
+    exactly what the one-by-one loop runs: ``addmm(b, x, W.t())`` (``mm`` without bias) forward,
+    autograd's ``mm_mat1_backward``/``mm_mat2_backward`` and the bias ``sum(0)`` backward."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        out = x.new_empty(x.shape[0], x.shape[1], W.shape[1])
+        for g in range(x.shape[0]):
+            if b is None:
+                torch.mm(x[g], W[g].t(), out=out[g])
+            else:
+                torch.addmm(b[g], x[g], W[g].t(), out=out[g])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(W) if need_w else None
+        gb = W.new_empty(W.shape[0], W.shape[1]) if need_b and ctx.has_bias else None
+        for g in range(x.shape[0]):
+            if need_x:
+                torch.mm(grad[g], W[g], out=gx[g])                 # grad.mm(mat2.t()), mat2 = W.t()
+            if need_w:
+                # mat2 = W.t() is column-major, so autograd takes grad.t().mm(mat1).t(); the TBackward
+                # of W.t() transposes it back: W's gradient is grad.t().mm(x)
+                torch.mm(grad[g].t(), x[g], out=gw[g])
+            if gb is not None:
+                torch.sum(grad[g], 0, out=gb[g])                 # sum_to(grad, bias.shape)
+        return gx, gw, gb
+
+
+class _VmapLinear(torch.autograd.Function):
+    """Per-client view of ``_GroupLinear``: what the model's ``F.linear`` call becomes under vmap."""
+
+    @staticmethod
+    def forward(x, W, b):
+        return F.linear(x, W, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):   # never reached: the batched rule records _GroupLinear instead
+        raise RuntimeError("multi-client linear: per-client backward called outside vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, x, W, b):
+        n = info.batch_size
+        return _GroupLinear.apply(_stacked(x, in_dims[0], n), _stacked(W, in_dims[1], n),
+                                  _stacked(b, in_dims[2], n)), 0
+
+
+class _GroupConv2d(torch.autograd.Function):
+    """``F.conv2d`` for G clients: x [G, B, C, H, W], W [G, O, C/groups, k, k], b [G, O] or None,
+    per client ``aten.convolution`` forward and autograd's ``convolution_backward``."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, W)
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.has_bias = b is not None
+        return torch.stack([F.conv2d(x[g], W[g], None if b is None else b[g], stride, padding, dilation, groups)
+                            for g in range(x.shape[0])])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, W = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        mask = [need_x, need_w, need_b and ctx.has_bias]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(W) if need_w else None
+        gb = W.new_empty(W.shape[0], W.shape[1]) if mask[2] else None
+        bias_sizes = [W.shape[1]] if ctx.has_bias else None
+        for g in range(x.shape[0]):
+            dx, dw, db = torch.ops.aten.convolution_backward(
+                grad[g].contiguous(), x[g], W[g], bias_sizes, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, mask)
+            if need_x:
+                gx[g] = dx
+            if need_w:
+                gw[g] = dw
+            if gb is not None:
+                gb[g] = db
+        return gx, gw, gb, None, None, None, None
+
+
+class _VmapConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(x, W, b, stride, padding, dilation, groups):
+        return F.conv2d(x, W, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("multi-client conv2d: per-client backward called outside vmap")
+
+    @staticmethod
+    def vmap(info, in_dims, x, W, b, stride, padding, dilation, groups):
+        n = info.batch_size
+        return _GroupConv2d.apply(_stacked(x, in_dims[0], n), _stacked(W, in_dims[1], n),
+                                  _stacked(b, in_dims[2], n), stride, padding, dilation, groups), 0
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+class _PerClientKernels(TorchFunctionMode):
+    """Inside the vmapped forward: route ``F.linear`` (2-D input) and ``F.conv2d`` (numeric
+    padding) to the per-client Functions above; everything else runs as called."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if x.dim() == 2:
+                return _VmapLinear.apply(x, weight, bias)
+        elif func is F.conv2d:
+            names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+            defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+            a = {**defaults, **dict(zip(names, args)), **kwargs}
+            if a["input"].dim() == 4 and not isinstance(a["padding"], str):
+                return _VmapConv2d.apply(a["input"], a["weight"], a["bias"], _pair(a["stride"]),
+                                         _pair(a["padding"]), _pair(a["dilation"]), a["groups"])
+        return func(*args, **kwargs)
+
+
+class _GroupCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy per client: logits [G, B, C], y [G, B] → [G]. Per client the kernels of
+    ``F.cross_entropy``: ``_log_softmax`` then ``nll_loss_forward`` (mean), and backward
+    ``nll_loss_backward`` then ``_log_softmax_backward_data``."""
+
+    @staticmethod
+    def forward(ctx, logits, y):
+        logp = torch.empty_like(logits)
+        loss = logits.new_empty(logits.shape[0])
+        total = logits.new_empty(logits.shape[0])
+        for g in range(logits.shape[0]):
+            torch._log_softmax(logits[g], 1, False, out=logp[g])
+            loss[g], total[g] = torch.ops.aten.nll_loss_forward(logp[g], y[g], None, 1, -100)
+        ctx.save_for_backward(logp, y, total)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        logp, y, total = ctx.saved_tensors
+        out = torch.empty_like(logp)
+        for g in range(logp.shape[0]):
+            d = torch.ops.aten.nll_loss_backward(grad[g], logp[g], y[g], None, 1, -100, total[g])
+            out[g] = torch.ops.aten._log_softmax_backward_data(d, logp[g], 1, logp.dtype)
+        return out, None
+
+
+# ------------------------------------------------------------------ eligibility
+_PARAMETER_FREE_OK = (torch.nn.ReLU, torch.nn.Flatten, torch.nn.MaxPool2d, torch.nn.AvgPool2d, torch.nn.Identity,
+                      torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Sequential, torch.nn.ModuleList)
+
+
+def model_unsupported(model: torch.nn.Module) -> str | None:
+    """Why this model cannot be trained as a group (None: it can)."""
+    if any(True for _ in model.buffers()):
+        return "the model has buffers (batch norm?)"
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        if isinstance(module, torch.nn.Linear):
+            continue
+        if isinstance(module, torch.nn.Conv2d):
+            if module.padding_mode != "zeros" or isinstance(module.padding, str):
+                return f"{name}: only zero, numeric conv padding is grouped"
+            continue
+        if own:
+            return f"{name or 'model'} ({type(module).__name__}) holds parameters outside Linear/Conv2d"
+        if name and not isinstance(module, _PARAMETER_FREE_OK) and list(module.children()) == []:
+            return f"{name}: {type(module).__name__} is not known to act per sample"
+    return None
+
+
+def group_unsupported(trainer, *, optimizer=None, objective=cross_entropy, hooks=(), steps=None,
+                      variant=None, masks=None) -> str | None:
+    """Why these training settings cannot be grouped exactly (None: they can)."""
+    spec = optimizer or trainer.optimizer
+    if spec.name != "sgd":
+        return f"optimizer {spec.name} (only SGD is grouped)"
+    if objective is not cross_entropy:
+        return "a custom objective"
+    if tuple(hooks):
+        return "step hooks"
+    if steps is not None:
+        return "a fixed number of steps"
+    if variant:
+        return "a model variant"
+    if masks and getattr(trainer, "sparse_kernels", None) is not None:
+        return "sparse kernels"
+    return model_unsupported(trainer.model)
+
+
+# ------------------------------------------------------------------ training
+def train_group(trainer, members: list[Member], *, round_: int, prox_mu: float = 0.0,
+                epochs: int | None = None) -> list[tuple[dict[str, np.ndarray], float, int]]:
+    """``LocalTrainer.train`` for each member (same results, bit for bit), several at once where
+    ``group_unsupported`` allows; returns (weights, mean loss, samples processed) per member."""
+    masked = any(m.masks for m in members)
+    reason = group_unsupported(trainer, masks=masked)
+    if reason is None and masked and len({tuple(sorted(m.masks or {})) for m in members}) > 1:
+        reason = "members mask different tensors"
+    if reason is not None or len(members) == 1:
+        return [trainer.train(m.weights, m.x, m.y, seed=m.seed, round_=round_, client_id=m.client_id,
+                              masks=m.masks, prox_mu=prox_mu, epochs=epochs) for m in members]
+    results: dict[int, tuple] = {}
+    losses: dict[int, list[tuple[float, int]]] = {}
+    # sub-groups of equal size: positions in the group, in order, keyed by sample count
+    order = sorted(range(len(members)), key=lambda i: (len(members[i].y), i))
+    for _, positions in groupby(order, key=lambda i: len(members[i].y)):
+        positions = list(positions)
+        trained, step_losses = _train_equal(trainer, [members[i] for i in positions], prox_mu, epochs)
+        for i, weights, per_step in zip(positions, trained, step_losses):
+            results[i], losses[i] = weights, per_step
+    out = []
+    for i, m in enumerate(members):
+        steps = losses[i]
+        for loss, _ in steps:   # the one-by-one loop stops at the first client, in order, that diverges
+            if not np.isfinite(loss):
+                raise DivergenceError(round_, m.client_id, loss)
+        loss_sum, processed = 0.0, 0
+        for loss, size in steps:
+            loss_sum += loss * size
+            processed += size
+        out.append((results[i], loss_sum / max(processed, 1), processed))
+    torch.manual_seed(members[-1].seed)   # the global RNG as the one-by-one loop leaves it
+    return out
+
+
+def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | None):
+    """Members with equal sample counts: same number of steps, same batch sizes."""
+    device, model = trainer.device, trainer.model
+    spec, local = trainer.optimizer, trainer.local
+    G, n = len(members), len(members[0].y)
+    names = [name for name, _ in model.named_parameters()]
+    keys = list(members[0].weights)
+    with torch.no_grad():
+        params = {k: torch.stack([torch.from_numpy(np.asarray(m.weights[k])) for m in members]).to(
+            device, torch.float32) for k in names}
+        masks = {}
+        if members[0].masks:
+            for k in members[0].masks:
+                masks[k] = ~torch.stack([torch.from_numpy(np.asarray(m.masks[k], dtype=bool)) for m in members]).to(device)
+                params[k].masked_fill_(masks[k], 0)
+        anchors = {k: p.clone() for k, p in params.items()} if prox_mu > 0 else None
+    x = torch.stack([m.x for m in members]).to(device)
+    y = torch.stack([m.y for m in members]).to(device)
+    rows = torch.arange(G, device=device)[:, None]
+    generators = [torch.Generator().manual_seed(m.seed) for m in members]
+    with torch.no_grad():
+        per_client = list(zip(*[params[k].detach().unbind(0) for k in names]))  # views, for the SGD step
+    leaves = [params[k].requires_grad_() for k in names]
+    buffers = None
+    model.train()
+
+    def forward(p, xb):
+        with _PerClientKernels():
+            return functional_call(model, p, (xb,))
+
+    batched_forward = vmap(forward)
+    step_losses, sizes = [], []
+    size = local["batch_size"]
+    for _ in range(epochs if epochs is not None else local["epochs"]):
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
+        for start in range(0, n, size):
+            batch = orders[:, start:start + size]
+            loss = _GroupCrossEntropy.apply(batched_forward(dict(zip(names, leaves)), x[rows, batch]), y[rows, batch])
+            total = loss
+            if anchors is not None:
+                prox = sum(((params[k] - anchors[k]) ** 2).flatten(1).sum(1) for k in names)
+                total = loss + prox_mu / 2 * prox
+            grads = torch.autograd.grad(total.sum(), leaves)
+            with torch.no_grad():
+                buffers = _sgd_step(per_client, list(zip(*[g.unbind(0) for g in grads])), buffers, spec)
+                for k, outside in masks.items():
+                    params[k].masked_fill_(outside, 0)
+            step_losses.append(loss.detach())
+            sizes.append(batch.shape[1])
+    per_step = torch.stack(step_losses).t().tolist() if step_losses else [[] for _ in members]
+    with torch.no_grad():
+        stacked = {k: params[k].detach().to("cpu").numpy() for k in names}
+    trained = [{k: stacked[k][g] for k in keys} for g in range(G)]
+    return trained, [list(zip(row, sizes)) for row in per_step]
+
+
+def _sgd_step(params, grads, buffers, spec):
+    """``torch.optim.SGD``'s single-tensor step, client by client (``params``/``grads``: per client,
+    its slice of every parameter; a client's tensors stay in cache through the four passes);
+    returns the momentum buffers. ``torch._foreach_*`` on CPU runs the single-tensor kernel on each
+    tensor, so the arithmetic is exactly the per-client loop's."""
+    first = buffers is None
+    if first:
+        buffers = [None] * len(params)
+    for c, (p, g) in enumerate(zip(params, grads)):
+        if spec.weight_decay != 0:
+            g = torch._foreach_add(g, p, alpha=spec.weight_decay)
+        if spec.momentum != 0:
+            if first:
+                # torch.optim clones here; g is this step's fresh gradient (or weight-decayed copy),
+                # used nowhere else, so it becomes the buffer as it is: the same values
+                buffers[c] = list(g)
+            else:
+                torch._foreach_mul_(buffers[c], spec.momentum)
+                torch._foreach_add_(buffers[c], g, alpha=1)
+            g = torch._foreach_add(g, buffers[c], alpha=spec.momentum) if spec.nesterov else buffers[c]
+        torch._foreach_add_(p, g, alpha=-spec.lr)
+    return buffers
