@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedmpi.plots_heterogeneous import draw_heterogeneous
 from fedmpi.plots_perf import draw_perf
 from fedmpi.plots_prunefl import draw_prunefl
 from fedmpi.results import (
@@ -98,6 +99,7 @@ def draw_all(results_dir, plots_dir) -> list[Path]:
             table_path.write_text(masks + "\n")
             written.append(table_path)
         written += draw_prunefl(experiment, groups, colors, plots_dir, stem)   # PruneFL's figures
+        written += draw_heterogeneous(experiment, groups, plots_dir, stem)     # HypeMeFed and baselines
 
     summary_path = plots_dir / "summary.md"
     summary_path.write_text("# fedmpi results summary\n\n" + summarize_table(runs) + "\n")

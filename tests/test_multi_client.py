@@ -129,6 +129,30 @@ def test_unsupported_settings_train_one_by_one():
     assert "steps" in group_unsupported(trainer, optimizer=OptimizerSpec(), steps=5)
 
 
+class SequenceModel(torch.nn.Module):
+    """A linear layer applied to 3-D per-sample input: not covered by the per-client kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(30, 10)
+
+    def forward(self, x):
+        return self.fc(x.view(x.shape[0], 2, 30)).mean(1)
+
+
+def test_layer_calls_outside_the_per_client_kernels_train_one_by_one(monkeypatch):
+    torch.manual_seed(0)
+    trainer = LocalTrainer(SequenceModel(), local_cfg(batch_size=16, lr=0.05, momentum=0.9))
+    members = members_for(trainer, (60,), [40, 40, 40])
+    expected = one_by_one(trainer, members)
+    assert group_unsupported(trainer) is None          # only the forward shows it
+    calls = []
+    original = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert_identical(expected, train_group(trainer, members, round_=1))
+    assert len(calls) == len(members)
+
+
 def test_models_with_buffers_or_odd_layers_are_not_grouped():
     bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     assert "buffers" in multi_client.model_unsupported(bn)

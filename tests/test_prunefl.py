@@ -72,7 +72,7 @@ def test_summed_gradient_squared_is_the_square_of_the_summed_gradients_times_sam
     result = hook.result()
     for name in params:
         summed = sum(g[name] for g in grads)
-        np.testing.assert_allclose(result[name], (summed ** 2 * samples).numpy(), rtol=1e-12)
+        np.testing.assert_allclose(result[name], (summed ** 2 * samples).numpy(), rtol=1e-5)
         per_step = sum(g[name] ** 2 for g in grads).numpy()
         assert not np.allclose(result[name], per_step * samples)   # not Σ g² (the other hook)
 

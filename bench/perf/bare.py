@@ -105,7 +105,8 @@ def main() -> int:
                 params[n].copy_(torch.from_numpy(values[n]))
 
     def train(c, round_, client_masks):
-        x, y = x_train[torch.from_numpy(partition.train_indices[c])], y_train[torch.from_numpy(partition.train_indices[c])]
+        idx = torch.from_numpy(partition.train_indices[c])
+        x, y = x_train[idx], y_train[idx]
         load(weights)
         s = rng.torch_seed(seed, rng.CLIENT, round_, c)
         torch.manual_seed(s)

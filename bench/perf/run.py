@@ -221,7 +221,8 @@ def startup_table(result: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 repeat and fewer rounds (a smoke test, not a measurement)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 repeat and fewer rounds (a smoke test, not a measurement)")
     parser.add_argument("--repeats", type=int, default=None, help="runs per system (default 5; --quick: 1)")
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))

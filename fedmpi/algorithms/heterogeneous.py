@@ -9,11 +9,20 @@ the clients that trained it and keeps its value where nobody did.
 - ``heterofl`` : HeteroFL (Diao et al., ICLR 2021), width scaling: a client at rate p trains the
                  first ⌈p·C⌉ channels of every hidden layer at full depth, loss at the last exit.
 
+Time: a client reports ``densities`` = for every maskable layer of the full model, its submodel's
+weights in that layer / the full layer's (0 for layers it does not hold). For convolutions and
+linear layers at the full model's spatial sizes that is the fraction of the layer's FLOPs the client
+runs (width p scales in·out channels, a shallow client skips the deeper blocks and exits), so
+``train_flops`` and ``sim_seconds`` (under ``device.tier_profiles``, its tier's device) are the
+submodel's.
+
 The paper's metric is ``client_accuracy``: the global model at each client's deepest exit on
 that client's local test set. Per round they also record each exit's accuracy on the global test
 set (``exit_accuracy[e]``) and the mean client accuracy per tier (``tier_accuracy[t]``).
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -48,6 +57,7 @@ class TieredAlgorithm(Algorithm):
         self.num_tiers = len(cfg["tiers"]["mix"])
         self.variants = [self.variant(t) for t in range(self.num_tiers)]
         self.blocks = [self._blocks(v) for v in self.variants]
+        self.densities = [self._densities(b) for b in self.blocks]
         self._downloads: dict[int, ModelUpdate] = {}
 
     def variant(self, tier: int) -> dict:
@@ -62,6 +72,15 @@ class TieredAlgorithm(Algorithm):
         model = build_model(self.cfg["model"], self.info.input_shape, self.info.num_classes, **variant)
         return {n: tuple((0, d) for d in t.shape) for n, t in model.state_dict().items()
                 if t.is_floating_point()}
+
+    def _densities(self, blocks: dict[str, tuple]) -> dict[str, float] | None:
+        """Per maskable layer of the full model: the variant's weights in it / the full layer's
+        (0 where the variant lacks the layer); None for the full model itself (dense)."""
+        densities = {}
+        for name in self.info.maskable:
+            held = math.prod(b - a for a, b in blocks[name]) if name in blocks else 0
+            densities[name] = held / math.prod(self.info.shapes[name])
+        return None if all(d == 1.0 for d in densities.values()) else densities
 
     # ---- server --------------------------------------------------------------------------
     def select_clients(self, round_, generator):
@@ -101,7 +120,8 @@ class TieredAlgorithm(Algorithm):
             task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
             client_id=task.client_id, variant=self.variants[tier], **kwargs)
         update = ModelUpdate(weights, slices=dict(task.received.slices))
-        return ClientResult(task.client_id, len(task.y), update, loss, processed, metrics={"tier": tier + 1})
+        return ClientResult(task.client_id, len(task.y), update, loss, processed,
+                            densities=self.densities[tier], metrics={"tier": tier + 1})
 
     # ---- results -------------------------------------------------------------------------
     def round_columns(self):

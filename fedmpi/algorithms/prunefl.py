@@ -176,26 +176,32 @@ def reconfigure(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarra
                                  within={n: masks[n] for n in names})
     numerator = float(dense_importance)
     denominator = float(time_model.c0)
-    layer_of, positions, values, costs = [], [], [], []
+    layer_of, positions, values, ratio_parts = [], [], [], []
+    t_of = np.array([time_model.t[name] for name in names], dtype=np.float64)
     for i, name in enumerate(names):
         kept = kept_masks[name].reshape(-1)
         g = np.asarray(importance[name], dtype=np.float64).reshape(-1)
         numerator += float(g[kept].sum())
         denominator += time_model.t[name] * counts[name]
-        candidates = np.flatnonzero(~kept)
-        order = np.argsort(-g[candidates], kind="stable")
-        candidates = candidates[order]
+        candidates = np.flatnonzero(~kept)          # in (layer, flat index) order
         positions.append(candidates)
         values.append(g[candidates])
-        costs.append(np.full(candidates.size, time_model.t[name]))
-        layer_of.append(np.full(candidates.size, i, dtype=np.int64))
+        ratio_parts.append(values[-1] / t_of[i])
+        layer_of.append(np.full(candidates.size, i, dtype=np.int32))
     positions_all = np.concatenate(positions) if positions else np.zeros(0, np.int64)
     values_all = np.concatenate(values) if values else np.zeros(0)
-    costs_all = np.concatenate(costs) if costs else np.zeros(0)
-    layers_all = np.concatenate(layer_of) if layer_of else np.zeros(0, np.int64)
-    order = np.argsort(-(values_all / costs_all), kind="stable")
+    ratios = np.concatenate(ratio_parts) if ratio_parts else np.zeros(0)
+    layers_all = np.concatenate(layer_of) if layer_of else np.zeros(0, np.int32)
     limit = None if max_active is None else max_active - sum(counts.values())
-    n_add = greedy_count(numerator, denominator, values_all[order], costs_all[order], limit)
+    # the greedy only walks a prefix of the candidates sorted by ratio: sort the top k (ties at
+    # the boundary included, so the prefix is exactly the full sort's), widen k while all are taken
+    k = max(4096, 2 * sum(int(np.count_nonzero(masks[n])) - counts[n] for n in names))
+    while True:
+        order = top_order(ratios, k)
+        n_add = greedy_count(numerator, denominator, values_all[order], t_of[layers_all[order]], limit)
+        if n_add < order.size or order.size == ratios.size:
+            break
+        k *= 4
     chosen = order[:n_add]
     new_masks, added = {}, {}
     for i, name in enumerate(names):
@@ -205,8 +211,19 @@ def reconfigure(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarra
         new_masks[name] = flat.reshape(np.shape(masks[name]))
         added[name] = int(mine.size)
     numerator += float(values_all[chosen].sum())
-    denominator += float(costs_all[chosen].sum())
+    denominator += float(t_of[layers_all[chosen]].sum())
     return Reconfiguration(new_masks, counts, added, numerator / denominator if denominator > 0 else math.inf)
+
+
+def top_order(scores: np.ndarray, k: int) -> np.ndarray:
+    """Indices of every score ≥ the k-th largest, by decreasing score, ties in index order: a
+    prefix of ``np.argsort(-scores, kind="stable")`` holding at least min(k, n) items."""
+    n = scores.size
+    if k >= n:
+        return np.argsort(-scores, kind="stable")
+    kth = -np.partition(-scores, k - 1)[k - 1]
+    selected = np.flatnonzero(scores >= kth)
+    return selected[np.argsort(-scores[selected], kind="stable")]
 
 
 def gamma(masks: Mapping[str, np.ndarray], importance: Mapping[str, np.ndarray], time_model: RoundTimeModel,
@@ -338,9 +355,14 @@ class _AccuracyObjective:
 
 def flatten_importance(parts: Mapping[str, np.ndarray], names: list[str], shapes: Mapping[str, tuple]) -> np.ndarray:
     """One float32 vector over ``names`` (zeros where a tensor has no importance)."""
-    pieces = [np.asarray(parts[n], dtype=np.float32).reshape(-1) if n in parts
-              else np.zeros(math.prod(shapes[n]), np.float32) for n in names]
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    sizes = [math.prod(shapes[n]) for n in names]
+    out = np.zeros(sum(sizes), np.float32)
+    offset = 0
+    for name, size in zip(names, sizes):
+        if name in parts:
+            out[offset:offset + size] = np.asarray(parts[name]).reshape(-1)
+        offset += size
+    return out
 
 
 def split_importance(vector: np.ndarray, names: list[str], shapes: Mapping[str, tuple]) -> dict[str, np.ndarray]:
@@ -521,7 +543,7 @@ class PruneFL(MaskedFedAvg):
         previous_density, stable = None, []
         while iterations < s["ip_max_iterations"]:
             steps = min(s["ip_interval"], s["ip_max_iterations"] - iterations)
-            hook = SquaredGradientAccumulator(self.param_names)
+            hook = SquaredGradientAccumulator(self.param_names, dtype=torch.float32)
             objective = _AccuracyObjective()
             weights, loss, processed = trainer.train(
                 weights, x, y, seed=rng.torch_seed(cfg["seed"], rng.CLIENT, task.round, task.client_id, chunk),

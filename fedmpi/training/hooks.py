@@ -23,8 +23,11 @@ class SquaredGradientAccumulator(StepHook):
     g is the step's (dense) minibatch gradient. The masked forward keeps gradients dense, so
     inactive weights collect importance too and can be regrown."""
 
-    def __init__(self, names):
+    def __init__(self, names, dtype: torch.dtype = torch.float64):
+        """``dtype``: what the totals are kept in (float32 saves PruneFL's initial pruning a
+        float64 copy of every gradient per step)."""
         self.names = list(names)
+        self.dtype = dtype
         self.totals: dict[str, torch.Tensor] = {}
 
     def after_backward(self, params, batch_size):
@@ -33,7 +36,7 @@ class SquaredGradientAccumulator(StepHook):
                 grad = params[name].grad
                 if grad is None:
                     continue
-                contribution = grad.detach().double().pow(2) * batch_size
+                contribution = grad.detach().to(self.dtype).pow(2).mul_(batch_size)
                 if name in self.totals:
                     self.totals[name] += contribution
                 else:
@@ -50,7 +53,8 @@ class SummedGradientSquared(StepHook):
     (Σ_steps g)² · samples processed, where g is each step's dense minibatch gradient. Unlike
     ``SquaredGradientAccumulator`` (Σ_steps g² · batch, what PruneFL's initial pruning
     accumulates), the gradients are summed over the local steps *before* squaring, so directions
-    that agree across the steps count more than noise that cancels."""
+    that agree across the steps count more than noise that cancels. The sums are kept in the
+    gradients' dtype (float32: a handful of local steps), the result is float32."""
 
     def __init__(self, names):
         self.names = list(names)
@@ -64,11 +68,12 @@ class SummedGradientSquared(StepHook):
                 if grad is None:
                     continue
                 if name in self.sums:
-                    self.sums[name] += grad.detach().double()
+                    self.sums[name] += grad
                 else:
-                    self.sums[name] = grad.detach().double().clone()
+                    self.sums[name] = grad.detach().clone()
         self.samples += int(batch_size)
 
     def result(self) -> dict[str, np.ndarray]:
-        """float64 arrays (Σ g)² · samples; names that never saw a gradient are left out."""
-        return {n: (s.pow(2) * self.samples).to("cpu").numpy() for n, s in self.sums.items()}
+        """float32 arrays (Σ g)² · samples; names that never saw a gradient are left out."""
+        with torch.no_grad():
+            return {n: (s * s).mul_(self.samples).to("cpu").numpy() for n, s in self.sums.items()}

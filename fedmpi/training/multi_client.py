@@ -78,29 +78,34 @@ class _GroupLinear(torch.autograd.Function):
         ctx.save_for_backward(x, W)
         ctx.has_bias = b is not None
         out = x.new_empty(x.shape[0], x.shape[1], W.shape[1])
-        for g in range(x.shape[0]):
-            if b is None:
-                torch.mm(x[g], W[g].t(), out=out[g])
-            else:
-                torch.addmm(b[g], x[g], W[g].t(), out=out[g])
+        if b is None:
+            for xg, wg, og in zip(x.unbind(0), W.unbind(0), out.unbind(0)):
+                torch.mm(xg, wg.t(), out=og)
+        else:
+            for xg, wg, bg, og in zip(x.unbind(0), W.unbind(0), b.unbind(0), out.unbind(0)):
+                torch.addmm(bg, xg, wg.t(), out=og)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, W = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        gx = torch.empty_like(x) if need_x else None
-        gw = torch.empty_like(W) if need_w else None
-        gb = W.new_empty(W.shape[0], W.shape[1]) if need_b and ctx.has_bias else None
-        for g in range(x.shape[0]):
-            if need_x:
-                torch.mm(grad[g], W[g], out=gx[g])                 # grad.mm(mat2.t()), mat2 = W.t()
-            if need_w:
-                # mat2 = W.t() is column-major, so autograd takes grad.t().mm(mat1).t(); the TBackward
-                # of W.t() transposes it back: W's gradient is grad.t().mm(x)
-                torch.mm(grad[g].t(), x[g], out=gw[g])
-            if gb is not None:
-                torch.sum(grad[g], 0, out=gb[g])                 # sum_to(grad, bias.shape)
+        grads = grad.unbind(0)
+        gx = gw = gb = None
+        if need_x:
+            gx = torch.empty_like(x)
+            for g, wg, out in zip(grads, W.unbind(0), gx.unbind(0)):
+                torch.mm(g, wg, out=out)                        # grad.mm(mat2.t()), mat2 = W.t()
+        if need_w:
+            # mat2 = W.t() is column-major, so autograd takes grad.t().mm(mat1).t(); the TBackward
+            # of W.t() transposes it back: W's gradient is grad.t().mm(x)
+            gw = torch.empty_like(W)
+            for g, xg, out in zip(grads, x.unbind(0), gw.unbind(0)):
+                torch.mm(g.t(), xg, out=out)
+        if need_b and ctx.has_bias:
+            gb = W.new_empty(W.shape[0], W.shape[1])
+            for g, out in zip(grads, gb.unbind(0)):
+                torch.sum(g, 0, out=out)                        # sum_to(grad, bias.shape)
         return gx, gw, gb
 
 
@@ -185,24 +190,31 @@ def _pair(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
+class _NotGroupable(Exception):
+    """A layer call the per-client kernels do not cover: the group trains one by one instead."""
+
+
 class _PerClientKernels(TorchFunctionMode):
-    """Inside the vmapped forward: route ``F.linear`` (2-D input) and ``F.conv2d`` (numeric
-    padding) to the per-client Functions above; everything else runs as called."""
+    """Inside the vmapped forward: route ``F.linear`` (2-D input) and ``F.conv2d`` (4-D input,
+    numeric padding) to the per-client Functions above; everything else runs as called. Another
+    form of these calls would batch with other reductions, so it stops the grouped training."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.dim() == 2:
-                return _VmapLinear.apply(x, weight, bias)
-        elif func is F.conv2d:
+            if x.dim() != 2:
+                raise _NotGroupable(f"a linear layer on {x.dim()}-D per-sample input")
+            return _VmapLinear.apply(x, weight, bias)
+        if func is F.conv2d:
             names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
             defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
             a = {**defaults, **dict(zip(names, args)), **kwargs}
-            if a["input"].dim() == 4 and not isinstance(a["padding"], str):
-                return _VmapConv2d.apply(a["input"], a["weight"], a["bias"], _pair(a["stride"]),
-                                         _pair(a["padding"]), _pair(a["dilation"]), a["groups"])
+            if a["input"].dim() != 4 or isinstance(a["padding"], str):
+                raise _NotGroupable("a convolution with unbatched input or padding by name")
+            return _VmapConv2d.apply(a["input"], a["weight"], a["bias"], _pair(a["stride"]),
+                                     _pair(a["padding"]), _pair(a["dilation"]), a["groups"])
         return func(*args, **kwargs)
 
 
@@ -284,9 +296,16 @@ def train_group(trainer, members: list[Member], *, round_: int, prox_mu: float =
     reason = group_unsupported(trainer, masks=masked)
     if reason is None and masked and len({tuple(sorted(m.masks or {})) for m in members}) > 1:
         reason = "members mask different tensors"
-    if reason is not None or len(members) == 1:
-        return [trainer.train(m.weights, m.x, m.y, seed=m.seed, round_=round_, client_id=m.client_id,
-                              masks=m.masks, prox_mu=prox_mu, epochs=epochs) for m in members]
+    if reason is None and len(members) > 1:
+        try:
+            return _train_grouped(trainer, members, round_, prox_mu, epochs)
+        except _NotGroupable:
+            pass
+    return [trainer.train(m.weights, m.x, m.y, seed=m.seed, round_=round_, client_id=m.client_id,
+                          masks=m.masks, prox_mu=prox_mu, epochs=epochs) for m in members]
+
+
+def _train_grouped(trainer, members, round_, prox_mu, epochs):
     results: dict[int, tuple] = {}
     losses: dict[int, list[tuple[float, int]]] = {}
     # sub-groups of equal size: positions in the group, in order, keyed by sample count
@@ -324,7 +343,8 @@ def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | N
         masks = {}
         if members[0].masks:
             for k in members[0].masks:
-                masks[k] = ~torch.stack([torch.from_numpy(np.asarray(m.masks[k], dtype=bool)) for m in members]).to(device)
+                kept = torch.stack([torch.from_numpy(np.asarray(m.masks[k], dtype=bool)) for m in members])
+                masks[k] = ~kept.to(device)
                 params[k].masked_fill_(masks[k], 0)
         anchors = {k: p.clone() for k, p in params.items()} if prox_mu > 0 else None
     x = torch.stack([m.x for m in members]).to(device)
@@ -348,7 +368,8 @@ def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | N
         orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         for start in range(0, n, size):
             batch = orders[:, start:start + size]
-            loss = _GroupCrossEntropy.apply(batched_forward(dict(zip(names, leaves)), x[rows, batch]), y[rows, batch])
+            logits = batched_forward(dict(zip(names, leaves)), x[rows, batch])
+            loss = _GroupCrossEntropy.apply(logits, y[rows, batch])
             total = loss
             if anchors is not None:
                 prox = sum(((params[k] - anchors[k]) ** 2).flatten(1).sum(1) for k in names)
