@@ -49,7 +49,8 @@ def method_name(group) -> str:
         name = {(True, True): "PruneFL", (False, True): "PruneFL without initial pruning",
                 (True, False): "PruneFL, initial pruning only",
                 (False, False): "conventional FL (5 local iterations)"}[(initial, adaptive)]
-        skip = {"initial_pruning", "adaptive", "prunefl.initial_pruning", "prunefl.adaptive"}
+        # its extra initial-pruning round is not a setting a reader compares
+        skip = {"initial_pruning", "adaptive", "prunefl.initial_pruning", "prunefl.adaptive", "rounds"}
     else:
         name = {"fedavg": "FedAvg (conventional FL)", "snip": "SNIP", "imp": "iterative magnitude pruning",
                 "lotteryfl": "LotteryFL"}.get(algorithm, algorithm)

@@ -384,3 +384,58 @@ def test_sigkill_then_resume_is_bit_identical(runs, work):
     assert "finished" in b["attrs"] and "resumed" in b["attrs"]
     assert_all_columns_identical(a, b, "prunefl resumed after SIGKILL")
     assert same_bits(a["rounds"]["reconfigured"], b["rounds"]["reconfigured"])
+
+
+# ------------------------------------------------------------------------------ figures and table
+def fake_run(algorithm, seed, accuracy, cum_sim, sections=None, active=None, upload=None):
+    from pathlib import Path
+
+    from fedmpi.results.reader import RunResult
+
+    n = len(accuracy)
+    config = {"algorithm": algorithm, "seed": seed, "rounds": n, "experiment": "toy-prunefl",
+              "model": "femnist_cnn", "clients": {"total": 2, "per_round": 2}, **(sections or {})}
+    rounds = {"round": np.arange(1, n + 1), "test_accuracy": np.asarray(accuracy, float),
+              "cum_sim_seconds": np.asarray(cum_sim, float), "sim_seconds": np.diff(cum_sim, prepend=0.0)}
+    if active is not None:
+        rounds["active_params"] = np.asarray(active, np.int64)
+    clients = {}
+    if upload is not None:
+        clients = {"round": np.repeat(np.arange(1, n + 1), 2), "upload_bytes": np.full(2 * n, upload, np.int64)}
+    return RunResult(path=Path(f"{algorithm}{seed}.h5"), config=config, finished=True, rounds=rounds,
+                     attrs={}, clients=clients)
+
+
+def test_time_to_target_table_and_figures(tmp_path):
+    from fedmpi.plots_prunefl import draw_prunefl, model_size, time_to_target_table
+    from fedmpi.results import group_runs
+
+    nan = float("nan")
+    conventional = {"prunefl": {"initial_pruning": False, "adaptive": False}}
+    runs = [
+        # reference: finals 0.84 and 0.80 → target 0.81; seed 0 reaches it at round 4 (40 s), seed 1 never
+        fake_run("prunefl", 0, [nan, 0.5, nan, 0.83, 0.84], [10, 20, 30, 40, 50], conventional,
+                 active=[100] * 5),
+        fake_run("prunefl", 1, [nan, 0.5, nan, 0.79, 0.80], [10, 20, 30, 40, 50], conventional,
+                 active=[100] * 5),
+        # PruneFL reaches it at round 4 in both seeds: 8 s and 12 s → 10 s, a quarter of 40 s
+        fake_run("prunefl", 0, [nan, 0.7, nan, 0.82, 0.83], [2, 4, 6, 8, 10], active=[60, 50, 40, 30, 30]),
+        fake_run("prunefl", 1, [nan, 0.7, nan, 0.85, 0.86], [3, 6, 9, 12, 15], active=[60, 50, 40, 30, 20]),
+        fake_run("fedavg_like_dense", 0, [nan, 0.1, nan, 0.1, 0.2], [1, 2, 3, 4, 5], upload=400),
+    ]
+    groups = group_runs(runs)
+    table = time_to_target_table(groups)
+    assert "Target accuracy 0.8100" in table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| ") and "method" not in line}
+    assert rows["PruneFL"][3:7] == ["2/2", "10", "4", "0.25"]
+    assert rows["conventional FL (5 local iterations)"][3:7] == ["1/2", "40", "4", "1.00"]
+    assert rows["PruneFL"][2] == "25"                          # final model size, mean over seeds
+    assert rows["fedavg_like_dense"][4] == "not reached"
+    np.testing.assert_array_equal(model_size(runs[-1]), [100.0] * 5)   # no column: upload / 4
+    colors = {g.label: "C0" for g in groups}
+    written = draw_prunefl("toy-prunefl", groups, colors, tmp_path, "toy")
+    names = sorted(p.name for p in written)
+    assert names == ["toy_prunefl_accuracy_vs_round.png", "toy_prunefl_accuracy_vs_time.png",
+                     "toy_prunefl_model_size.png", "toy_prunefl_time_to_target.md"]
+    assert all((tmp_path / n).stat().st_size > 0 for n in names)

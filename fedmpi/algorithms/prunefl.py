@@ -54,9 +54,14 @@ Deviations of the public code (jiangyuang/PruneFL), each a ``prunefl.`` key, all
   client's data (``IP_DATA_BATCH``), reshuffled each pass (the code cycles them in order).
 - ``regrow_value: last``: the code masks in the forward pass and never zeroes the server's
   weight tensor, so a re-activated weight resumes its last value (its init value if never
-  trained). Default: 0.
+  trained). Default: 0. fedmpi's server knows only its own copy, so a position pruned during
+  initial pruning resumes its init value.
 - ``aggregation_weight: processed``: weights by samples processed in the round (equal for all
   clients with a fixed number of steps) instead of the client's sample count.
+
+c₀ decides how small the model gets (with c₀ ≈ 0 nothing stops Γ from shrinking it): the built-in
+modelled profiles have almost none (no latency, no fixed compute), so ``prunefl.time_constant``
+sets it; see docs/methods/prunefl.md, "Time model".
 
 Also options of the code, not deviations: ``adaptive: false`` (``--no-adaptive``: initial pruning
 only), ``initial_pruning: false`` (``--no-init-pruning``), ``max_density``/``target_density``
@@ -390,7 +395,8 @@ class PruneFL(MaskedFedAvg):
         self.fl_rounds = cfg["rounds"] - (1 if self.initial else 0)
         self.param_names = parameter_names(info)
         self.param_size = sum(math.prod(info.shapes[n]) for n in self.param_names)
-        self._time_model: RoundTimeModel | None = None
+        # built now, so that a bad profile is a setup error on every rank
+        self._time_model: RoundTimeModel = round_time_model(cfg, info, self.local_steps())
         self.shadow: dict[str, np.ndarray] = {}     # regrow_value: last — values of inactive positions
         self.ip_client: int | None = None
         self._info: dict[str, float] = {}          # this round's PruneFL columns
@@ -398,8 +404,7 @@ class PruneFL(MaskedFedAvg):
     # ---- schedule ------------------------------------------------------------------------
     @property
     def time_model(self) -> RoundTimeModel:
-        if self._time_model is None:
-            self._time_model = round_time_model(self.cfg, self.info, self.local_steps())
+        """T(m) of ``device.profile`` for one FL round (the server's reconfigurations)."""
         return self._time_model
 
     def fl_round(self, round_: int) -> int:
