@@ -97,7 +97,8 @@ def test_greedy_reconfiguration_maximises_gamma_like_brute_force(seed):
     weights = {n: g.normal(size=s).astype(np.float32) for n, s in shapes.items()}
     masks = {n: g.random(s) < 0.7 for n, s in shapes.items()}
     importance = {n: g.exponential(size=s) ** 2 for n, s in shapes.items()}
-    time_model = RoundTimeModel(c0=float(g.uniform(0.5, 3)), t={"a": float(g.uniform(0.2, 2)), "b": float(g.uniform(0.2, 2))})
+    time_model = RoundTimeModel(c0=float(g.uniform(0.5, 3)),
+                                t={"a": float(g.uniform(0.2, 2)), "b": float(g.uniform(0.2, 2))})
     dense = float(g.uniform(0, 2))
     result = reconfigure(weights, masks, importance, 0.3, time_model, dense_importance=dense)
     kept = {n: np.zeros(s, bool) for n, s in shapes.items()}

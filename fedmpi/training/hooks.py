@@ -19,9 +19,11 @@ class StepHook:
 
 
 class SquaredGradientAccumulator(StepHook):
-    """PruneFL's importance: for every named parameter, active or not, Σ_steps g² · samples, where
-    g is the step's (dense) minibatch gradient. The masked forward keeps gradients dense, so
-    inactive weights collect importance too and can be regrown."""
+    """PruneFL's importance in its initial pruning (the public code's ``ip_control``): for every
+    named parameter, active or not, Σ_steps g² · batch size, where g is the step's (dense)
+    minibatch gradient. The masked forward keeps gradients dense, so inactive weights collect
+    importance too and can be regrown. (Its FL rounds square the *summed* gradient instead:
+    ``SummedGradientSquared``.)"""
 
     def __init__(self, names, dtype: torch.dtype = torch.float64):
         """``dtype``: what the totals are kept in (float32 saves PruneFL's initial pruning a
