@@ -37,6 +37,8 @@ ACCURACY_PANELS = [
 ]
 BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
 MAX_GROUPS_PER_LAYER_PANEL = 4
+MAX_GROUPS_WITH_BANDS = 6      # beyond this, min–max bands hide the lines
+MAX_LABEL = 70                 # legend entries are cut here (the tables keep the whole label)
 
 
 def draw_all(results_dir, plots_dir) -> list[Path]:
@@ -136,15 +138,19 @@ def _aligned(runs, x_name: str, metric: str):
 
 
 def _draw_figure(path: Path, title: str, groups, colors, x_name, x_label, panels, budget) -> bool:
-    """One figure, a panel per metric; False (nothing written) if no group has any data."""
-    fig = Figure(figsize=(6.2 * len(panels), 4.6), dpi=110, layout="constrained")
+    """One figure, a panel per metric; False (nothing written) if no group has any data.
+    With many groups the legend goes below the panels and the bands are left out."""
+    crowded = len(groups) > MAX_GROUPS_WITH_BANDS
+    fig = Figure(figsize=(6.2 * len(panels), 4.6 + (0.22 * len(groups) if crowded else 0)), dpi=110,
+                 layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     anything = False
     for ax, (metric, y_label) in zip(axes, panels):
-        for group in groups:
+        for index, group in enumerate(groups):
             runs = [r for r in group.runs if r.rounds_done]
             if runs:
-                anything |= _plot_group(ax, runs, group, colors[group.label], x_name, metric)
+                anything |= _plot_group(ax, runs, group, colors[group.label], x_name, metric,
+                                        bands=not crowded, linestyle=_linestyle(index))
         if budget is not None and math.isfinite(budget) and budget > 0:
             ax.axvline(budget, color="0.4", linestyle="--", linewidth=0.9,
                        label=f"B = {budget:.3g} MiB (sparse run's total)")
@@ -152,16 +158,21 @@ def _draw_figure(path: Path, title: str, groups, colors, x_name, x_label, panels
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
         ax.grid(True, alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and not crowded:
             ax.legend(fontsize="small")
     if not anything:
         return False
-    fig.suptitle(f"{title}\n({BAND_NOTE})")
+    if crowded:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize="small")
+    note = BAND_NOTE if not crowded else "line = mean over seeds; bands left out with this many groups"
+    fig.suptitle(f"{title}\n({note})")
     fig.savefig(path)
     return True
 
 
-def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str) -> bool:
+def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str, *, bands: bool = True,
+                linestyle: str = "-") -> bool:
     xs, ys = _aligned(runs, x_name, metric)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rounds (no evaluation)
@@ -172,12 +183,13 @@ def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str) -> b
     if not keep.any():
         return False
     seeds = len(runs)
-    label = f"{group.label} ({seeds} seed{'s' if seeds > 1 else ''})"
+    name = group.label if len(group.label) <= MAX_LABEL else group.label[:MAX_LABEL - 1] + "…"
+    label = f"{name} ({seeds} seed{'s' if seeds > 1 else ''})"
     # markers only when sparse enough to tell points apart (short runs, eval every k rounds)
     marker = "o" if keep.sum() <= 40 else None
     ax.plot(x[keep], mean[keep], color=color, label=label, marker=marker, markersize=3,
-            linewidth=1.5)
-    if seeds > 1:
+            linewidth=1.5, linestyle=linestyle)
+    if seeds > 1 and bands:
         ax.fill_between(x[keep], low[keep], high[keep], color=color, alpha=0.2, linewidth=0)
     return True
 
@@ -239,6 +251,11 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
     fig.suptitle(f"{title}\n(per-layer panels: first seed of each group; others: {BAND_NOTE})")
     fig.savefig(path)
     return True
+
+
+def _linestyle(index: int) -> str:
+    """Solid for the first palette's worth of groups, then dashed, so colours never repeat alone."""
+    return ["-", "--", ":", "-."][(index // 10) % 4]
 
 
 def _color(index: int):

@@ -84,7 +84,9 @@ def group_runs(runs: Iterable[RunResult]) -> list[RunGroup]:
         sparse = any(r.is_sparse() for r in members)
         if sparse:
             parts.append(f"S={format_setting(members[0].config.get('sparsity'))}")
-        for name in sorted(keys - {"algorithm"}):
+        # a switch that sets many keys at once (``feddst.public_code``) goes first, so a cut
+        # legend entry still says what the group is
+        for name in sorted(keys - {"algorithm"}, key=lambda n: (not n.endswith(".public_code"), n)):
             values = Counter(s[name] for s in sibling_settings)
             if len(values) < 2 or (name == "sparsity" and sparse):
                 continue
