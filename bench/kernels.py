@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedmpi.models import build_model, maskable_weight_modules  # noqa: E402
-from fedmpi.timing.measure import (DEFAULT_DENSITIES, break_even, fit_line, fit_sparse,  # noqa: E402
-                                   machine_description, measure_model, measured_crossover)
+from fedmpi.timing.fits import break_even, fit_line, fit_sparse, measured_crossover  # noqa: E402
+from fedmpi.timing.measure import DEFAULT_DENSITIES, measure_model  # noqa: E402
+from fedmpi.timing.profile_machine import machine_description  # noqa: E402
 
 MODELS = {"femnist_cnn": ((1, 28, 28), 62), "vgg11": ((3, 32, 32), 10)}
 SPARSE_KERNELS = ("sparse", "sparse_active")

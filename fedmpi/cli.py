@@ -1,4 +1,4 @@
-"""Command line: ``fedmpi run | info | summarize | plots | sweep`` (docs/interface.md)."""
+"""Command line: ``fedmpi run | info | summarize | plots | sweep | profile`` (docs/interface.md)."""
 from __future__ import annotations
 
 import argparse
@@ -155,7 +155,8 @@ def cmd_plots(args) -> int:
 
 def cmd_profile(args) -> int:
     """Measure this machine for one model and write a measured device profile (docs/timing.md)."""
-    from .timing.measure import DEFAULT_DENSITIES, profile_machine
+    from .timing.measure import DEFAULT_DENSITIES
+    from .timing.profile_machine import profile_machine
 
     def numbers(text, kind, flag):
         try:

@@ -19,8 +19,9 @@ from test_run import Streaming, fedmpi, needs_mpiexec, read_results, same_bits
 
 from fedmpi import rng
 from fedmpi.algorithms import ModelInfo, build_algorithm
-from fedmpi.algorithms.prunefl import (IMPORTANCE, RoundTimeModel, apply_new_masks, gamma, greedy_count,
-                                       reconfigure, round_time_model)
+from fedmpi.algorithms.prunefl import IMPORTANCE
+from fedmpi.algorithms.prunefl_reconfiguration import (RoundTimeModel, apply_new_masks, gamma, greedy_count,
+                                                       reconfigure, round_time_model)
 from fedmpi.comm.codec import HEADER_BYTES_PER_TENSOR, mask_bytes
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError

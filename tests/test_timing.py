@@ -23,7 +23,8 @@ from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops, scale_flops
 from fedmpi.timing import (PROFILES, LayerLine, MeasuredLayer, MeasuredProfile, RunTiming, TimeModel,
                            client_seconds, load_profile)
-from fedmpi.timing.measure import LayerTimes, break_even, build_profile, fit_line
+from fedmpi.timing.fits import break_even, build_profile, fit_line
+from fedmpi.timing.measure import LayerTimes
 from fedmpi.timing.profiles import profile_document
 
 REPO = Path(__file__).resolve().parents[1]

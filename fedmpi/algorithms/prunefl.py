@@ -5,6 +5,11 @@ The model size adapts during FL to maximise Γ = (approximate empirical-risk red
 time), with the round time T(m) = c₀ + Σ_l t_l · nnz_l(m) of the per-layer time model
 (``RoundTimeModel``; t_l and c₀ come from fedmpi.timing, see ``round_time_model``).
 
+Code: this module holds the algorithm (schedule, server side, the clients' importance uploads);
+``prunefl_reconfiguration.py`` the time model and the reconfiguration (pure functions);
+``prunefl_initial_pruning.py`` the initial-pruning round; ``masked_fedavg.py`` the masked-FedAvg
+base shared with the SNIP and IMP baselines (``pruning_baselines.py``).
+
 Rounds (``prunefl.initial_pruning: true``, the default):
 
 - **Round 1 is the initial-pruning round.** The server selects one client k₀ (drawn from
@@ -75,183 +80,22 @@ exactly a − ⌊d·a⌋ (ties to the lower flat index).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 import torch
 
-from .. import rng
-from ..aggregate import average_over_holders
 from ..comm.codec import ModelUpdate
-from ..sparsity import magnitude_masks
-from ..training.hooks import SquaredGradientAccumulator, SummedGradientSquared
-from ..training.objectives import cross_entropy
-from .base import Algorithm, ClientResult, ClientTask
+from ..training.hooks import SummedGradientSquared
+from .base import ClientResult, ClientTask
+from .masked_fedavg import MaskedFedAvg
+from .prunefl_initial_pruning import run_initial_pruning
+from .prunefl_reconfiguration import RoundTimeModel, apply_new_masks, reconfigure, round_time_model
 
 IMPORTANCE = "prunefl.importance"
 
 
-# --------------------------------------------------------------------------- time model
-
-@dataclass(frozen=True)
-class RoundTimeModel:
-    """T(m) = c0 + Σ_l t[l] · nnz_l(m): seconds of one FL round of one client with mask m.
-
-    ``t[l]`` is layer l's cost per active weight (its share of the round's local computation
-    plus communicating one value); ``c0`` the fixed part. This is the interface PruneFL's
-    reconfiguration needs; ``round_time_model`` builds it from fedmpi.timing."""
-
-    c0: float
-    t: Mapping[str, float]
-
-    def __post_init__(self):
-        bad = {n: v for n, v in self.t.items() if not (v > 0 and math.isfinite(v))}
-        if bad:
-            raise ValueError(f"per-parameter times must be positive and finite, got {bad}")
-        if not (self.c0 >= 0 and math.isfinite(self.c0)):
-            raise ValueError(f"c0 must be >= 0, got {self.c0}")
-
-    def seconds(self, counts: Mapping[str, int]) -> float:
-        return float(self.c0 + sum(self.t[n] * float(k) for n, k in counts.items()))
-
-
-def round_time_model(cfg: dict, info, local_steps: int | None, client_id: int | None = None) -> RoundTimeModel:
-    """c₀ and t_l of fedmpi.timing's linear model (``TimeModel.c0`` / ``.t``) for the profile of
-    ``client_id`` (None: ``device.profile``) and a round of ``local_steps`` minibatch steps of
-    ``local.batch_size`` samples (``local_steps`` None, i.e. epochs: one batch, as the round's
-    size is not known here). ``prunefl.time_constant`` ≥ 0 replaces c₀."""
-    from ..timing import RunTiming
-
-    model = RunTiming.from_config(cfg, info).time_model(
-        client_id, steps_per_round=local_steps or 1, batch_size=cfg["local"]["batch_size"])
-    c0, t = model.c0, model.t
-    override = cfg.get("prunefl", {}).get("time_constant", -1.0)
-    if override is not None and override >= 0:
-        c0 = float(override)
-    return RoundTimeModel(float(c0), {n: float(v) for n, v in t.items()})
-
-
-# --------------------------------------------------------------------------- reconfiguration
-
-def greedy_count(numerator: float, denominator: float, values: np.ndarray, costs: np.ndarray,
-                 limit: int | None = None) -> int:
-    """How many of the candidates (already sorted by values/costs, decreasing) the greedy adds:
-    the longest prefix whose every item i satisfies values_i / costs_i > (num + Σ_{j<i} values_j)
-    / (den + Σ_{j<i} costs_j). Once an item fails, every later one fails too (its ratio is no
-    larger and the running ratio no smaller), so the prefix maximises (num + Σ values) /
-    (den + Σ costs) over all subsets. ``limit`` caps the count (density cap)."""
-    values = np.asarray(values, dtype=np.float64)
-    costs = np.asarray(costs, dtype=np.float64)
-    if values.size == 0:
-        return 0
-    before_v = numerator + np.concatenate(([0.0], np.cumsum(values[:-1])))
-    before_c = denominator + np.concatenate(([0.0], np.cumsum(costs[:-1])))
-    ok = values * before_c > costs * before_v
-    count = int(values.size) if ok.all() else int(np.argmin(ok))
-    return count if limit is None else max(0, min(count, int(limit)))
-
-
-@dataclass
-class Reconfiguration:
-    masks: dict[str, np.ndarray]
-    kept: dict[str, int]           # per layer: active weights kept by magnitude
-    added: dict[str, int]          # per layer: candidates the greedy added
-    objective: float               # Γ = Σ G / T of the new mask
-
-
-def reconfigure(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray],
-                importance: Mapping[str, np.ndarray], drop_fraction: float, time_model: RoundTimeModel,
-                *, dense_importance: float = 0.0, max_active: int | None = None) -> Reconfiguration:
-    """PruneFL's RECONFIGURE over the layers in ``masks`` (spec step 4).
-
-    Per layer with a active weights, the a − ⌊d·a⌋ largest |w| among them are kept; all other
-    positions are candidates. num = ``dense_importance`` + Σ G over the kept weights, den = c₀ +
-    Σ_l t_l · kept_l; candidates (all layers together) are added by decreasing G_j / t_l(j)
-    while that exceeds num / den (``greedy_count``), at most ``max_active`` active weights in
-    all. Ties: equal ratios keep layer order, then decreasing G, then the lower flat index."""
-    if not 0.0 <= drop_fraction <= 1.0:
-        raise ValueError(f"drop fraction {drop_fraction} outside [0, 1]")
-    names = list(masks)
-    counts = {}
-    for name in names:
-        active = int(np.count_nonzero(masks[name]))
-        counts[name] = active - int(drop_fraction * active)
-    kept_masks = magnitude_masks({n: weights[n] for n in names}, counts,
-                                 within={n: masks[n] for n in names})
-    numerator = float(dense_importance)
-    denominator = float(time_model.c0)
-    layer_of, positions, values, ratio_parts = [], [], [], []
-    t_of = np.array([time_model.t[name] for name in names], dtype=np.float64)
-    for i, name in enumerate(names):
-        kept = kept_masks[name].reshape(-1)
-        g = np.asarray(importance[name], dtype=np.float64).reshape(-1)
-        numerator += float(g[kept].sum())
-        denominator += time_model.t[name] * counts[name]
-        candidates = np.flatnonzero(~kept)          # in (layer, flat index) order
-        positions.append(candidates)
-        values.append(g[candidates])
-        ratio_parts.append(values[-1] / t_of[i])
-        layer_of.append(np.full(candidates.size, i, dtype=np.int32))
-    positions_all = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    values_all = np.concatenate(values) if values else np.zeros(0)
-    ratios = np.concatenate(ratio_parts) if ratio_parts else np.zeros(0)
-    layers_all = np.concatenate(layer_of) if layer_of else np.zeros(0, np.int32)
-    limit = None if max_active is None else max_active - sum(counts.values())
-    # the greedy only walks a prefix of the candidates sorted by ratio: sort the top k (ties at
-    # the boundary included, so the prefix is exactly the full sort's), widen k while all are taken
-    k = max(4096, 2 * sum(int(np.count_nonzero(masks[n])) - counts[n] for n in names))
-    while True:
-        order = top_order(ratios, k)
-        n_add = greedy_count(numerator, denominator, values_all[order], t_of[layers_all[order]], limit)
-        if n_add < order.size or order.size == ratios.size:
-            break
-        k *= 4
-    chosen = order[:n_add]
-    new_masks, added = {}, {}
-    for i, name in enumerate(names):
-        flat = kept_masks[name].reshape(-1).copy()
-        mine = chosen[layers_all[chosen] == i]
-        flat[positions_all[mine]] = True
-        new_masks[name] = flat.reshape(np.shape(masks[name]))
-        added[name] = int(mine.size)
-    numerator += float(values_all[chosen].sum())
-    denominator += float(t_of[layers_all[chosen]].sum())
-    return Reconfiguration(new_masks, counts, added, numerator / denominator if denominator > 0 else math.inf)
-
-
-def top_order(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of every score ≥ the k-th largest, by decreasing score, ties in index order: a
-    prefix of ``np.argsort(-scores, kind="stable")`` holding at least min(k, n) items."""
-    n = scores.size
-    if k >= n:
-        return np.argsort(-scores, kind="stable")
-    kth = -np.partition(-scores, k - 1)[k - 1]
-    selected = np.flatnonzero(scores >= kth)
-    return selected[np.argsort(-scores[selected], kind="stable")]
-
-
-def gamma(masks: Mapping[str, np.ndarray], importance: Mapping[str, np.ndarray], time_model: RoundTimeModel,
-          dense_importance: float = 0.0) -> float:
-    """Γ(m) = (dense_importance + Σ G over m) / T(m); for tests and diagnostics."""
-    num = dense_importance + sum(float(np.asarray(importance[n], np.float64)[np.asarray(m, bool)].sum())
-                                 for n, m in masks.items())
-    return num / time_model.seconds({n: int(np.count_nonzero(m)) for n, m in masks.items()})
-
-
-def apply_new_masks(weights: dict[str, np.ndarray], old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
-                    last: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """Weights under the new masks: kept where active before and after, 0 where dropped, and for
-    newly active positions 0 (or their value in ``last``, the public code's behaviour)."""
-    out = dict(weights)
-    for name, mask in new.items():
-        w = np.asarray(weights[name])
-        fresh = np.zeros_like(w) if last is None else np.asarray(last[name], dtype=w.dtype)
-        out[name] = np.where(mask, np.where(old[name], w, fresh), np.zeros_like(w)).astype(w.dtype)
-    return out
-
-
-# --------------------------------------------------------------------------- shared base
+# --------------------------------------------------------------------------- importance vector
 
 def parameter_names(info) -> list[str]:
     """The model's trainable parameters in model order (what importance covers); all float
@@ -264,98 +108,6 @@ def parameter_names(info) -> list[str]:
         model = build_model(info.model, info.input_shape, info.num_classes)
     names = [n for n, _ in model.named_parameters() if n in info.shapes]
     return names
-
-
-class MaskedFedAvg(Algorithm):
-    """One global mask; clients train the masked model for ``<section>.local_steps`` iterations
-    (0: ``local.epochs``); the server averages each active weight over the clients. Shared by
-    PruneFL, SNIP and iterative magnitude pruning. Columns: ``active_params`` (active maskable
-    weights plus every dense tensor: the model size) and ``layer_density[<layer>]``."""
-
-    section = ""
-
-    def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        self.settings = cfg[self.section] if self.section else {}
-        self.dense_names = [n for n in info.shapes if n not in info.maskable]
-        self.dense_size = sum(math.prod(info.shapes[n]) for n in self.dense_names)
-        self.maskable_size = sum(math.prod(info.shapes[n]) for n in info.maskable)
-
-    # ---- helpers ---------------------------------------------------------------------------
-    def local_steps(self) -> int | None:
-        steps = int(self.settings.get("local_steps", 0))
-        return steps if steps > 0 else None
-
-    def active_params(self) -> int:
-        if not self.masks:
-            return self.maskable_size + self.dense_size
-        return sum(int(np.count_nonzero(m)) for m in self.masks.values()) + self.dense_size
-
-    def layer_counts(self) -> dict[str, int]:
-        if not self.masks:
-            return {n: math.prod(self.info.shapes[n]) for n in self.info.maskable}
-        return {n: int(np.count_nonzero(m)) for n, m in self.masks.items()}
-
-    def aggregation_weight(self, result: ClientResult) -> float:
-        return result.num_samples
-
-    def set_masks(self, masks: dict[str, np.ndarray]) -> None:
-        """Adopt ``masks`` (weights outside become 0)."""
-        self.masks = {n: np.asarray(m, dtype=bool) for n, m in masks.items()}
-        for name, mask in self.masks.items():
-            self.weights[name] = np.where(mask, self.weights[name], np.zeros_like(self.weights[name]))
-
-    # ---- results columns -------------------------------------------------------------------
-    def round_columns(self):
-        return {"active_params": np.int64, **{f"layer_density[{n}]": np.float64 for n in self.info.maskable}}
-
-    def round_metrics(self, round_):
-        counts = self.layer_counts()
-        return {"active_params": self.active_params(),
-                **{f"layer_density[{n}]": counts[n] / math.prod(self.info.shapes[n]) for n in counts}}
-
-    # ---- server ----------------------------------------------------------------------------
-    def init_server(self, weights, rng_) -> None:
-        self.weights = dict(weights)
-
-    def aggregate(self, round_, results):
-        updates = [ModelUpdate({n: r.update.values[n] for n in self.info.shapes if n in r.update.values},
-                               r.update.masks) for r in results]
-        self.weights, _ = average_over_holders(updates, [self.aggregation_weight(r) for r in results],
-                                               self.weights, missing="keep")
-
-    # ---- client ----------------------------------------------------------------------------
-    def train(self, task: ClientTask, trainer, hooks=()):
-        masks = dict(task.received.masks) or None
-        return trainer.train(task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
-                             client_id=task.client_id, masks=masks, steps=self.local_steps(), hooks=hooks)
-
-    def local_update(self, task: ClientTask, trainer) -> ClientResult:
-        weights, loss, processed = self.train(task, trainer)
-        masks = dict(task.received.masks)
-        densities = {n: float(m.mean()) for n, m in masks.items()} or None
-        return ClientResult(task.client_id, len(task.y), ModelUpdate(weights, masks), loss, processed,
-                            densities=densities)
-
-
-# --------------------------------------------------------------------------- PruneFL
-
-class _AccuracyObjective:
-    """Cross-entropy that also counts the minibatches' correct predictions (before each step)."""
-
-    def __init__(self):
-        self.correct = 0
-        self.total = 0
-
-    def __call__(self, outputs, y):
-        with torch.no_grad():
-            self.correct += int((outputs.argmax(dim=1) == y).sum())
-            self.total += int(len(y))
-        return cross_entropy(outputs, y)
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.total if self.total else 0.0
 
 
 def flatten_importance(parts: Mapping[str, np.ndarray], names: list[str], shapes: Mapping[str, tuple]) -> np.ndarray:
@@ -380,6 +132,8 @@ def split_importance(vector: np.ndarray, names: list[str], shapes: Mapping[str, 
         raise ValueError(f"importance vector has {vector.size} values, the parameters {offset}")
     return out
 
+
+# --------------------------------------------------------------------------- PruneFL
 
 class PruneFL(MaskedFedAvg):
     name = "prunefl"
@@ -525,62 +279,6 @@ class PruneFL(MaskedFedAvg):
                             densities=densities)
 
     def initial_pruning(self, task: ClientTask, trainer) -> ClientResult:
-        """Client k₀ alone: train from the dense init, reconfigure every ``ip_interval``
-        iterations with d = ``max_drop``, until the density settles (see the module doc)."""
-        s, cfg = self.settings, self.cfg
-        maskable = self.info.maskable
-        time_model = round_time_model(cfg, self.info, self.local_steps(), task.client_id)   # k₀'s device
-        weights = {n: np.asarray(v).copy() for n, v in task.received.values.items()}
-        masks = {n: np.ones(self.info.shapes[n], bool) for n in maskable}
-        last = {n: weights[n].copy() for n in maskable} if s["regrow_value"] == "last" else None
-        x, y = task.x, task.y
-        if s["ip_data_batches"] > 0:
-            take = min(len(y), s["ip_data_batches"] * cfg["local"]["batch_size"])
-            chosen = np.sort(rng.generator(cfg["seed"], rng.CLIENT, task.round, task.client_id)
-                             .permutation(len(y))[:take])
-            index = torch.from_numpy(chosen)
-            x, y = x[index], y[index]
-        total = self.maskable_size
-        density_time = {n: 0.0 for n in maskable}   # Σ samples · layer density, for the time model
-        iterations = processed_total = reconfigurations = chunk = 0
-        loss_sum = 0.0
-        started = s["ip_accuracy_factor"] <= 0
-        previous_density, stable = None, []
-        while iterations < s["ip_max_iterations"]:
-            steps = min(s["ip_interval"], s["ip_max_iterations"] - iterations)
-            hook = SquaredGradientAccumulator(self.param_names, dtype=torch.float32)
-            objective = _AccuracyObjective()
-            weights, loss, processed = trainer.train(
-                weights, x, y, seed=rng.torch_seed(cfg["seed"], rng.CLIENT, task.round, task.client_id, chunk),
-                round_=task.round, client_id=task.client_id, masks=masks, steps=steps, hooks=[hook],
-                objective=objective)
-            chunk += 1
-            iterations += steps
-            loss_sum += loss * processed
-            processed_total += processed
-            for n in maskable:
-                density_time[n] += processed * float(masks[n].mean())
-            if not started:
-                started = objective.accuracy >= s["ip_accuracy_factor"] / self.info.num_classes
-                if not started:
-                    continue
-            importance = {n: t.to("cpu").numpy() for n, t in hook.totals.items()}
-            dense = sum(float(importance[n].sum()) for n in importance if n not in maskable)
-            if last is not None:
-                last = {n: np.where(masks[n], weights[n], last[n]) for n in maskable}
-            result = reconfigure(weights, masks, {n: importance.get(n, np.zeros(self.info.shapes[n]))
-                                                  for n in maskable},
-                                 s["max_drop"], time_model, dense_importance=dense)
-            weights = apply_new_masks(weights, masks, result.masks, last)
-            masks = result.masks
-            reconfigurations += 1
-            density = sum(int(np.count_nonzero(m)) for m in masks.values()) / total
-            if previous_density is not None:
-                stable.append(abs(density / previous_density - 1.0) <= s["ip_threshold"])
-            previous_density = density
-            if len(stable) >= s["ip_patience"] and all(stable[-s["ip_patience"]:]):
-                break
-        densities = {n: density_time[n] / max(processed_total, 1) for n in maskable}
-        return ClientResult(task.client_id, len(task.y), ModelUpdate(weights, masks),
-                            loss_sum / max(processed_total, 1), processed_total, densities=densities,
-                            metrics={"ip_iterations": iterations, "ip_reconfigurations": reconfigurations})
+        """Round 1 at client k₀ (``run_initial_pruning``; see the module doc)."""
+        return run_initial_pruning(task, trainer, cfg=self.cfg, settings=self.settings, info=self.info,
+                                   param_names=self.param_names, local_steps=self.local_steps())

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..sparsity import magnitude_masks
-from .prunefl import MaskedFedAvg
+from .masked_fedavg import MaskedFedAvg
 
 
 def target_density(cfg: dict, section: str) -> float:

@@ -59,8 +59,9 @@ the live weights / FLOP rate, as before. Measured profiles scale per-step costs 
 samples / batch_size. See docs/timing.md.
 
 Sparse kernels: ``fedmpi.sparse_kernels`` (``LocalTrainer(..., sparse_kernels=policy)`` or
-``train(..., sparse_layers=[...])``); measuring: ``fedmpi.timing.measure`` (``fedmpi profile``,
-bench/kernels.py).
+``train(..., sparse_layers=[...])``); measuring: ``fedmpi.timing.measure`` (the protocol),
+``fedmpi.timing.fits`` (lines, break-evens) and ``fedmpi.timing.profile_machine`` (``fedmpi
+profile``); bench/kernels.py uses the same modules.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """Measuring a machine: forward + backward time of each maskable layer at several densities with
-the dense and the sparse kernels, line fits, break-even densities, and the measured profile that
-``fedmpi profile`` writes (``bench/kernels.py`` uses the same measurements).
+the dense and the sparse kernels (``measure_model``), and of a whole training step through
+``LocalTrainer`` (``trainer_seconds``). The line fits and break-even densities: fits.py; the
+measured profile that ``fedmpi profile`` writes: profile_machine.py (``bench/kernels.py`` uses
+the same measurements).
 
 Protocol. Each layer gets the input it sees in the model (captured by a forward hook on one
 random batch) and a fixed random output gradient. For each density d, a random mask with exactly
@@ -13,7 +15,7 @@ kernel) pair once, the order rotated from round to round, so that slow phases of
 machine hit every kernel alike; one measurement is the mean of ``inner`` steps (``inner`` chosen
 so a measurement lasts about ``min_time`` seconds). Reported: the median over rounds and the
 spread (min, max, interquartile range). Lines are least-squares fits of the medians against nnz
-(sparse kernels: on densities <= 0.5, see ``SPARSE_FIT_MAX_DENSITY``).
+(sparse kernels: on densities <= 0.5, see ``fits.SPARSE_FIT_MAX_DENSITY``).
 Clock: ``cpu`` (default) is the measuring thread's CPU time (user + system), which time spent
 descheduled on a shared machine does not inflate; with one torch thread it equals the wall time
 of an idle machine. ``wall`` is ``time.perf_counter``.
@@ -30,14 +32,9 @@ import torch
 from torch import nn
 
 from ..sparse_kernels import SparseStructure, sparse_forward, supports
-from .profiles import LayerLine, MeasuredLayer, MeasuredProfile
 
 KERNELS = ("dense", "sparse", "sparse_active")
 DEFAULT_DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
-# Sparse kernels are fitted on densities up to this (when two or more were measured there): the
-# regime where one can beat the dense kernel; at high density their cost bends away from a line
-# (the index traffic, the dense weight's memory), and above the break-even the dense kernel runs.
-SPARSE_FIT_MAX_DENSITY = 0.5
 
 
 @dataclass
@@ -172,51 +169,6 @@ def time_layer(name: str, module: nn.Module, x: torch.Tensor, reads_model_input:
     return result
 
 
-def fit_line(nnz, seconds) -> LayerLine:
-    """Least-squares line; slope and intercept kept non-negative (a negative slope — noise on a
-    flat dense kernel — becomes a flat line at the median; a negative intercept a line through 0)."""
-    x = np.asarray(nnz, dtype=np.float64)
-    y = np.asarray(seconds, dtype=np.float64)
-    if len(x) < 2 or np.ptp(x) == 0:
-        return LayerLine(float(np.median(y)), 0.0)
-    slope, intercept = np.polyfit(x, y, 1)
-    if slope < 0:
-        return LayerLine(float(np.median(y)), 0.0)
-    if intercept < 0:
-        return LayerLine(0.0, float(np.dot(x, y) / np.dot(x, x)))
-    return LayerLine(float(intercept), float(slope))
-
-
-def fit_sparse(times: LayerTimes, kernel: str) -> LayerLine:
-    """The line of a sparse kernel, fitted on densities <= SPARSE_FIT_MAX_DENSITY if two or more."""
-    points = [(n, t) for d, n, t in zip(times.densities, times.nnz, times.medians(kernel))
-              if d <= SPARSE_FIT_MAX_DENSITY]
-    if len(points) < 2:
-        return fit_line(times.nnz, times.medians(kernel))
-    return fit_line([n for n, _ in points], [t for _, t in points])
-
-
-def break_even(dense: LayerLine, sparse: LayerLine, numel: int) -> float:
-    """Density below which the ``sparse`` line is below the ``dense`` line, in [0, 1]."""
-    if sparse.slope <= dense.slope:
-        return 1.0 if sparse(numel) < dense(numel) else (0.0 if sparse(0) >= dense(0) else 1.0)
-    crossing = (dense.intercept - sparse.intercept) / (sparse.slope - dense.slope)
-    return float(min(1.0, max(0.0, crossing / numel)))
-
-
-def measured_crossover(times: LayerTimes, kernel: str = "sparse") -> float | None:
-    """The largest measured density at which ``kernel``'s median beats dense's, with every lower
-    density beating it too (None: not even the lowest)."""
-    dense, sparse = times.medians("dense"), times.medians(kernel)
-    best = None
-    for d, a, b in zip(times.densities, dense, sparse):
-        if b < a:
-            best = d
-        else:
-            break
-    return best
-
-
 def trainer_seconds(model_name: str, input_shape, num_classes: int, batch_size: int, *, repeats: int = 5,
                     steps: int = 4, seed: int = 0, clock: str = "cpu") -> tuple[list[float], list[float]]:
     """Whole-model cost through fedmpi's own ``LocalTrainer`` (plain SGD, random masks of density
@@ -268,112 +220,3 @@ def measure_model(model: nn.Module, input_shape, batch_size: int, densities=DEFA
         out[name] = time_layer(name, module, x, reads_input, densities, repeats=repeats,
                                min_time=min_time, kernels=kernels, seed=seed, clock=clock)
     return out
-
-
-def build_profile(name: str, model_name: str, input_shape, num_classes: int, batch_size: int,
-                  layer_times: dict[str, LayerTimes], model_step: list[float], *, uplink: float,
-                  downlink: float, latency: float = 0.0, overhead: list[float] | None = None,
-                  description: str = "", extra: dict | None = None) -> MeasuredProfile:
-    """Fit the lines, the break-even densities and the rest of the step (the whole model's dense
-    ``model_step`` minus its layers' dense medians) into a profile; ``overhead``: per-round
-    measurements (their median)."""
-    layers = {}
-    dense_sum = 0.0
-    for lname, lt in layer_times.items():
-        dense = fit_line(lt.nnz, lt.medians("dense"))
-        dense_sum += statistics.median(lt.medians("dense"))
-        sparse = fit_sparse(lt, "sparse") if "sparse" in lt.times else None
-        active = fit_sparse(lt, "sparse_active") if "sparse_active" in lt.times else None
-        layers[lname] = MeasuredLayer(
-            shape=lt.shape, dense=dense, sparse=sparse, sparse_active=active,
-            break_even=break_even(dense, sparse, lt.numel) if sparse else 0.0,
-            break_even_active=break_even(dense, active, lt.numel) if active else 0.0)
-    other = max(0.0, statistics.median(model_step) - dense_sum)
-    return MeasuredProfile(name=name, path="", model=model_name, input_shape=tuple(input_shape),
-                           num_classes=num_classes, batch_size=batch_size, other_seconds=other,
-                           layers=layers, uplink_bytes_per_second=uplink, downlink_bytes_per_second=downlink,
-                           latency_seconds=latency, description=description, extra=extra or {},
-                           overhead_seconds=statistics.median(overhead) if overhead else 0.0)
-
-
-def machine_description() -> dict:
-    import os
-    import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"hostname": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
-            "torch": str(torch.__version__), "torch_threads": torch.get_num_threads(),
-            "mkl": bool(torch.backends.mkl.is_available())}
-
-
-def _default_shape(model_name: str) -> tuple[int, ...]:
-    from ..errors import ConfigError
-    from ..models import build_model
-
-    for shape in ((1, 28, 28), (3, 32, 32), (60,)):
-        try:
-            build_model(model_name, shape, 10)
-            return shape
-        except ConfigError:
-            continue
-    raise ConfigError("--data-shape", f"give the input shape of {model_name}, e.g. --data-shape 3,32,32")
-
-
-def profile_machine(model_name: str, out, *, data_shape=None, num_classes: int = 10, batch_size: int = 20,
-                    densities=DEFAULT_DENSITIES, repeats: int = 5, min_time: float = 0.02,
-                    link: str = "laptop", name: str | None = None, seed: int = 0, threads: int = 1,
-                    progress=None, command: str = "", clock: str = "cpu") -> MeasuredProfile:
-    """``fedmpi profile``: measure, fit and write ``out`` (YAML); returns the profile as loaded back."""
-    import datetime
-    from pathlib import Path
-
-    import yaml
-
-    from ..errors import ConfigError
-    from ..models import build_model
-    from .profiles import PROFILES, load_profile, profile_document
-
-    if link not in PROFILES:
-        raise ConfigError("--link", f"unknown profile '{link}'; choose one of {', '.join(PROFILES)}")
-    if repeats < 1 or batch_size < 1 or not densities or any(not 0 < d <= 1 for d in densities):
-        raise ConfigError("--densities", "need densities in (0, 1], --repeats >= 1 and --batch-size >= 1")
-    shape = tuple(data_shape) if data_shape else _default_shape(model_name)
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = build_model(model_name, shape, num_classes)
-    layer_times = measure_model(model, shape, batch_size, densities, repeats=repeats, min_time=min_time,
-                                seed=seed, progress=progress, clock=clock)
-    if progress:
-        progress("whole model through LocalTrainer (step and per-round overhead)")
-    step, overhead = trainer_seconds(model_name, shape, num_classes, batch_size, repeats=repeats, seed=seed,
-                                     clock=clock)
-    out = Path(out)
-    links = PROFILES[link]
-    extra = {"machine": machine_description(),
-             "measurement": {"densities": [float(d) for d in densities], "repeats": repeats,
-                             "min_time": min_time, "seed": seed, "link_from": link, "clock": clock,
-                             "trainer_step_seconds": [float(t) for t in step],
-                             "trainer_overhead_seconds": [float(t) for t in overhead],
-                             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                             "command": command}}
-    profile = build_profile(
-        name or out.stem, model_name, shape, num_classes, batch_size, layer_times, step,
-        uplink=links.uplink_bytes_per_second, downlink=links.downlink_bytes_per_second, overhead=overhead,
-        description=f"{model_name} {'x'.join(map(str, shape))}, {num_classes} classes, batch {batch_size}, "
-                    f"measured on {extra['machine']['cpu']} ({threads} torch thread{'s' if threads > 1 else ''}); "
-                    f"links of the built-in '{link}' profile", extra=extra)
-    medians = {n: {k: lt.medians(k) for k in lt.times} for n, lt in layer_times.items()}
-    doc = profile_document(profile, medians)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# measured device profile written by `fedmpi profile` (docs/timing.md); seconds per\n"
-                   "# training step of `batch_size` samples; lines: intercept + slope * nonzero weights\n"
-                   + yaml.safe_dump(doc, sort_keys=False, width=100, default_flow_style=None))
-    return load_profile(str(out))
