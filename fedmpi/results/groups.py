@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
+from fedmpi.config import DEFAULTS
 from fedmpi.results.reader import RunResult
 from fedmpi.results.writer import identity_settings
 
@@ -38,48 +39,41 @@ class RunGroup:
         return any(r.is_sparse() for r in self.runs)
 
 
-def _settings(run: RunResult, keys=None) -> dict:
+def _settings(run: RunResult) -> dict:
     """The config keys that change results, seed aside (it tells repetitions of a setting
-    apart), values made hashable/comparable; only ``keys`` when given."""
-    return {key: json.dumps(value, sort_keys=True)
-            for key, value in identity_settings(run.config).items()
-            if key != "seed" and (keys is None or key in keys)}
+    apart), values made hashable/comparable. A key the run's config lacks (written by a fedmpi
+    that did not have it yet) counts as today's default: new keys default to the old behaviour."""
+    settings = {**identity_settings(DEFAULTS), **identity_settings(run.config)}
+    return {key: json.dumps(value, sort_keys=True) for key, value in settings.items() if key != "seed"}
 
 
-def group_key(run: RunResult, keys=None) -> tuple:
+def group_key(run: RunResult) -> tuple:
     """(experiment, algorithm, settings fingerprint): equal for runs differing only in seed
-    or in keys outside the run's identity (``NON_IDENTITY_KEYS``); ``keys`` limits the settings
-    compared. Labels come from :func:`group_runs`."""
-    fingerprint = json.dumps(_settings(run, keys), sort_keys=True)
+    or in keys outside the run's identity (``NON_IDENTITY_KEYS``). Labels come from
+    :func:`group_runs`."""
+    fingerprint = json.dumps(_settings(run), sort_keys=True)
     return (run.experiment, run.algorithm, fingerprint)
 
 
 def group_runs(runs: Iterable[RunResult]) -> list[RunGroup]:
     """Runs grouped by :func:`group_key`, labelled, sorted by experiment then label.
 
-    Only settings every run of the same experiment and algorithm has are compared, so a key
-    that a newer fedmpi added to its config does not split runs made before and after it.
-    A label is the algorithm, ``S=<sparsity>`` for sparse runs, and each setting in which the
+    A key that a newer fedmpi added to its config does not split runs made before and after
+    it (see :func:`_settings`). A label is the algorithm, ``S=<sparsity>`` for sparse runs, and each setting in which the
     group departs from the value most of the groups of that algorithm in that experiment share
     (e.g. "feddst S=0.8 alpha=0.2" beside plain "feddst S=0.8"); without a strict majority
     every group names its value.
     """
-    runs = list(runs)
-    common: dict[tuple, set] = {}
-    for run in runs:
-        names = set(_settings(run))
-        family = (run.experiment, run.algorithm)
-        common[family] = common[family] & names if family in common else names
     by_key: dict[tuple, list] = {}
     for run in runs:
-        by_key.setdefault(group_key(run, common[(run.experiment, run.algorithm)]), []).append(run)
+        by_key.setdefault(group_key(run), []).append(run)
 
     groups = []
     for key, members in by_key.items():
         experiment, algorithm, _ = key
-        keys = common[(experiment, algorithm)]
-        sibling_settings = [_settings(by_key[k][0], keys) for k in by_key if k[:2] == (experiment, algorithm)]
-        own = _settings(members[0], keys)
+        sibling_settings = [_settings(by_key[k][0]) for k in by_key if k[:2] == (experiment, algorithm)]
+        own = _settings(members[0])
+        keys = set().union(*sibling_settings)
         parts = [algorithm]
         sparse = any(r.is_sparse() for r in members)
         if sparse:
@@ -87,15 +81,15 @@ def group_runs(runs: Iterable[RunResult]) -> list[RunGroup]:
         # a switch that sets many keys at once (``feddst.public_code``) goes first, so a cut
         # legend entry still says what the group is
         for name in sorted(keys - {"algorithm"}, key=lambda n: (not n.endswith(".public_code"), n)):
-            values = Counter(s[name] for s in sibling_settings)
+            values = Counter(s.get(name) for s in sibling_settings)
             if len(values) < 2 or (name == "sparsity" and sparse):
                 continue
             ranked = values.most_common()
             # the common value goes unnamed only when it is strictly the most frequent
             common_value = ranked[0][0] if ranked[0][1] > ranked[1][1] else None
-            if own[name] != common_value:
+            if own.get(name) != common_value:
                 short = LABEL_ABBREVIATIONS.get(name, name.removeprefix(algorithm + "."))
-                parts.append(f"{short}={format_setting(json.loads(own[name]))}")
+                parts.append(f"{short}={format_setting(json.loads(own[name]) if name in own else None)}")
         groups.append(RunGroup(key=key, experiment=experiment, label=" ".join(parts), runs=members))
     groups.sort(key=lambda g: (g.experiment, g.label))
     return groups
