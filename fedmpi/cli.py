@@ -35,7 +35,18 @@ def _versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "mpi4py": mpi4py.__version__,
-            "mpi": MPI.Get_library_version().splitlines()[0].strip()}
+            "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+            # floats differ across CPU kinds: record which kernels this machine ran
+            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def default_out_path(cfg: dict, config_path: str | None) -> Path:

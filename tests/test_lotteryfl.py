@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 import yaml
 
 from test_extensions import assert_all_columns_identical
-from test_run import Streaming, fedmpi, needs_mpiexec, read_results, same_bits
+from test_run import fedmpi, needs_mpiexec, read_results, same_bits, sigkill_and_resume
 
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
 from fedmpi.algorithms.lotteryfl import initial_weights, pack, unpack
@@ -266,20 +264,6 @@ RESUME = ["--set", "checkpoint.every=1", "--set", "lotteryfl.local_steps=60", "-
 
 def test_sigkill_then_resume_is_bit_identical(work):
     path = work / "lf.yaml"
-    reference = work / "resume_reference.h5"
-    proc, _ = fedmpi(["run", str(path), "--out", str(reference), "--quiet", *RESUME], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    killed = work / "resume_killed.h5"
-    run = Streaming(["run", str(path), "--out", str(killed), "--progress", *RESUME])
-    run.wait_for_line(r"^round 4/8", timeout=240)
-    if run.proc.poll() is not None:
-        pytest.fail("the run finished before it could be killed")
-    os.kill(run.proc.pid, signal.SIGKILL)
-    rc, _ = run.finish(timeout=30)
-    assert rc == -signal.SIGKILL
-    proc, _ = fedmpi(["run", str(path), "--out", str(killed), "--quiet", "--resume", *RESUME], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = read_results(reference), read_results(killed)
-    assert "finished" in b["attrs"] and "resumed" in b["attrs"]
+    a, b = sigkill_and_resume(path, work, RESUME, r"^round 4/8")
     assert_all_columns_identical(a, b, "lotteryfl resumed after SIGKILL")
     assert same_bits(a["rounds"]["personal_accuracy_best"], b["rounds"]["personal_accuracy_best"])

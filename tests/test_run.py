@@ -549,6 +549,27 @@ class Streaming:
             self.proc.wait()
 
 
+def sigkill_and_resume(config, work, args, kill_after: str) -> tuple[dict, dict]:
+    """Run ``config`` once uninterrupted and once SIGKILLed when ``kill_after`` (a progress-line
+    pattern) is printed, then resumed; returns (uninterrupted results, resumed results)."""
+    reference = work / "resume_reference.h5"
+    proc, _ = fedmpi(["run", str(config), "--out", str(reference), "--quiet", *args], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    killed = work / "resume_killed.h5"
+    run = Streaming(["run", str(config), "--out", str(killed), "--progress", *args])
+    run.wait_for_line(kill_after, timeout=240)
+    if run.proc.poll() is not None:
+        pytest.fail("the run finished before it could be killed")
+    os.kill(run.proc.pid, signal.SIGKILL)
+    rc, _ = run.finish(timeout=30)
+    assert rc == -signal.SIGKILL
+    proc, _ = fedmpi(["run", str(config), "--out", str(killed), "--quiet", "--resume", *args], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = read_results(killed)
+    assert "finished" in resumed["attrs"] and "resumed" in resumed["attrs"]
+    return read_results(reference), resumed
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(work, tiny_cfg):
     out = work / "reference.h5"

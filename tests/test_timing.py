@@ -8,13 +8,14 @@ import json
 import math
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import yaml
+
+from test_run import BATCH_SCRIPT
 
 from fedmpi.algorithms import ModelInfo
 from fedmpi.config import DEFAULTS, load_config
@@ -284,21 +285,6 @@ TINY = {"data": {"name": "synthetic", "partition": "natural"}, "model": "mlp",
         "clients": {"total": 8, "per_round": 4}, "rounds": 2, "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
         "algorithm": "fedavg", "eval": {"every": 1}}
 
-BATCH = textwrap.dedent("""
-    import contextlib, io, json, sys
-    from fedmpi.cli import main
-
-    results = []
-    for argv in json.loads(open(sys.argv[1]).read()):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                rc = main(argv)
-            except SystemExit as exc:
-                rc = exc.code
-        results.append({"rc": rc, "stderr": err.getvalue()})
-    print(json.dumps(results))
-""")
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +313,7 @@ def e2e(tmp_path_factory):
     argvs = [["run", str(cfg), "--quiet", "--force", "--out", str(work / f"{name}.h5"), *extra]
              for name, extra in cases.items()]
     (work / "argv.json").write_text(json.dumps(argvs))
-    (work / "batch.py").write_text(BATCH)
+    (work / "batch.py").write_text(BATCH_SCRIPT)
     proc = subprocess.run([sys.executable, str(work / "batch.py"), str(work / "argv.json")], cwd=REPO,
                           capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})

@@ -38,11 +38,7 @@ class SquaredGradientAccumulator(StepHook):
                 grad = params[name].grad
                 if grad is None:
                     continue
-                contribution = grad.detach().to(self.dtype).pow(2).mul_(batch_size)
-                if name in self.totals:
-                    self.totals[name] += contribution
-                else:
-                    self.totals[name] = contribution
+                _add(self.totals, name, grad.detach().to(self.dtype).pow(2).mul_(batch_size))
 
     def result(self) -> dict[str, np.ndarray]:
         """float32 arrays (what a client uploads)."""
@@ -69,13 +65,18 @@ class SummedGradientSquared(StepHook):
                 grad = params[name].grad
                 if grad is None:
                     continue
-                if name in self.sums:
-                    self.sums[name] += grad
-                else:
-                    self.sums[name] = grad.detach().clone()
+                _add(self.sums, name, grad.detach())
         self.samples += int(batch_size)
 
     def result(self) -> dict[str, np.ndarray]:
         """float32 arrays (Σ g)² · samples; names that never saw a gradient are left out."""
         with torch.no_grad():
             return {n: (s * s).mul_(self.samples).to("cpu").numpy() for n, s in self.sums.items()}
+
+
+def _add(totals: dict, name: str, value: torch.Tensor) -> None:
+    """totals[name] += value, starting from a copy (never an alias of a live gradient)."""
+    if name in totals:
+        totals[name] += value
+    else:
+        totals[name] = value.clone()
