@@ -6,11 +6,15 @@ import os
 import platform
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, FedmpiError, OutputError
+
+
+ABORT_GRACE_SECONDS = 0.5
 
 
 def _git_commit() -> str:
@@ -89,6 +93,9 @@ def cmd_run(args) -> int:
             traceback.print_exc()
         report_failure(comm.rank, comm.size, exc)
         if comm.size > 1:
+            # let the process manager forward this rank's message before MPI_Abort tears the job
+            # down (under load, hydra can drop the last lines of an aborting rank)
+            time.sleep(ABORT_GRACE_SECONDS)
             comm.abort(code)  # never leave the other ranks waiting in a collective
         if isinstance(exc, OutputError):
             # HDF5 would retry the failed writes while shutting down and can crash before exit
