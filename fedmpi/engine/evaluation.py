@@ -51,11 +51,11 @@ class Evaluator:
             sets.append(SampleSet(self.local_array, union.astype(np.int64)))
         return sets
 
-    def _units(self, models: list[EvalModel]) -> list[tuple[int, int, int]]:
+    def _units(self, sets: list[list[SampleSet]]) -> list[tuple[int, int, int]]:
         """(model index, sample-set index, chunk start) in a fixed order."""
         units = []
-        for m, model in enumerate(models):
-            for s, sample_set in enumerate(self._sample_sets(model)):
+        for m, model_sets in enumerate(sets):
+            for s, sample_set in enumerate(model_sets):
                 units.extend((m, s, start) for start in range(0, sample_set.size(self.lengths), self.chunk))
         return units
 
@@ -64,8 +64,8 @@ class Evaluator:
         """Every rank calls this; the server passes the models and gets the outcomes."""
         comm = self.comm
         models = self._exchange_models(models)
-        units = self._units(models)
         sets = [self._sample_sets(model) for model in models]
+        units = self._units(sets)
         mine, loaded = [], None
         with torch.no_grad():
             for i, (m, s, start) in enumerate(units):
@@ -79,7 +79,10 @@ class Evaluator:
         if not comm.is_server:
             return None
         pieces = {i: (correct, losses) for rank_chunks in gathered for i, correct, losses in rank_chunks}
-        return {model.key: self._outcome(m, model, sets[m], units, pieces) for m, model in enumerate(models)}
+        chunks_of: dict[tuple[int, int], list] = {}   # (model, sample set) → its chunks in order
+        for i, (m, s, _) in enumerate(units):
+            chunks_of.setdefault((m, s), []).append(pieces[i])
+        return {model.key: self._outcome(m, model, sets[m], chunks_of) for m, model in enumerate(models)}
 
     def _exchange_models(self, models):
         comm = self.comm
@@ -129,10 +132,10 @@ class Evaluator:
         return correct, losses
 
     # -- assembly on the server -----------------------------------------------------------------
-    def _outcome(self, m: int, model: EvalModel, sets: list[SampleSet], units, pieces) -> EvalOutcome:
+    def _outcome(self, m: int, model: EvalModel, sets: list[SampleSet], chunks_of: dict) -> EvalOutcome:
         assembled = []
         for s, sample_set in enumerate(sets):
-            chunks = [pieces[i] for i, (um, us, _) in enumerate(units) if um == m and us == s]
+            chunks = chunks_of.get((m, s), [])
             exits = len(chunks[0][0]) if chunks else 1
             correct = [np.concatenate([c[e] for c, _ in chunks]) if chunks else np.zeros(0, bool)
                        for e in range(exits)]
