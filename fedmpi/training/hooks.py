@@ -34,11 +34,8 @@ class SquaredGradientAccumulator(StepHook):
 
     def after_backward(self, params, batch_size):
         with torch.no_grad():
-            for name in self.names:
-                grad = params[name].grad
-                if grad is None:
-                    continue
-                _add(self.totals, name, grad.detach().to(self.dtype).pow(2).mul_(batch_size))
+            for name, grad in _gradients(params, self.names):
+                _add(self.totals, name, grad.to(self.dtype).pow(2).mul_(batch_size))
 
     def result(self) -> dict[str, np.ndarray]:
         """float32 arrays (what a client uploads)."""
@@ -61,11 +58,8 @@ class SummedGradientSquared(StepHook):
 
     def after_backward(self, params, batch_size):
         with torch.no_grad():
-            for name in self.names:
-                grad = params[name].grad
-                if grad is None:
-                    continue
-                _add(self.sums, name, grad.detach())
+            for name, grad in _gradients(params, self.names):
+                _add(self.sums, name, grad)
         self.samples += int(batch_size)
 
     def result(self) -> dict[str, np.ndarray]:
@@ -80,3 +74,11 @@ def _add(totals: dict, name: str, value: torch.Tensor) -> None:
         totals[name] += value
     else:
         totals[name] = value.clone()
+
+
+def _gradients(params: dict, names):
+    """(name, detached gradient) of the named parameters that have one this step."""
+    for name in names:
+        grad = params[name].grad
+        if grad is not None:
+            yield name, grad.detach()
