@@ -373,7 +373,7 @@ def test_sigkill_then_resume_is_bit_identical(runs, work):
 
 
 # ------------------------------------------------------------------------------ figures and table
-def fake_run(algorithm, seed, accuracy, cum_sim, sections=None, active=None, upload=None):
+def fake_run(algorithm, seed, accuracy, cum_sim, sections=None, active=None, upload=None, compute=None):
     from pathlib import Path
 
     from fedmpi.results.reader import RunResult
@@ -388,6 +388,9 @@ def fake_run(algorithm, seed, accuracy, cum_sim, sections=None, active=None, upl
     clients = {}
     if upload is not None:
         clients = {"round": np.repeat(np.arange(1, n + 1), 2), "upload_bytes": np.full(2 * n, upload, np.int64)}
+    if compute is not None:   # two clients per round: the given seconds and half of them
+        clients = {"round": np.repeat(np.arange(1, n + 1), 2),
+                   "compute_seconds": np.ravel([[c, c / 2] for c in compute])}
     return RunResult(path=Path(f"{algorithm}{seed}.h5"), config=config, finished=True, rounds=rounds,
                      attrs={}, clients=clients)
 
@@ -405,8 +408,11 @@ def test_time_to_target_table_and_figures(tmp_path):
         fake_run("prunefl", 1, [nan, 0.5, nan, 0.79, 0.80], [10, 20, 30, 40, 50], conventional,
                  active=[100] * 5),
         # PruneFL reaches it at round 4 in both seeds: 8 s and 12 s → 10 s, a quarter of 40 s
-        fake_run("prunefl", 0, [nan, 0.7, nan, 0.82, 0.83], [2, 4, 6, 8, 10], active=[60, 50, 40, 30, 30]),
-        fake_run("prunefl", 1, [nan, 0.7, nan, 0.85, 0.86], [3, 6, 9, 12, 15], active=[60, 50, 40, 30, 20]),
+        # measured: the slowest client per round summed up to round 4: 1+2+3+4 = 10 s and 4 × 2 = 8 s
+        fake_run("prunefl", 0, [nan, 0.7, nan, 0.82, 0.83], [2, 4, 6, 8, 10], active=[60, 50, 40, 30, 30],
+                 compute=[1, 2, 3, 4, 5]),
+        fake_run("prunefl", 1, [nan, 0.7, nan, 0.85, 0.86], [3, 6, 9, 12, 15], active=[60, 50, 40, 30, 20],
+                 compute=[2, 2, 2, 2, 2]),
         fake_run("fedavg_like_dense", 0, [nan, 0.1, nan, 0.1, 0.2], [1, 2, 3, 4, 5], upload=400),
     ]
     groups = group_runs(runs)
@@ -414,8 +420,8 @@ def test_time_to_target_table_and_figures(tmp_path):
     assert "Target accuracy 0.8100" in table
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| ") and "method" not in line}
-    assert rows["PruneFL"][3:7] == ["2/2", "10", "4", "0.25"]
-    assert rows["conventional FL (5 local iterations)"][3:7] == ["1/2", "40", "4", "1.00"]
+    assert rows["PruneFL"][3:8] == ["2/2", "10", "9.0", "4", "0.25"]
+    assert rows["conventional FL (5 local iterations)"][3:8] == ["1/2", "40", "—", "4", "1.00"]
     assert rows["PruneFL"][2] == "25"                          # final model size, mean over seeds
     assert rows["fedavg_like_dense"][4] == "not reached"
     np.testing.assert_array_equal(model_size(runs[-1]), [100.0] * 5)   # no column: upload / 4
