@@ -3,8 +3,8 @@ layer of the FEMNIST CNN (1×28×28, 62 classes) and the CIFAR VGG-11 (3×32×32
 
 For every layer and density, three kernels run on the layer's real input (batch 20 by default):
 ``dense`` (the masked dense layer), ``sparse`` (CSR kernel, gradient of every weight: PruneFL's
-case, whose importance needs inactive gradients) and ``sparse_active`` (CSR kernel, gradient of
-the active weights only: enough for the weights themselves). Measurements are interleaved —
+case, whose importance needs inactive gradients) and ``sparse_active`` (CSR kernel on the compact
+vector of active values, their gradient only: what the trainer runs without step hooks). Measurements are interleaved —
 each repeat times every (density, kernel) pair once, in an order rotated between repeats — and
 repeated; reported: median, min, max and interquartile range per point, the paired ratio
 sparse/dense (both timed in the same repeat), the line fits, the break-even density of the fits

@@ -8,24 +8,25 @@ mask. Here the layer's active weights become a CSR matrix and the products touch
   ``Y = W_csr · X`` (W viewed as O × C·kh·kw); input gradient ``(Wᵀ)_csr · gY`` folded back with
   ``F.fold`` (col2im).
 
-The weight stays what it is everywhere else: a dense ``nn.Parameter`` of the module (the
-optimizer, masks, hooks, export see nothing new). Each call gathers the active values from it
-(O(nnz) reads, though at density 0.1 nearly every cache line of the weight is touched) into a
-CSR matrix whose index structure (``SparseStructure``) is built once per mask. Gradient w.r.t.
-the dense weight, two modes:
+The layer's weight has two forms, one per gradient mode:
 
-- ``"dense"``: every position, ``gW = gyᵀ x`` (Linear) or ``gY Xᵀ`` (conv), one dense GEMM —
-  what a masked dense layer gives, so step hooks that read gradients of inactive weights
-  (PruneFL's importance, FedDST's regrowth) see the same numbers. The GEMM costs about a third of
-  the dense layer's step, which bounds the gain.
-- ``"active"``: only the active positions (a sampled dense-dense product, SDDMM), written into a
-  buffer that is zero elsewhere and assigned to ``weight.grad`` directly (the autograd function
-  returns no weight gradient, so nothing clones the buffer). Inactive entries of ``.grad`` are 0.
-  Weights after a masked optimizer step are the same as with dense gradients — inactive weights
-  are re-zeroed after every step and elementwise optimizers (SGD with momentum and weight decay,
-  Adam) never mix positions — but hooks must not rely on inactive gradients. ``.grad`` is set by
-  the backward pass (accumulated into when it already holds a different tensor), so
-  ``torch.autograd.grad`` does not see the weight's gradient in this mode.
+- ``"dense"``: the weight stays a dense ``nn.Parameter`` of the module (the optimizer, masks,
+  hooks, export see nothing new). Each call gathers the active values from it (O(nnz) reads,
+  though at density 0.1 nearly every cache line of the weight is touched) into a CSR matrix whose
+  index structure (``SparseStructure``) is built once per mask; the gradient covers every
+  position, ``gW = gyᵀ x`` (Linear) or ``gY Xᵀ`` (conv), one dense GEMM — what a masked dense
+  layer gives, so step hooks that read gradients of inactive weights (PruneFL's importance,
+  FedDST's regrowth) see the same numbers. The GEMM costs about a third of the dense layer's
+  step, which bounds the gain.
+- ``"active"``: the layer trains its active values only, as a compact vector in CSR order (what a
+  sparse-training deployment stores): no gather from and no scatter into a dense weight, and the
+  gradient is a sampled dense-dense product (SDDMM) at the active positions. ``SparseKernels``
+  holds these vectors as ``nn.Parameter``s for the duration of local training
+  (``compact_parameters``: the optimizer steps them instead of the dense weights) and writes them
+  back into the dense weights afterwards (``write_back``). Weights after training equal those of
+  the masked dense layer up to float rounding: inactive weights stay 0 either way, and
+  elementwise optimizers (SGD with momentum and weight decay, Adam) never mix positions. Hooks
+  that need inactive gradients must use ``"dense"``.
 
 Results equal the masked dense layer up to float rounding: the same products summed in another
 order. ``SparseKernels`` swaps chosen modules' ``forward`` for the duration of a ``with`` block
@@ -91,7 +92,6 @@ class SparseStructure:
         self.crow_t = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)]).to(index)
         self.col_t = r[self.perm_t].to(index)
         self.flat_index = self.flat.to(index)
-        self._grad_buffer: torch.Tensor | None = None
 
     @property
     def density(self) -> float:
@@ -116,36 +116,30 @@ class SparseStructure:
         pattern = self.csr(a.new_zeros(self.nnz))
         return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
 
-    def set_active_grad(self, weight: torch.Tensor, values: torch.Tensor) -> None:
-        """``weight.grad`` gets ``values`` at the active positions and 0 elsewhere (mode "active")."""
-        buffer = self._grad_buffer
-        if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
-            buffer = self._grad_buffer = torch.zeros(self.shape, dtype=weight.dtype, device=weight.device)
-        grad = weight.grad
-        if grad is None:
-            # the buffer is zero outside the mask: only active positions are ever written
-            buffer.view(-1).index_copy_(0, self.flat, values)
-            weight.grad = buffer
-        elif grad is buffer:   # accumulating over several backward passes without zero_grad
-            buffer.view(-1).index_add_(0, self.flat, values)
-        else:
-            grad.view(-1).index_add_(0, self.flat, values.to(grad.dtype))
 
-
-def _check(structure: SparseStructure, weight: torch.Tensor, weight_grad: str) -> None:
+def _check(structure: SparseStructure, source: torch.Tensor, weight_grad: str) -> None:
     if weight_grad not in WEIGHT_GRAD_MODES:
         raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
-    if tuple(weight.shape) != structure.shape:
-        raise ValueError(f"weight shape {tuple(weight.shape)} != mask shape {structure.shape}")
+    if weight_grad == "active":
+        if tuple(source.shape) != (structure.nnz,):
+            raise ValueError(f"weight_grad 'active' takes the {structure.nnz} active values "
+                             f"(SparseStructure.values), got a tensor of shape {tuple(source.shape)}")
+    elif tuple(source.shape) != structure.shape:
+        raise ValueError(f"weight shape {tuple(source.shape)} != mask shape {structure.shape}")
+
+
+def _active_values(source: torch.Tensor, structure: SparseStructure, weight_grad: str) -> torch.Tensor:
+    """The CSR values: the compact vector itself ("active"), or gathered from the dense weight."""
+    return source if weight_grad == "active" else structure.values(source)
 
 
 # ------------------------------------------------------------------------------------ linear
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, structure: SparseStructure, weight_grad: str):
+    def forward(ctx, x, source, bias, structure: SparseStructure, weight_grad: str):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        values = structure.values(weight)
+        values = _active_values(source, structure, weight_grad)
         xt = x2.t().contiguous()
         y = torch.sparse.mm(structure.csr(values), xt).t()          # (B, out)
         if bias is not None:
@@ -154,13 +148,13 @@ class _SparseLinear(torch.autograd.Function):
             y = y.contiguous()
         ctx.structure, ctx.weight_grad = structure, weight_grad
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2, values, weight)
+        ctx.save_for_backward(x2, values)
         ctx.lead = lead
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, values, weight = ctx.saved_tensors
+        x2, values = ctx.saved_tensors
         structure = ctx.structure
         gy2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_w = grad_b = None
@@ -168,10 +162,8 @@ class _SparseLinear(torch.autograd.Function):
             gx = torch.sparse.mm(structure.csr_t(values), gy2.t().contiguous()).t()
             grad_x = gx.reshape(*ctx.lead, x2.shape[-1])
         if ctx.needs_input_grad[1]:
-            if ctx.weight_grad == "dense":
-                grad_w = gy2.t().mm(x2)
-            else:
-                structure.set_active_grad(weight, structure.sampled(gy2.t().contiguous(), x2))
+            grad_w = (gy2.t().mm(x2) if ctx.weight_grad == "dense"
+                      else structure.sampled(gy2.t().contiguous(), x2))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(0)
         return grad_x, grad_w, grad_b, None, None
@@ -179,7 +171,9 @@ class _SparseLinear(torch.autograd.Function):
 
 def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   structure: SparseStructure, weight_grad: str = "dense") -> torch.Tensor:
-    """``F.linear(x, weight ⊙ mask, bias)`` with a sparse kernel (see the module doc)."""
+    """``F.linear(x, weight ⊙ mask, bias)`` with a sparse kernel (see the module doc). With
+    ``weight_grad="active"``, ``weight`` is the compact vector of active values
+    (``structure.values(dense weight)``) and its gradient is the active positions' gradient."""
     _check(structure, weight, weight_grad)
     return _SparseLinear.apply(x, weight, bias, structure, weight_grad)
 
@@ -191,15 +185,15 @@ def _pair(v) -> tuple[int, int]:
 
 class _SparseConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, structure: SparseStructure, weight_grad: str,
+    def forward(ctx, x, source, bias, structure: SparseStructure, weight_grad: str,
                 stride, padding, dilation):
         batch, _, height, width = x.shape
-        out_channels, _, kh, kw = weight.shape
+        out_channels, _, kh, kw = structure.shape
         out_h = (height + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
         out_w = (width + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
         cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # B, K, L
         columns = cols.transpose(0, 1).reshape(cols.shape[1], -1)                          # K, B·L
-        values = structure.values(weight)
+        values = _active_values(source, structure, weight_grad)
         y = torch.sparse.mm(structure.csr(values), columns)                                  # O, B·L
         y = y.reshape(out_channels, batch, out_h, out_w).transpose(0, 1)
         if bias is not None:
@@ -208,12 +202,12 @@ class _SparseConv2d(torch.autograd.Function):
         ctx.structure, ctx.weight_grad = structure, weight_grad
         ctx.has_bias = bias is not None
         ctx.geometry = ((height, width), (kh, kw), stride, padding, dilation)
-        ctx.save_for_backward(columns, values, weight)
+        ctx.save_for_backward(columns, values)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        columns, values, weight = ctx.saved_tensors
+        columns, values = ctx.saved_tensors
         structure = ctx.structure
         (height, width), kernel, stride, padding, dilation = ctx.geometry
         batch, out_channels = gy.shape[0], gy.shape[1]
@@ -225,10 +219,8 @@ class _SparseConv2d(torch.autograd.Function):
             grad_x = F.fold(gcols, (height, width), kernel, dilation=dilation, padding=padding,
                             stride=stride)
         if ctx.needs_input_grad[1]:
-            if ctx.weight_grad == "dense":
-                grad_w = gy2.mm(columns.t()).reshape(weight.shape)
-            else:
-                structure.set_active_grad(weight, structure.sampled(gy2, columns.t()))
+            grad_w = (gy2.mm(columns.t()).reshape(structure.shape) if ctx.weight_grad == "dense"
+                      else structure.sampled(gy2, columns.t()))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(1)
         return grad_x, grad_w, grad_b, None, None, None, None, None
@@ -238,7 +230,8 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   structure: SparseStructure, weight_grad: str = "dense", *, stride=1, padding=0,
                   dilation=1) -> torch.Tensor:
     """``F.conv2d(x, weight ⊙ mask, bias, stride, padding, dilation)`` (groups 1, zero padding)
-    with im2col and a sparse kernel (see the module doc)."""
+    with im2col and a sparse kernel (see the module doc; ``weight_grad="active"``: ``weight`` is
+    the compact vector of active values, as for ``sparse_linear``)."""
     _check(structure, weight, weight_grad)
     if x.dim() != 4:
         raise ValueError(f"sparse_conv2d needs a 4-D input (batch, channels, height, width), got {x.dim()}-D")
@@ -246,12 +239,17 @@ def sparse_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                                _pair(dilation))
 
 
-def sparse_forward(module: nn.Module, structure: SparseStructure, weight_grad: str = "dense"):
-    """A replacement for ``module.forward`` that runs the sparse kernel."""
+def sparse_forward(module: nn.Module, structure: SparseStructure, weight_grad: str = "dense",
+                   values: torch.Tensor | None = None):
+    """A replacement for ``module.forward`` that runs the sparse kernel: on ``module.weight``
+    ("dense"), or on ``values``, the compact active values that stand in for it ("active")."""
+    if (weight_grad == "active") != (values is not None):
+        raise ValueError("weight_grad 'active' runs on the compact values, and only it takes them")
+    source = (lambda: values) if values is not None else (lambda: module.weight)
     if isinstance(module, nn.Linear):
-        return lambda x: sparse_linear(x, module.weight, module.bias, structure, weight_grad)
+        return lambda x: sparse_linear(x, source(), module.bias, structure, weight_grad)
     if supports(module):
-        return lambda x: sparse_conv2d(x, module.weight, module.bias, structure, weight_grad,
+        return lambda x: sparse_conv2d(x, source(), module.bias, structure, weight_grad,
                                        stride=module.stride, padding=module.padding,
                                        dilation=module.dilation)
     raise TypeError(f"no sparse kernel for {type(module).__name__} (Linear, Conv2d with groups 1)")
@@ -263,7 +261,10 @@ class SparseKernels:
 
     ``plan(modules, masks, weight_grad)`` picks the modules ({weight name: module}) and builds
     (or reuses) the index structure of each one's mask; each ``with`` block then swaps those
-    modules' ``forward`` for the sparse one and restores the dense forward on exit. A forward pass
+    modules' ``forward`` for the sparse one and restores the dense forward on exit. With
+    ``weight_grad="active"`` the plan also takes each module's active values into a compact
+    ``nn.Parameter`` (``compact_parameters``; the weights must already be masked), which the
+    forward uses and the optimizer steps; ``write_back`` puts them into the dense weights. A forward pass
     run inside the block records the sparse autograd functions, so its backward pass (run after the
     block) is sparse too. Structures are cached across plans and rebuilt only when a mask changes
     (``torch.equal``), so a trainer keeps one instance per model variant.
@@ -273,6 +274,7 @@ class SparseKernels:
         self._structures: dict[str, SparseStructure] = {}
         self._forwards: dict[str, tuple[nn.Module, object]] = {}
         self._installed: list[nn.Module] = []
+        self._compact: dict[str, tuple[nn.Module, nn.Parameter]] = {}
 
     def structure(self, name: str, mask: torch.Tensor) -> SparseStructure:
         cached = self._structures.get(name)
@@ -285,9 +287,27 @@ class SparseKernels:
              weight_grad: str = "dense") -> "SparseKernels":
         if weight_grad not in WEIGHT_GRAD_MODES:
             raise ValueError(f"weight_grad must be one of {WEIGHT_GRAD_MODES}, got {weight_grad!r}")
-        self._forwards = {name: (module, sparse_forward(module, self.structure(name, masks[name]), weight_grad))
-                          for name, module in modules.items()}
+        self._forwards, self._compact = {}, {}
+        for name, module in modules.items():
+            structure = self.structure(name, masks[name])
+            values = None
+            if weight_grad == "active":
+                values = nn.Parameter(structure.values(module.weight))
+                self._compact[name] = (module, values)
+            self._forwards[name] = (module, sparse_forward(module, structure, weight_grad, values))
         return self
+
+    def compact_parameters(self) -> dict[str, nn.Parameter]:
+        """{weight name: its compact active values} of the current "active" plan (else empty)."""
+        return {name: values for name, (_, values) in self._compact.items()}
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the compact values into the dense weights (zero elsewhere)."""
+        for name, (module, values) in self._compact.items():
+            flat = module.weight.view(-1)
+            flat.zero_()
+            flat.index_copy_(0, self._structures[name].flat, values.detach())
 
     @property
     def layers(self) -> list[str]:

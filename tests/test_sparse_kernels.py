@@ -75,7 +75,9 @@ def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_g
     with torch.no_grad():
         layer.weight.mul_(mask)
     x = torch.randn(batch, fan_in, requires_grad=True)
-    y = sparse_linear(x, layer.weight, layer.bias, SparseStructure(mask), weight_grad)
+    structure = SparseStructure(mask)
+    source = layer.weight if weight_grad == "dense" else nn.Parameter(structure.values(layer.weight))
+    y = sparse_linear(x, source, layer.bias, structure, weight_grad)
     gy = torch.randn_like(y)
     y.backward(gy)
     (y64, gx64, gw64, gb64), (ya, gxa, gwa, gba) = reference(F.linear, x.detach(), layer.weight.detach(),
@@ -85,9 +87,10 @@ def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_g
     within(layer.bias.grad, gb64, gba, batch, "bias gradient")
     if weight_grad == "dense":   # every position, as the masked dense layer gives
         within(layer.weight.grad, gw64, gwa, batch, "weight gradient")
-    else:
-        within(layer.weight.grad[mask], gw64[mask], gwa[mask], batch, "weight gradient (active)")
-        assert torch.all(layer.weight.grad[~mask] == 0)
+    else:                        # the compact values' gradient: the active positions, CSR order
+        assert layer.weight.grad is None
+        within(source.grad, gw64.reshape(-1)[structure.flat], gwa.reshape(-1)[structure.flat], batch,
+               "weight gradient (active)")
 
 
 @pytest.mark.parametrize("weight_grad", ["dense", "active"])
@@ -100,7 +103,9 @@ def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_g
     with torch.no_grad():
         conv.weight.mul_(mask)
     x = torch.randn(batch, channels, height, width, requires_grad=True)
-    y = sparse_conv2d(x, conv.weight, conv.bias, SparseStructure(mask), weight_grad, stride=stride,
+    structure = SparseStructure(mask)
+    source = conv.weight if weight_grad == "dense" else nn.Parameter(structure.values(conv.weight))
+    y = sparse_conv2d(x, source, conv.bias, structure, weight_grad, stride=stride,
                       padding=padding, dilation=dilation)
     dense = conv(x.detach())
     assert y.shape == dense.shape
@@ -121,8 +126,9 @@ def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_g
     if weight_grad == "dense":
         within(conv.weight.grad, gw64, gwa, batch * positions, "weight gradient")
     else:
-        within(conv.weight.grad[mask], gw64[mask], gwa[mask], batch * positions, "weight gradient (active)")
-        assert torch.all(conv.weight.grad[~mask] == 0)
+        assert conv.weight.grad is None
+        within(source.grad, gw64.reshape(-1)[structure.flat], gwa.reshape(-1)[structure.flat],
+               batch * positions, "weight gradient (active)")
 
 
 def test_first_layer_needs_no_input_gradient_and_active_grads_accumulate():
@@ -132,11 +138,32 @@ def test_first_layer_needs_no_input_gradient_and_active_grads_accumulate():
     with torch.no_grad():
         layer.weight.mul_(mask)
     structure = SparseStructure(mask)
+    values = nn.Parameter(structure.values(layer.weight))
     x = torch.randn(6, 12)                      # no requires_grad: the model input
     for _ in range(2):                          # two backward passes, no zero_grad in between
-        sparse_linear(x, layer.weight, layer.bias, structure, "active").sum().backward()
-    expected = 2 * (torch.ones(6, 5).t() @ x) * mask
-    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-5)
+        sparse_linear(x, values, layer.bias, structure, "active").sum().backward()
+    expected = 2 * (torch.ones(6, 5).t() @ x)
+    torch.testing.assert_close(values.grad, expected.reshape(-1)[structure.flat], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="active values"):   # the dense weight is not the compact vector
+        sparse_linear(x, layer.weight, layer.bias, structure, "active")
+
+
+def test_active_plan_trains_compact_values_and_writes_them_back():
+    model = build_model("femnist_cnn", (1, 28, 28), 10)
+    mask = random_mask(model.fc1.weight.shape, 0.1, 0)
+    with torch.no_grad():
+        model.fc1.weight.mul_(mask)
+    kernels = SparseKernels().plan({"fc1.weight": model.fc1}, {"fc1.weight": mask}, "active")
+    values = kernels.compact_parameters()["fc1.weight"]
+    flat = kernels._structures["fc1.weight"].flat
+    assert torch.equal(values.detach(), model.fc1.weight.detach().reshape(-1)[flat])   # taken from the weight
+    with torch.no_grad():
+        values.add_(1.0)                                    # a "training step" on the compact values
+    kernels.write_back()
+    weight = model.fc1.weight.detach()
+    assert torch.equal(weight.reshape(-1)[flat], values.detach())
+    assert torch.count_nonzero(weight[~mask]) == 0
+    assert SparseKernels().plan({"fc1.weight": model.fc1}, {"fc1.weight": mask}).compact_parameters() == {}
 
 
 def test_structure_indices_describe_the_mask_and_its_transpose():

@@ -9,7 +9,8 @@ random batch) and a fixed random output gradient. For each density d, a random m
 round(d·n) active weights (seeded) is applied to the weight; a *step* is ``zero grads → forward →
 backward(output gradient)``, the input gradient computed unless the layer reads the model input.
 Kernels: ``dense`` (the module's own forward on the masked weight), ``sparse`` (CSR kernel,
-gradient of every weight) and ``sparse_active`` (CSR kernel, gradient of the active weights).
+gradient of every weight) and ``sparse_active`` (CSR kernel on the compact active values, their
+gradient only: what the trainer runs when no step hook needs inactive gradients).
 After one warm-up step per (density, kernel), ``repeats`` rounds each time every (density,
 kernel) pair once, the order rotated from round to round, so that slow phases of a shared
 machine hit every kernel alike; one measurement is the mean of ``inner`` steps (``inner`` chosen
@@ -100,11 +101,13 @@ def exact_mask(shape, density: float, generator: torch.Generator) -> torch.Tenso
     return mask.reshape(shape)
 
 
-def _step_fn(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, forward):
+def _step_fn(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, forward, values=None):
     def step():
         module.weight.grad = None
         if module.bias is not None:
             module.bias.grad = None
+        if values is not None:
+            values.grad = None
         x.grad = None
         forward(x).backward(gy)
     return step
@@ -137,11 +140,13 @@ def time_layer(name: str, module: nn.Module, x: torch.Tensor, reads_model_input:
         mask = exact_mask(shape, d, g)
         setups.append((original * mask, SparseStructure(mask)))
     steps = {}
-    for i, (_, structure) in enumerate(setups):
+    for i, (masked, structure) in enumerate(setups):
         for k in kernels:
+            # sparse_active trains the compact active values, as the trainer does without hooks
+            values = nn.Parameter(structure.values(masked)) if k == "sparse_active" else None
             forward = module.forward if k == "dense" else sparse_forward(
-                module, structure, "dense" if k == "sparse" else "active")
-            steps[i, k] = _step_fn(module, xin, gy, forward)
+                module, structure, "dense" if k == "sparse" else "active", values)
+            steps[i, k] = _step_fn(module, xin, gy, forward, values)
 
     def load(i):
         with torch.no_grad():

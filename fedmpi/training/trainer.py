@@ -104,7 +104,9 @@ class LocalTrainer:
         ``sparse_layers`` names masked layers to run with a real sparse kernel (CPU; None: the
         trainer's ``sparse_kernels`` policy picks them from their densities); results equal the
         masked dense layers' up to float rounding. Their weight gradient is dense when ``hooks``
-        are given (a hook may read inactive gradients), else computed at active positions only.
+        are given (a hook may read inactive gradients); without hooks they train their active
+        values as compact vectors (``fedmpi.sparse_kernels``, mode "active"), written back into
+        the dense weights at the end.
         """
         # build/load first: building a variant the first time draws from torch's global RNG, and
         # dropout must not depend on whether this rank met the variant before
@@ -116,9 +118,14 @@ class LocalTrainer:
         apply_masks_torch(params, torch_masks)
         hooks = list(hooks)
         kernels = self._sparse_plan(model, variant, torch_masks, sparse_layers, "dense" if hooks else "active")
+        # layers on "active" sparse kernels train their compact active values instead of the
+        # dense weight: the optimizer steps those, and they need no re-masking
+        compact = kernels.compact_parameters()
+        trained = [compact.get(n, p) for n, p in params.items()]
+        dense_masks = {n: m for n, m in torch_masks.items() if n not in compact}
         model.train()
-        anchors = [p.detach().clone() for p in params.values()] if prox_mu > 0 else None
-        opt = (optimizer or self.optimizer).build(list(params.values()))
+        anchors = [p.detach().clone() for p in trained] if prox_mu > 0 else None
+        opt = (optimizer or self.optimizer).build(trained)
         x, y = x.to(self.device), y.to(self.device)
         loss_sum, processed, step = 0.0, 0, 0
         passes = epochs if epochs is not None else self.local["epochs"]
@@ -134,18 +141,19 @@ class LocalTrainer:
                 if not math.isfinite(task_loss):
                     raise DivergenceError(round_, client_id, task_loss)
                 if anchors is not None:
-                    loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params.values(), anchors))
+                    loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trained, anchors))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for hook in hooks:
                     hook.after_backward(params, len(yb))
                 opt.step()
-                apply_masks_torch(params, torch_masks)
+                apply_masks_torch(params, dense_masks)
                 for hook in hooks:
                     hook.after_step(params)
                 loss_sum += task_loss * len(yb)
                 processed += len(yb)
                 step += 1
+        kernels.write_back()
         return self.export(weights.keys(), variant), loss_sum / max(processed, 1), processed
 
     def _sparse_plan(self, model, variant, torch_masks, sparse_layers, weight_grad):
