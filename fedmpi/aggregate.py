@@ -1,16 +1,24 @@
-"""Aggregation rules. Sums run in float64 in the order given (the round loop passes client-id
-order), so the result does not depend on how clients were spread over ranks."""
+"""Aggregation rules. By default sums run in float64 in the order given (the round loop passes
+client-id order), so the result does not depend on how clients were spread over ranks.
+``aggregation.sum: fixed_point`` sums in int64 on a per-element grid instead (``FixedPointSum``):
+the same bits whatever the order and grouping, which lets the worker ranks sum their own clients."""
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from .comm.codec import ModelUpdate
 
 MISSING_POLICIES = ("keep", "zero")
+SUM_MODES = ("float64", "fixed_point")
 
 
 def average_over_holders(updates: list[ModelUpdate], weights: list[float], reference: dict[str, np.ndarray],
-                         missing: str = "keep") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                         missing: str = "keep", sum_mode: str = "float64",
+                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per element of each ``reference`` tensor: Σ_k w_k·θ_k / Σ_k w_k over the clients k that sent
     it (sent the tensor, whole or as the block ``update.slices[name]``, and, if they sent a mask for
     it, kept the element). Elements nobody sent keep the reference value (``missing="keep"``) or
@@ -20,9 +28,15 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
     Returns (averaged tensors, per tensor the float64 votes Σ_k w_k over the holders of each
     element). FedDST reads ``votes > 0`` as the union of the client masks and the votes as the
     amount of data backing each position.
+
+    ``sum_mode="fixed_point"``: the sums of ``FixedPointSum`` (integer weights, no sliced tensors).
     """
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+    if sum_mode == "fixed_point":
+        return fixed_point_average(updates, weights, reference, missing)
+    if sum_mode != "float64":
+        raise ValueError(f"sum_mode={sum_mode!r}; expected one of {SUM_MODES}")
     weights = np.asarray(weights, dtype=np.float64)
     averaged, votes = {}, {}
     for name, ref in reference.items():
@@ -99,3 +113,197 @@ def sparse_weighted_average(tensors: list[dict[str, np.ndarray]], masks: list[di
     updates = [ModelUpdate(t, m) for t, m in zip(tensors, masks)]
     averaged, votes = average_over_holders(updates, weights, reference, missing="zero")
     return averaged, {name: votes[name] for name in masks[0]}
+
+
+# ------------------------------------------------------------------------ the fixed-point sum
+# A float64 sum depends on the order of its terms, so summing each worker rank's clients and then
+# the ranks' partial sums would change the last bits with the rank count. Integers add exactly, in
+# any order. So every summand x_k = w_k·θ_k of an element goes on one grid shared by the whole
+# round, steps of 2^(e−B) with e the element's largest binary exponent over all the round's
+# summands (|x_k| < 2^e, np.frexp), and is summed as q_k = trunc(x_k·2^(B−e)), |q_k| < 2^B, in
+# int64. Σ q_k is the same integer however the k are grouped, and so is float64(Σ q_k)·2^(e−B).
+# Each truncation loses less than 2^(e−B): for K summands the sum is off by less than
+# K·2^(e−B) ≤ K·2^(1−B)·max_k |x_k| (docs/performance.md, "Worker-side aggregation").
+FIXED_POINT_BITS = 42                 # B
+MAX_CONTRIBUTIONS = 2 ** 20           # summands per element: |Σ q| < 2^20·2^42 = 2^62, no int64 overflow
+MAX_SUM_WEIGHT = 2 ** 29              # w·θ is exact in float64 for float32 θ (24 + 29 = 53 bits)
+NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without a nonzero summand
+
+
+class FixedPointSum:
+    """Per element of the tensors ``shapes``, the numerator Σ_k w_k·m_k·θ_k and the votes
+    Σ_k w_k·m_k over uploads k (m_k: the upload's mask of the tensor, 1 where it sends none; w_k a
+    non-negative integer), with the same bits however the uploads are split into groups.
+
+    All at once: ``fixed_point_average``. In groups (each worker rank its own clients):
+
+    1. ``scales(updates, weights)`` per group, combined by an element-wise maximum (MPI MAX);
+    2. ``partial_sums(updates, weights, scales)`` per group with the combined scales, combined by
+       int64 addition (MPI SUM);
+    3. ``average(sums, scales, reference, missing)`` once.
+
+    The scales (int16) hold per element the exponent e, then per tensor a flag, 1 when some upload
+    masks it. The sums (int64) hold the quantised numerators per element, then the votes: per
+    element for a masked tensor, one number for an unmasked one (all its elements share it).
+    Sliced uploads (HeteroFL blocks) are not supported.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple]):
+        self.shapes = {name: tuple(int(d) for d in shape) for name, shape in shapes.items()}
+        self.names = list(self.shapes)
+        self.segments: dict[str, slice] = {}
+        start = 0
+        for name, shape in self.shapes.items():
+            self.segments[name] = slice(start, start + math.prod(shape))
+            start += math.prod(shape)
+        self.size = start
+
+    # -- phase 1 ------------------------------------------------------------------------------
+    def scales(self, updates: list[ModelUpdate], weights: list[int], labels: list | None = None) -> np.ndarray:
+        """This group's per-element maximum exponent and per-tensor mask flags (int16)."""
+        weights = _checked_sum_weights(weights, len(updates))
+        scales = np.full(self.size + len(self.names), NO_SUMMAND, dtype=np.int16)
+        exponents, masked = scales[:self.size], scales[self.size:]
+        masked[:] = 0
+        for k, update in enumerate(updates):
+            for t, name in enumerate(self.names):
+                x, held = self._summands(update, name, weights[k], _label(labels, k))
+                if x is None:
+                    continue
+                if held is not None:
+                    masked[t] = 1
+                _, exponent = np.frexp(x)            # int32 in [-1073, 1025]; 0 for x = 0
+                exponent[x == 0] = NO_SUMMAND        # a zero must not widen the grid
+                segment = exponents[self.segments[name]]
+                np.maximum(segment, exponent.astype(np.int16), out=segment)
+        return scales
+
+    # -- phase 2 ------------------------------------------------------------------------------
+    def partial_sums(self, updates: list[ModelUpdate], weights: list[int], scales: np.ndarray,
+                     labels: list | None = None) -> np.ndarray:
+        """This group's Σ q_k per element and its votes (int64), on the grid of the round's scales."""
+        if len(updates) > MAX_CONTRIBUTIONS:
+            raise ValueError(f"{len(updates)} uploads in one fixed-point sum; at most {MAX_CONTRIBUTIONS} "
+                             f"(2^20) fit in int64")
+        weights = _checked_sum_weights(weights, len(updates))
+        exponents, masked, vote_segments = self._layout(scales)
+        sums = np.zeros(vote_segments[self.names[-1]].stop if self.names else 0, dtype=np.int64)
+        numerators = sums[:self.size]
+        for k, update in enumerate(updates):
+            for t, name in enumerate(self.names):
+                x, held = self._summands(update, name, weights[k], _label(labels, k))
+                if x is None:
+                    continue
+                if held is not None and not masked[t]:
+                    raise ValueError(f"{name}: upload {_label(labels, k)} has a mask the scales did not see; "
+                                     f"compute the scales over every upload of the round")
+                segment = self.segments[name]
+                # exact: a power-of-two scaling of a float64 (int32 exponents: 42 − (−32768) overflows int16)
+                scaled = np.ldexp(x, FIXED_POINT_BITS - exponents[segment].astype(np.int32))
+                if scaled.size and not np.abs(scaled).max() < 2.0 ** FIXED_POINT_BITS:
+                    raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
+                                     f"compute the scales over every upload of the round")
+                numerators[segment] += np.trunc(scaled).astype(np.int64)
+                votes = sums[vote_segments[name]]
+                if held is None:
+                    votes += weights[k]
+                else:
+                    np.add(votes, weights[k], out=votes, where=held)
+        return sums
+
+    # -- the result ---------------------------------------------------------------------------
+    def average(self, sums: np.ndarray, scales: np.ndarray, reference: Mapping[str, np.ndarray],
+                missing: str = "keep") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """numerator / votes per element, cast like ``average_over_holders`` (same ``missing``
+        policy and dtypes); returns (averaged tensors, float64 votes per tensor)."""
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
+        exponents, _, vote_segments = self._layout(scales)
+        averaged, votes = {}, {}
+        for name, ref in reference.items():
+            ref = np.asarray(ref)
+            if self.shapes.get(name) != ref.shape:
+                raise ValueError(f"{name}: reference shape {ref.shape}, summed {self.shapes.get(name)}")
+            segment = self.segments[name]
+            numerator = np.ldexp(sums[segment].astype(np.float64), exponents[segment].astype(np.int32) - FIXED_POINT_BITS)
+            denominator = sums[vote_segments[name]].astype(np.float64)    # exact below 2^53
+            if denominator.size != numerator.size:
+                denominator = np.full(numerator.size, denominator[0])
+            held = denominator > 0
+            result = ref.copy() if missing == "keep" else np.zeros_like(ref)
+            flat = result.reshape(-1)
+            flat[held] = _cast(numerator[held] / denominator[held], ref.dtype)
+            averaged[name], votes[name] = result, denominator.reshape(ref.shape)
+        return averaged, votes
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _layout(self, scales: np.ndarray):
+        """(exponents, mask flags, per tensor its slice of the votes) from the round's scales."""
+        if scales.dtype != np.int16 or scales.size != self.size + len(self.names):
+            raise ValueError(f"scales must be int16 of {self.size + len(self.names)} entries, got "
+                             f"{scales.dtype} of {scales.size}")
+        masked = scales[self.size:].astype(bool)
+        vote_segments, start = {}, self.size
+        for t, name in enumerate(self.names):
+            count = self.segments[name].stop - self.segments[name].start if masked[t] else 1
+            vote_segments[name] = slice(start, start + count)
+            start += count
+        return scales[:self.size], masked, vote_segments
+
+    def _summands(self, update: ModelUpdate, name: str, weight: int, label):
+        """x = w·θ (float64, flat; 0 outside the upload's mask) and the upload's flat mask (None:
+        unmasked), or (None, None) when the upload lacks the tensor."""
+        if name not in update.values:
+            return None, None
+        if name in update.slices:
+            raise ValueError(f"{name}: upload {label} is a slice; the fixed-point sum takes whole tensors only")
+        values = np.asarray(update.values[name])
+        if values.shape != self.shapes[name]:
+            raise ValueError(f"{name}: upload {label} has shape {values.shape}, expected {self.shapes[name]}")
+        x = values.reshape(-1).astype(np.float64) * np.float64(weight)
+        held = update.masks.get(name)
+        if held is not None:
+            held = np.asarray(held, dtype=bool).reshape(-1)
+            if held.size != x.size:
+                raise ValueError(f"{name}: upload {label} has a mask of {held.size} entries for {x.size} values")
+            x[~held] = 0.0      # values outside the mask are ignored, even if not finite
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"tensor {name!r} of upload {label} holds NaN or inf: the fixed-point sum needs "
+                             f"finite values")
+        return x, held
+
+
+@dataclass
+class RoundSums:
+    """The round's fixed-point sums as the ranks reduced them (``aggregation.where: workers``):
+    ``Algorithm.merge_over_holders`` averages these instead of decoded uploads."""
+
+    summer: FixedPointSum
+    sums: np.ndarray
+    scales: np.ndarray
+
+    def average(self, reference: Mapping[str, np.ndarray], missing: str = "keep"):
+        return self.summer.average(self.sums, self.scales, reference, missing)
+
+
+def fixed_point_average(updates: list[ModelUpdate], weights: list[int], reference: Mapping[str, np.ndarray],
+                        missing: str = "keep") -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``average_over_holders`` with ``FixedPointSum``, all at once: the reference the worker
+    ranks' two phases reproduce bit for bit."""
+    summer = FixedPointSum({name: np.shape(ref) for name, ref in reference.items()})
+    scales = summer.scales(updates, weights)
+    return summer.average(summer.partial_sums(updates, weights, scales), scales, reference, missing)
+
+
+def _checked_sum_weights(weights, count: int) -> list[int]:
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} weights for {count} uploads")
+    for k, w in enumerate(weights):
+        if isinstance(w, (bool, np.bool_)) or not isinstance(w, (int, np.integer)) or not 0 <= w <= MAX_SUM_WEIGHT:
+            raise ValueError(f"weight {w!r} of upload {k}: the fixed-point sum needs integer weights in "
+                             f"[0, 2^29]")
+    return [int(w) for w in weights]
+
+
+def _label(labels, k: int):
+    return k if labels is None else labels[k]

@@ -2,6 +2,7 @@
 
 Server side (rank 0):   ``init_server`` → each round: ``select_clients`` → ``download`` per client
                         → (clients train) → ``aggregate`` with the results in client-id order
+                        (and, with ``aggregation.where: workers``, the sums the ranks reduced)
                         → ``round_metrics``; on evaluation rounds ``evaluation_models`` →
                         (every rank evaluates a share) → ``evaluation_metrics``.
 Client side (any rank): ``local_update`` gets a ``ClientTask`` (the decoded download, the client's
@@ -9,6 +10,10 @@ Client side (any rank): ``local_update`` gets a ``ClientTask`` (the decoded down
                         ``ClientResult`` whose ``update`` is what the client uploads. It trains
                         through ``LocalTrainer.train``, choosing optimizer, objective, step hooks
                         and model variant.
+Merges that are sums:   an algorithm whose merge is Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k per element
+                        sets ``partial_sums``, gives ``partial_sum_weight`` and merges through
+                        ``merge_over_holders``; the engine may then sum the uploads on the worker
+                        ranks (``aggregation.where: workers``), and the sum may be fixed point.
 Results columns:        ``round_columns``/``client_columns`` declare the algorithm's own HDF5
                         columns before round 1; ``round_metrics``, ``evaluation_metrics`` and
                         ``ClientResult.metrics`` fill them.
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from ..aggregate import RoundSums, average_over_holders
 from ..comm.codec import ModelUpdate
 from ..training import LocalTrainer
 from .evaluation import EvalModel, EvalOutcome
@@ -58,7 +64,8 @@ class ClientTask:
 class ClientResult:
     client_id: int
     num_samples: int
-    update: ModelUpdate               # what the client uploads
+    update: ModelUpdate | None        # what the client uploads; None on the server when the worker
+                                      # ranks summed the uploads (aggregation.where: workers)
     train_loss: float
     samples_processed: int            # for the FLOP and time model
     state: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +75,9 @@ class ClientResult:
 
 class Algorithm:
     name = "base"
+    # True: ``aggregate`` merges through ``merge_over_holders`` with ``partial_sum_weight``, so
+    # aggregation.sum may be fixed_point and aggregation.where workers (config validation reads it)
+    partial_sums = False
 
     def __init__(self, cfg: dict, info: ModelInfo):
         self.cfg = cfg
@@ -86,8 +96,46 @@ class Algorithm:
     def download(self, round_: int, client_id: int) -> ModelUpdate:
         return ModelUpdate(self.weights, self.masks)
 
-    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
+    def aggregate(self, round_: int, results: list[ClientResult], sums: RoundSums | None = None) -> None:
+        """Merge the round's results (client-id order) into the server state. ``sums``: only for
+        ``partial_sums`` algorithms under ``aggregation.where: workers``, the ranks' reduced sums
+        (then every result's ``update`` is None); pass both on to ``merge_over_holders``."""
         raise NotImplementedError
+
+    # ---- merges that are sums over holders (config section aggregation) ----------------------
+    def partial_sum_weight(self, client_id: int, num_samples: int) -> int | None:
+        """The weight w_k of client k's upload in a ``partial_sums`` merge: a non-negative integer
+        known before the client trains, from its training-set size (``num_samples``) and what
+        ``select_clients`` decided. None: this algorithm's merge is not such a sum."""
+        return None
+
+    def partial_sum_weights(self, samples: dict[int, int]) -> dict[int, int]:
+        """``partial_sum_weight`` per client (client id → training samples), checked: the
+        fixed-point sum and its exact votes need non-negative integers."""
+        weights = {}
+        for client, num_samples in samples.items():
+            weight = self.partial_sum_weight(client, num_samples)
+            if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or weight < 0:
+                raise ValueError(f"{self.name}: partial_sum_weight of client {client} is {weight!r}; a merge "
+                                 f"summed over holders needs a non-negative integer weight")
+            weights[client] = int(weight)
+        return weights
+
+    def sum_reference(self) -> dict[str, np.ndarray]:
+        """What ``merge_over_holders`` averages into: every communicated tensor, float32 zeros."""
+        return {name: np.zeros(shape, np.float32) for name, shape in self.info.shapes.items()}
+
+    def merge_over_holders(self, results: list[ClientResult], sums: RoundSums | None = None,
+                           ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Per element Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k (w_k = ``partial_sum_weight``; 0 where no
+        client holds the element) and the votes Σ_k w_k·m_k, as ``average_over_holders`` returns
+        them: from ``sums`` when the worker ranks summed the uploads, else from the decoded uploads
+        in ``results``, summed as ``aggregation.sum`` says (float64 in client order or fixed point)."""
+        if sums is not None:
+            return sums.average(self.sum_reference(), missing="zero")
+        weights = self.partial_sum_weights({r.client_id: r.num_samples for r in results})
+        return average_over_holders([r.update for r in results], [weights[r.client_id] for r in results],
+                                    self.sum_reference(), missing="zero", sum_mode=self.cfg["aggregation"]["sum"])
 
     def global_weights(self) -> dict[str, np.ndarray]:
         """The model the suite evaluates."""

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..aggregate import weighted_average
 from ..comm.codec import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
 
@@ -13,6 +12,7 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     prox_mu = 0.0
+    partial_sums = True
 
     def local_update(self, task: ClientTask, trainer) -> ClientResult:
         weights, loss, processed = trainer.train(
@@ -33,9 +33,11 @@ class FedAvg(Algorithm):
         return [ClientResult(t.client_id, len(t.y), ModelUpdate(weights), loss, processed)
                 for t, (weights, loss, processed) in zip(tasks, trained)]
 
-    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
-        self.weights = weighted_average([r.update.values for r in results],
-                                        [r.num_samples for r in results])
+    def partial_sum_weight(self, client_id: int, num_samples: int) -> int:
+        return num_samples
+
+    def aggregate(self, round_: int, results: list[ClientResult], sums=None) -> None:
+        self.weights, _ = self.merge_over_holders(results, sums)
 
 
 class FedProx(FedAvg):
@@ -70,8 +72,8 @@ class FedAvgM(FedAvg):
         self.server_lr = cfg["fedavgm"]["server_lr"]
         self.velocity: dict[str, np.ndarray] = {}
 
-    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
-        averaged = weighted_average([r.update.values for r in results], [r.num_samples for r in results])
+    def aggregate(self, round_: int, results: list[ClientResult], sums=None) -> None:
+        averaged, _ = self.merge_over_holders(results, sums)
         self.weights, self.velocity = server_momentum_step(
             self.weights, averaged, self.velocity, self.momentum, self.server_lr)
 

@@ -59,7 +59,6 @@ from collections import Counter
 
 import numpy as np
 
-from ..aggregate import sparse_weighted_average
 from ..comm.codec import ModelUpdate
 from ..rng import REGROWTH, torch_seed
 from ..sparsity import (cosine_readjust_fraction, kept_counts, layer_densities, magnitude_masks,
@@ -72,6 +71,7 @@ from .fedavg import server_momentum_step
 class FedDST(Algorithm):
     name = "feddst"
     readjusts = True
+    partial_sums = True
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -120,22 +120,24 @@ class FedDST(Algorithm):
         self.drawn = Counter(int(c) for c in rng.choice(total, size=k, replace=True))
         return sorted(self.drawn)
 
-    def aggregation_weight(self, result: ClientResult) -> float:
+    def partial_sum_weight(self, client_id: int, num_samples: int) -> int:
         if self.settings["aggregation_weight"] == "batches2":   # public code: 2 × local batches
-            weight = 2 * math.ceil(result.num_samples / self.cfg["local"]["batch_size"])
+            weight = 2 * math.ceil(num_samples / self.cfg["local"]["batch_size"])
         else:
-            weight = result.num_samples
-        return weight * self.drawn.get(result.client_id, 1)
+            weight = num_samples
+        return weight * self.drawn.get(client_id, 1)
+
+    def aggregation_weight(self, result: ClientResult) -> int:
+        return self.partial_sum_weight(result.client_id, result.num_samples)
 
     def is_readjustment_round(self, round_: int) -> bool:
         return (self.readjusts and self.sparsity > 0
                 and readjustment_round(round_, self.settings["readjust_every"], self.r_end,
                                        self.settings["readjust_rule"]))
 
-    def aggregate(self, round_: int, results: list[ClientResult]) -> None:
-        averaged, votes = sparse_weighted_average(
-            [r.update.values for r in results], [r.update.masks for r in results],
-            [self.aggregation_weight(r) for r in results])
+    def aggregate(self, round_: int, results: list[ClientResult], sums=None) -> None:
+        # per masked element Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k; votes Σ_k w_k·m_k: the data behind it
+        averaged, votes = self.merge_over_holders(results, sums)
         if self.settings["server_momentum"] > 0:
             averaged, self.velocity = server_momentum_step(
                 self.weights, averaged, self.velocity, self.settings["server_momentum"],
@@ -144,7 +146,7 @@ class FedDST(Algorithm):
             self.weights = averaged
             return
         previous = self.masks
-        union = {n: v > 0 for n, v in votes.items()}
+        union = {n: votes[n] > 0 for n in self.masks}
         if self.settings["server_reprune"] == "public":
             self.masks = reprune_public({n: averaged[n] for n in self.masks}, union, self.counts)
         else:

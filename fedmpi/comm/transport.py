@@ -2,7 +2,9 @@
 
 Every exchange is a collective on a flat ``uint8`` buffer (payloads) or a pickled object
 (small control messages): broadcast of the global model, scatter of per-rank downloads and device
-state, gather of variable-length client payloads. Each call counts the bytes it moved.
+state, gather of variable-length client payloads; with ``aggregation.where: workers`` an
+element-wise maximum of ``int16`` arrays on every rank and an ``int64`` sum onto rank 0 instead of
+the gather. Each call counts the bytes it moved.
 
 MPI implementations busy-poll inside blocking calls, so a waiting server or idle worker would burn
 a core that training needs when ranks outnumber cores (a laptop, a 2-core CI box). In ``sleep``
@@ -111,6 +113,33 @@ class Communicator:
             return None
         self._count(int(counts.sum() - counts[0]), payload)
         return [recv[d:d + c] for d, c in zip(displs, counts)]
+
+    # -- reductions (aggregation.where: workers) ---------------------------------------------
+    def allreduce_max_int16(self, local: np.ndarray) -> np.ndarray:
+        """The element-wise maximum of every rank's int16 array, on every rank. Counted as a
+        reduce onto one rank plus a broadcast back: 2·(P−1)·nbytes."""
+        local = np.ascontiguousarray(local, dtype=np.int16)
+        if self.size == 1:
+            return local.copy()
+        result = np.empty_like(local)
+        self._complete(self.comm.Iallreduce(local, result, op=self._MPI.MAX))
+        if self.is_server:
+            self._count(2 * (self.size - 1) * local.nbytes, payload=True)
+        return result
+
+    def reduce_sum_int64(self, local: np.ndarray) -> np.ndarray | None:
+        """The element-wise sum of every rank's int64 array, on rank 0 (None elsewhere): exact, in
+        any order, as long as it does not overflow (the caller bounds the terms). Counted as what
+        the other ranks contributed: (P−1)·nbytes."""
+        local = np.ascontiguousarray(local, dtype=np.int64)
+        if self.size == 1:
+            return local.copy()
+        result = np.empty_like(local) if self.is_server else None
+        self._complete(self.comm.Ireduce(local, result, op=self._MPI.SUM, root=0))
+        if not self.is_server:
+            return None
+        self._count((self.size - 1) * local.nbytes, payload=True)
+        return result
 
     # -- objects (control messages) ---------------------------------------------------------
     def bcast_object(self, obj=None):

@@ -145,6 +145,14 @@ DEFAULTS: dict[str, Any] = {
         "aggregation": "samples",    # samples | uniform (public)
         "rewind_biases": False,      # rewinding also resets the biases to their initial values
     },
+    # how and where the round's weighted sum over clients runs (docs/performance.md, "Worker-side
+    # aggregation"); only algorithms whose merge is such a sum take fixed_point and workers
+    "aggregation": {
+        "sum": "float64",      # float64: in client-id order | fixed_point: int64 on a per-element grid,
+                               # the same bits whatever the grouping
+        "where": "server",     # server: rank 0 decodes every upload and merges | workers: each rank
+                               # sums its clients, MPI combines the ranks (needs sum: fixed_point)
+    },
     "checkpoint": {"every": 0},    # rounds between checkpoints; 0 = only on SIGTERM
     "mpi": {"wait": "sleep"},      # sleep: wait on MPI without spinning a core; spin: MPI's own busy-poll
     "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round

@@ -118,6 +118,31 @@ def _check_tiers(cfg: dict) -> None:
              f"(or multiexit_vgg_small)")
 
 
+def _check_aggregation(cfg: dict) -> None:
+    """aggregation: fixed_point and workers need an algorithm whose merge is a sum over holders."""
+    from ..aggregate import MAX_CONTRIBUTIONS, SUM_MODES
+
+    agg, algorithm = cfg["aggregation"], cfg["algorithm"]
+    _require(agg["sum"] in SUM_MODES, "aggregation.sum", "must be 'float64' or 'fixed_point'")
+    _require(agg["where"] in ("server", "workers"), "aggregation.where", "must be 'server' or 'workers'")
+    if agg["where"] == "workers":
+        _require(agg["sum"] == "fixed_point", "aggregation.where",
+                 "workers needs aggregation.sum: fixed_point (a float64 sum would change with the way "
+                 "clients are spread over ranks); set aggregation.sum=fixed_point, or aggregation.where=server")
+    if agg["sum"] == "fixed_point" or agg["where"] == "workers":
+        from ..algorithms import ALGORITHMS   # local import: the algorithms import the config module
+
+        summed = [name for name, cls in ALGORITHMS.items() if cls.partial_sums]
+        key = "aggregation.where" if agg["where"] == "workers" else "aggregation.sum"
+        _require(algorithm not in ALGORITHMS or ALGORITHMS[algorithm].partial_sums, key,
+                 f"{agg['where'] if key == 'aggregation.where' else agg['sum']} needs an algorithm whose merge "
+                 f"is a weighted sum over the clients ({', '.join(summed)}); {algorithm} merges otherwise: "
+                 f"set aggregation.sum=float64 and aggregation.where=server")
+        _require(cfg["clients"]["per_round"] <= MAX_CONTRIBUTIONS, "aggregation.sum",
+                 f"fixed_point sums at most {MAX_CONTRIBUTIONS} (2^20) clients per round in int64; "
+                 f"clients.per_round is {cfg['clients']['per_round']}")
+
+
 def _check_run_control(cfg: dict) -> None:
     """checkpoint, mpi, output."""
     _require(cfg["checkpoint"]["every"] >= 0, "checkpoint.every", "must be >= 0")
@@ -284,6 +309,6 @@ def _check_lotteryfl(cfg: dict) -> None:
 SECTION_CHECKS = (
     _check_top_level, _check_clients, _check_data, _check_local, _check_eval,
     _check_fedprox, _check_fedavgm, _check_feddst, _check_tiers, _check_hypemefed, _check_scalefl,
-    _check_prunefl, _check_snip, _check_imp, _check_lotteryfl,
+    _check_prunefl, _check_snip, _check_imp, _check_lotteryfl, _check_aggregation,
     _check_run_control, _check_device,
 )

@@ -28,6 +28,9 @@ class RankTask:
     offsets: dict[int, tuple[int, int]]            # payload index → (start, length) in this rank's buffer
     states: dict[int, dict]                        # client → device-resident algorithm state
     known_masks: dict[int, dict]                   # client → packed masks it last held
+    # aggregation.where: workers: client → its integer weight in the round's sum (None: the rank
+    # sends its uploads to the server instead)
+    sum_weights: dict[int, int] | None = None
 
 
 @dataclass
@@ -46,6 +49,9 @@ class ClientReport:
     header_bytes: int
     download_bytes: int
     compute_seconds: float
+    # aggregation.where: workers (the upload stays on the worker): the masks the upload changed,
+    # packed, so the server knows what the client now holds; None when it changed none
+    changed_masks: dict[str, tuple] | None = None
 
 
 @dataclass

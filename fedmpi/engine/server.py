@@ -6,6 +6,11 @@ already holds (clients whose encodings coincide share one payload) → bcast (on
 scatterv (several) → workers train → gather reports and uploads → decode in client-id order →
 ``algorithm.aggregate`` → evaluate when due (every rank takes part) → append the round to the
 results file, flush → checkpoint when due.
+
+With ``aggregation.where: workers`` the uploads stay on the ranks that trained them: the tasks
+carry each client's weight in the round's sum, the reports the masks each upload changed, and
+instead of the gather every rank takes part in ``worker.sum_uploads``, which leaves the round's
+fixed-point sums (O(model) memory) on rank 0 for ``algorithm.aggregate``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from ..results import ResultsWriter, run_attrs
 from .checkpoint import ServerState, read_checkpoint, write_checkpoint
 from .context import RunContext
 from .messages import RankReport, RankTask, RoundPlan, assign_clients, pack_masks, unpack_masks
+from .worker import concatenated, sum_uploads, train_clients
 
 
 def evaluation_due(cfg: dict, round_: int) -> bool:
@@ -34,6 +40,7 @@ class Server:
     def __init__(self, ctx: RunContext, comm, evaluator, run):
         self.ctx, self.comm, self.evaluator, self.run = ctx, comm, evaluator, run
         self.algorithm = ctx.algorithm
+        self.sums_on_workers = ctx.cfg["aggregation"]["where"] == "workers"
 
     def serve(self, resume: bool, attrs_extra) -> int:
         ctx, cfg, run = self.ctx, self.ctx.cfg, self.run
@@ -82,7 +89,9 @@ class Server:
         rank_of = {c: r for r, cs in assignment.items() for c in cs}
         evaluate = evaluation_due(ctx.cfg, round_)
 
-        tasks, payloads, sent_masks = self._encode_downloads(round_, clients, assignment, state)
+        # the weights come before training: the worker ranks apply them to their own clients
+        weights = algorithm.partial_sum_weights({c: ctx.sizes[c] for c in clients}) if self.sums_on_workers else None
+        tasks, payloads, sent_masks = self._encode_downloads(round_, clients, assignment, state, weights)
         broadcast = len(payloads) == 1
         comm.bcast_object(RoundPlan(stop=False, round=round_, broadcast=broadcast, evaluate=evaluate))
         task = comm.scatter_objects(tasks)
@@ -92,33 +101,45 @@ class Server:
             buffer = comm.scatter_buffers([
                 np.concatenate([payloads[i].data for i in t.layouts]) if t.layouts else np.zeros(0, np.uint8)
                 for t in tasks])
-        from .worker import train_clients  # P = 1: the server trains every client itself
-
-        own_reports, upload = train_clients(ctx, round_, task, buffer)
+        own_reports, own_uploads = train_clients(ctx, round_, task, buffer)   # P = 1: every client
         rank_reports: list[RankReport] = comm.gather_objects(RankReport(own_reports, self.run.terminate_requested))
-        buffers = comm.gather_buffers(upload)
         stop_requested = any(r.terminate_requested for r in rank_reports)
-
-        entries = []   # (report, upload bytes), then sorted by client id: aggregation order
-        for rank, report in enumerate(rank_reports):
-            offset = 0
-            for client in report.clients:
-                entries.append((client, buffers[rank][offset:offset + client.upload_bytes]))
-                offset += client.upload_bytes
-        entries.sort(key=lambda e: e[0].client_id)
+        reports = sorted((c for r in rank_reports for c in r.clients), key=lambda c: c.client_id)  # merge order
+        if self.sums_on_workers:
+            sums = sum_uploads(ctx, comm, own_uploads, task.sum_weights)
+            uploads = {}
+        else:
+            sums = None
+            buffers = comm.gather_buffers(concatenated(own_uploads))
+            uploads = {}   # client → its upload bytes
+            for rank, rank_report in enumerate(rank_reports):
+                offset = 0
+                for client in rank_report.clients:
+                    uploads[client.client_id] = buffers[rank][offset:offset + client.upload_bytes]
+                    offset += client.upload_bytes
         results, client_rows = [], []
-        for report, data in entries:
+        for report in reports:
             c = report.client_id
-            update = decode(Encoded(report.layout, data), sent_masks[c])
+            if sums is None:
+                update = decode(Encoded(report.layout, uploads.pop(c)), sent_masks[c])
+                changed = update.masks
+            else:
+                if report.num_samples != ctx.sizes[c]:
+                    raise RuntimeError(f"{algorithm.name}: client {c} trained on {report.num_samples} samples, but its "
+                                       f"weight in the workers' sum assumed its {ctx.sizes[c]} training samples")
+                update, changed = None, unpack_masks(report.changed_masks or {})
             results.append(ClientResult(c, report.num_samples, update, report.train_loss, report.samples_processed,
                                         report.state, report.densities, report.metrics))
             if report.state:
                 state.client_states[c] = report.state
-            held = {**sent_masks[c], **update.masks}
+            held = {**sent_masks[c], **changed}
             if held:
                 state.known_masks[c] = pack_masks(held)
             client_rows.append(self._client_row(round_, report, rank_of[c]))
-        algorithm.aggregate(round_, results)
+        if sums is None:
+            algorithm.aggregate(round_, results)
+        else:
+            algorithm.aggregate(round_, results, sums)
         metrics = algorithm.round_metrics(round_)
         if evaluate:
             outcomes = self.evaluator.run(algorithm.evaluation_models(round_))
@@ -169,10 +190,10 @@ class Server:
         }
 
     def _encode_downloads(self, round_: int, clients: list[int], assignment: dict[int, list[int]],
-                          state: ServerState):
+                          state: ServerState, sum_weights: dict[int, int] | None):
         """Encode each client's download against the masks it already holds. Clients whose
         encodings coincide share one payload; returns (per-rank tasks, distinct payloads, the masks
-        each client was sent)."""
+        each client was sent). ``sum_weights``: each client's weight when the ranks sum the uploads."""
         updates = {c: self.algorithm.download(round_, c) for c in clients}  # alive all round: ids stay unique
         payloads: list[Encoded] = []
         payload_of: dict[int, int] = {}
@@ -198,5 +219,6 @@ class Server:
                 clients=mine, payload_of={c: payload_of[c] for c in mine},
                 layouts={i: payloads[i].layout for i in needed}, offsets=offsets,
                 states={c: state.client_states.get(c, {}) for c in mine},
-                known_masks={c: state.known_masks[c] for c in mine if c in state.known_masks}))
+                known_masks={c: state.known_masks[c] for c in mine if c in state.known_masks},
+                sum_weights=None if sum_weights is None else {c: sum_weights[c] for c in mine}))
         return tasks, payloads, {c: u.masks for c, u in updates.items()}

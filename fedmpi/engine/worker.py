@@ -1,28 +1,46 @@
 """A worker rank's side of each round: receive its task and payloads, train its clients in id
-order (decode → ``algorithm.local_update`` → encode the upload), report back. Rank 0 runs the
-same ``train_clients`` when P = 1."""
+order (decode → ``algorithm.local_update`` → encode the upload), report back, and either send the
+uploads to the server or, with ``aggregation.where: workers``, sum them here (``sum_uploads``).
+Rank 0 runs the same ``train_clients`` and ``sum_uploads`` when P = 1."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import rng
+from ..aggregate import FixedPointSum, RoundSums
 from ..algorithms import ClientTask
-from ..comm.codec import Encoded, decode, encode
+from ..comm.codec import BITMAP, INDEX, Encoded, ModelUpdate, decode, encode
 from .context import RunContext
-from .messages import ClientReport, RankReport, RankTask, unpack_masks
+from .messages import ClientReport, RankReport, RankTask, pack_masks, unpack_masks
+
+
+@dataclass
+class Upload:
+    """One trained client's upload, encoded as it crosses MPI, and the masks its receiver decodes
+    it against (those the client was sent)."""
+
+    client_id: int
+    encoded: Encoded
+    reference_masks: dict[str, np.ndarray]
+
+    def decoded(self) -> ModelUpdate:
+        """What the server would decode: the summands of ``sum_uploads`` are exactly those."""
+        return decode(self.encoded, self.reference_masks)
 
 
 def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray):
-    """Train this rank's clients in id order; returns (reports, concatenated upload payloads).
+    """Train this rank's clients in id order; returns (reports, uploads), both in that order.
 
     With ``local.client_batch`` = G > 1 and an algorithm that has ``local_update_group``, the
     clients go in blocks of G (the server's assignment keeps blocks whole, so cutting this rank's
     sorted list into G's gives them back) trained together; a block's compute time is shared among
     its clients by sample count."""
-    reports, pieces = [], []
+    reports, uploads = [], []
+    sums_here = ctx.cfg["aggregation"]["where"] == "workers"
     x_train, y_train = ctx.train
     group = ctx.cfg["local"]["client_batch"]
     grouped = group > 1 and hasattr(ctx.algorithm, "local_update_group")
@@ -48,14 +66,40 @@ def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarr
         for client_task, result in zip(client_tasks, results):
             c = client_task.client_id
             compute = elapsed * len(client_task.y) / samples if len(block) > 1 else elapsed
-            upload = encode(result.update, received[c][0].masks, schema=ctx.info.shapes)
+            sent_masks = received[c][0].masks
+            upload = encode(result.update, sent_masks, schema=ctx.info.shapes)
+            changed = None
+            if sums_here:   # the server never sees this upload: tell it the masks it changed
+                changed = {row.name for row in upload.layout if row.encoding in (BITMAP, INDEX)}
+                changed = pack_masks({n: result.update.masks[n] for n in changed}) if changed else None
             reports.append(ClientReport(
                 client_id=c, num_samples=result.num_samples, train_loss=result.train_loss,
                 samples_processed=result.samples_processed, densities=result.densities, state=result.state,
                 metrics=result.metrics, layout=upload.layout, upload_bytes=upload.nbytes,
-                header_bytes=upload.header_bytes, download_bytes=received[c][1], compute_seconds=compute))
-            pieces.append(upload.data)
-    return reports, np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+                header_bytes=upload.header_bytes, download_bytes=received[c][1], compute_seconds=compute,
+                changed_masks=changed))
+            uploads.append(Upload(c, upload, sent_masks))
+    return reports, uploads
+
+
+def concatenated(uploads: list[Upload]) -> np.ndarray:
+    """This rank's upload payloads back to back (what ``gather_buffers`` sends the server)."""
+    return np.concatenate([u.encoded.data for u in uploads]) if uploads else np.zeros(0, np.uint8)
+
+
+def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int, int]) -> RoundSums | None:
+    """``aggregation.where: workers``: the fixed-point sum of the round's uploads, each rank its own
+    (rank 0 none when P > 1). Phase 1: this rank's per-element maximum exponents, combined over the
+    ranks by an element-wise MAX; phase 2: this rank's int64 sums on that shared grid, added up on
+    rank 0. Integer addition is exact, so rank 0 gets the bits ``fixed_point_average`` gives for all
+    the uploads at once. Returns the round's sums on rank 0, None elsewhere."""
+    summer = FixedPointSum(ctx.info.shapes)
+    updates = [u.decoded() for u in uploads]
+    labels = [f"from client {u.client_id}" for u in uploads]
+    client_weights = [weights[u.client_id] for u in uploads]
+    scales = comm.allreduce_max_int16(summer.scales(updates, client_weights, labels))
+    sums = comm.reduce_sum_int64(summer.partial_sums(updates, client_weights, scales, labels))
+    return RoundSums(summer, sums, scales) if comm.is_server else None
 
 
 def work(ctx: RunContext, comm, evaluator, terminate_requested) -> None:
@@ -66,8 +110,11 @@ def work(ctx: RunContext, comm, evaluator, terminate_requested) -> None:
             return
         task = comm.scatter_objects(None)
         buffer = comm.bcast_buffer(None) if plan.broadcast else comm.scatter_buffers(None)
-        reports, upload = train_clients(ctx, plan.round, task, buffer)
+        reports, uploads = train_clients(ctx, plan.round, task, buffer)
         comm.gather_objects(RankReport(reports, terminate_requested()))
-        comm.gather_buffers(upload)
+        if task.sum_weights is not None:
+            sum_uploads(ctx, comm, uploads, task.sum_weights)
+        else:
+            comm.gather_buffers(concatenated(uploads))
         if plan.evaluate:
             evaluator.run(None)

@@ -75,8 +75,10 @@ TABLES = {
 # identity; only the grouping drops it. The former report-side list also named out, output_dir,
 # results_dir, log, log_level, verbose, quiet and progress: no config has those keys (progress
 # lives under output), so they are gone.
-# local.client_batch: clients trained together give the same results as one by one, bit for bit
-NON_IDENTITY_KEYS = ("experiment", "data.root", "output", "checkpoint", "mpi", "local.client_batch")
+# local.client_batch: clients trained together give the same results as one by one, bit for bit;
+# aggregation.where: the fixed-point sum has the same bits on the server and on the workers
+NON_IDENTITY_KEYS = ("experiment", "data.root", "output", "checkpoint", "mpi", "local.client_batch",
+                     "aggregation.where")
 
 
 def identity_settings(cfg: dict) -> dict:
