@@ -71,7 +71,8 @@ def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarr
             changed = None
             if sums_here:   # the server never sees this upload: tell it the masks it changed
                 changed = {row.name for row in upload.layout if row.encoding in (BITMAP, INDEX)}
-                changed = pack_masks({n: result.update.masks[n] for n in changed}) if changed else None
+                changed = pack_masks({n: np.asarray(result.update.masks[n], dtype=bool) for n in changed}) \
+                    if changed else None
             reports.append(ClientReport(
                 client_id=c, num_samples=result.num_samples, train_loss=result.train_loss,
                 samples_processed=result.samples_processed, densities=result.densities, state=result.state,
