@@ -77,16 +77,19 @@ def _accumulate(numerator: np.ndarray, denominator: np.ndarray, update: ModelUpd
     # trailing Ellipsis: a view even for 0-d tensors, so the in-place adds reach the full tensors
     region = tuple(slice(s, e) for s, e in block) + (Ellipsis,)
     num, den = numerator[region], denominator[region]
-    contribution = weight * _values(update, name, num.shape)
     mask = update.masks.get(name)
     if mask is None:
-        num += contribution
+        num += weight * _values(update, name, num.shape)
         den += weight
-    else:
-        # where=: values outside the mask are ignored, even if they are not finite
-        mask = np.asarray(mask, dtype=bool)
-        np.add(num, contribution, out=num, where=mask)
-        np.add(den, weight, out=den, where=mask)
+        return
+    values = np.asarray(update.values[name])
+    if values.shape != num.shape:
+        raise ValueError(f"{name}: sent shape {values.shape}, expected {num.shape}")
+    # only the held positions are read (values outside the mask are ignored, even if they are
+    # not finite), and each gets exactly the float64 operations of the dense case: num += w·θ
+    held = np.nonzero(np.asarray(mask, dtype=bool))
+    num[held] += weight * values[held].astype(np.float64)
+    den[held] += weight
 
 
 def _cast(averaged: np.ndarray, dtype: np.dtype) -> np.ndarray:
