@@ -75,7 +75,7 @@ def runs(work, tiered_cfg):
 
 def assert_all_columns_identical(a: dict, b: dict, what: str):
     timing = {"wall_seconds", "cum_wall_seconds", "compute_seconds", "mpi_payload_bytes", "mpi_control_bytes",
-              "rank"}
+              "server_peak_rss_bytes", "rank"}
     for group in ("rounds", "clients"):
         assert set(a[group]) == set(b[group])
         for name in a[group]:

@@ -266,7 +266,7 @@ def test_scalefl_variants_and_objective():
 
 # ------------------------------------------------------------------------------ end to end
 TIMING = {"wall_seconds", "cum_wall_seconds", "compute_seconds", "mpi_payload_bytes", "mpi_control_bytes", "rank",
-          "server_seconds"}
+          "server_seconds", "server_peak_rss_bytes"}
 
 
 def assert_identical(a: dict, b: dict, what: str):

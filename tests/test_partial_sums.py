@@ -373,7 +373,7 @@ DST = {"algorithm": "feddst", "rounds": 4, "sparsity": 0.8,
        "local": {"epochs": 1, "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.001},
        "feddst": {"alpha": 0.3, "readjust_every": 2, "r_end": 4}}     # round 2 readjusts the masks
 CONFIGS = {"fedavg": {}, "feddst": DST}
-TIMINGS = {"wall_seconds", "cum_wall_seconds", "compute_seconds"}
+TIMINGS = {"wall_seconds", "cum_wall_seconds", "compute_seconds", "server_peak_rss_bytes"}   # machine state
 TRAFFIC = {"mpi_payload_bytes", "mpi_control_bytes"}
 
 

@@ -48,7 +48,7 @@ CLIENT_METRICS = ["round", "client_id", "num_samples", "train_loss", "upload_byt
 CONTRACT_ROUNDS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
                    "cum_upload_bytes", "density", "wall_seconds", "sim_seconds"]
 EXTRA_ROUNDS = ["cum_download_bytes", "header_bytes", "compute_seconds", "cum_wall_seconds", "cum_sim_seconds",
-                "train_flops", "cum_train_flops", "mpi_payload_bytes", "mpi_control_bytes"]
+                "train_flops", "cum_train_flops", "mpi_payload_bytes", "mpi_control_bytes", "server_peak_rss_bytes"]
 CONTRACT_CLIENTS = ["round", "client_id", "rank", "num_samples", "upload_bytes", "download_bytes", "train_loss",
                     "compute_seconds"]
 CONTRACT_ATTRS = ["config", "fedmpi_version", "git_commit", "mpi_size", "started"]
@@ -244,6 +244,9 @@ def test_results_file_schema_and_byte_counts(runs, tiny_cfg):
     np.testing.assert_allclose(rounds["cum_wall_seconds"], np.cumsum(rounds["wall_seconds"]), rtol=1e-9)
     np.testing.assert_allclose(rounds["cum_sim_seconds"], np.cumsum(rounds["sim_seconds"]), rtol=1e-9)
     assert np.all(rounds["wall_seconds"] > 0) and np.all(rounds["sim_seconds"] > 0)
+    # rank 0's high-water mark: at least the interpreter with torch loaded, and it never falls
+    assert np.all(rounds["server_peak_rss_bytes"] > 50 * 2**20)
+    assert np.all(np.diff(rounds["server_peak_rss_bytes"]) >= 0)
     assert np.all(rounds["density"] > 0.999) and np.all(rounds["density"] <= 1.0)
     assert np.all((rounds["test_accuracy"] > 0) & (rounds["test_accuracy"] <= 1))
     assert np.all(np.isfinite(rounds["test_loss"]))

@@ -14,6 +14,8 @@ fixed-point sums (O(model) memory) on rank 0 for ``algorithm.aggregate``.
 """
 from __future__ import annotations
 
+import resource
+import sys
 import time
 
 import numpy as np
@@ -29,6 +31,13 @@ from .checkpoint import ServerState, read_checkpoint, write_checkpoint
 from .context import RunContext
 from .messages import RankReport, RankTask, RoundPlan, assign_clients, pack_masks, unpack_masks
 from .worker import concatenated, sum_uploads, train_clients
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (a high-water mark, never lowered), in bytes:
+    ``ru_maxrss`` is in KiB on Linux and in bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def evaluation_due(cfg: dict, round_: int) -> bool:
@@ -148,6 +157,8 @@ class Server:
         round_row = self._round_row(round_, state, client_rows, metrics, wall)
         round_row["mpi_payload_bytes"] = comm.traffic.payload_bytes - traffic_before[0]
         round_row["mpi_control_bytes"] = comm.traffic.control_bytes - traffic_before[1]
+        # machine state, not a result: what rank 0 needed, gather or reductions, decoding, evaluation
+        round_row["server_peak_rss_bytes"] = peak_rss_bytes()
         return round_row, client_rows, stop_requested
 
     def _client_row(self, round_: int, report, rank: int) -> dict:

@@ -75,6 +75,7 @@ def info_text(path) -> str:
         ("density", f"final {format_number(run.final('density'))}"),
         ("time", f"wall {format_seconds(run.final('cum_wall_seconds'))}, "
                  f"modelled {format_seconds(run.final('cum_sim_seconds'))}"),
+        ("rank-0 memory", peak_rss_text(run)),
         ("mpi_size", str(run.attrs.get("mpi_size", "?"))),
         ("fedmpi", f"{run.attrs.get('fedmpi_version', '?')} (git {run.attrs.get('git_commit', '?')})"),
         ("versions", str(versions) if versions else "not recorded"),
@@ -82,6 +83,14 @@ def info_text(path) -> str:
     width = max(len(name) for name, _ in lines) + 1
     text = [f"{name + ':':<{width}} {text}" for name, text in lines]
     return "\n".join(text + algorithm_column_lines(run))
+
+
+def peak_rss_text(run: RunResult) -> str:
+    """Rank 0's peak resident set size (``server_peak_rss_bytes``, a high-water mark per process:
+    the largest value over the rounds is the run's peak, whichever process wrote it)."""
+    values = run.column("server_peak_rss_bytes")
+    recorded = values[np.isfinite(values) & (values > 0)]   # older files: absent, or -1 before a resume
+    return f"peak RSS {format_bytes(recorded.max())}" if recorded.size else "not recorded"
 
 
 def algorithm_column_lines(run: RunResult) -> list[str]:

@@ -45,6 +45,7 @@ ROUND_FIELDS = {
     "cum_train_flops": np.float64,
     "mpi_payload_bytes": np.int64,
     "mpi_control_bytes": np.int64,
+    "server_peak_rss_bytes": np.int64,
 }
 
 CLIENT_FIELDS = {
