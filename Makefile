@@ -30,6 +30,7 @@ help:
 	@echo "make bench   default local benchmark on Fashion-MNIST under mpiexec, then the figures"
 	@echo "make plots   redraw every figure in plots/ from results/*.h5"
 	@echo "make bench-perf  fedmpi vs the bare PyTorch loop (results/perf/*.json, then plots); PERF_ARGS=--quick: a smoke run"
+	@echo "make bench-scale  1,000 clients per round on 3-8 ranks: round time, rank-0 memory (results/perf/scale.json); SCALE_ARGS=--quick: a smoke run"
 	@echo "make clean   remove caches and plots (keeps $(VENV) and results/)"
 	@echo "switches: MPI=system (cluster MPI), BENCH_RANKS=$(BENCH_RANKS), TORCH_SPEC='$(TORCH_SPEC)'"
 
@@ -68,6 +69,12 @@ PERF_ARGS ?=
 bench-perf: venv data
 	MPIEXEC=$(MPIEXEC) $(PY) bench/perf/run.py $(PERF_ARGS)
 	$(MAKE) plots
+
+# the scale run of issue 11 (bench/perf/scale.py, docs/performance.md "Scale run"): quiet machine, >= 8 cores please
+.PHONY: bench-scale
+SCALE_ARGS ?=
+bench-scale: venv data
+	MPIEXEC=$(MPIEXEC) $(PY) bench/perf/scale.py $(SCALE_ARGS)
 
 # Fashion-MNIST for the bench: Debian's package when we can install it, else say what to do.
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
