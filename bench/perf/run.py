@@ -11,6 +11,8 @@ over all systems alike):
     fedmpi-P      python -m fedmpi run at P = 1 (rank 0 trains), P = 3 and P = 5 (2 and 4 worker
                   ranks + the server), under mpiexec for P > 1
     fedmpi-P-cbG  the same with local.client_batch = G (several clients of a rank trained at once)
+    ...-w         (P > 1) the same with aggregation.where: workers (fixed-point sums on the worker
+                  ranks instead of every upload gathered on rank 0)
 
 The timed quantity is the round loop: ``rounds`` rounds after a warm-up round, without the final
 round (where fedmpi also evaluates). Per system: median, min and max over the repeats; ratios
@@ -86,13 +88,17 @@ def run_bare(workload, algorithm, rounds, processes, threads) -> dict:
             "test_accuracy": out["test_accuracy"]}
 
 
-def run_fedmpi(workload, algorithm, rounds, ranks, client_batch, tmp: Path) -> dict:
+def run_fedmpi(workload, algorithm, rounds, ranks, client_batch, tmp: Path, workers: bool = False) -> dict:
     import h5py
     import yaml
 
-    cfg_path = tmp / f"{workload}_{algorithm}_cb{client_batch}.yaml"
-    cfg_path.write_text(yaml.safe_dump(fedmpi_config(workload, algorithm, rounds, client_batch=client_batch)))
-    out = tmp / f"{workload}_{algorithm}_p{ranks}_cb{client_batch}.h5"
+    cfg = fedmpi_config(workload, algorithm, rounds, client_batch=client_batch)
+    if workers:   # each rank sums its own clients (docs/performance.md, "Worker-side aggregation")
+        cfg["aggregation"] = {"sum": "fixed_point", "where": "workers"}
+    tag = f"{workload}_{algorithm}_cb{client_batch}" + ("_w" if workers else "")
+    cfg_path = tmp / f"{tag}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    out = tmp / f"{tag}_p{ranks}.h5"
     cmd = [sys.executable, "-m", "fedmpi", "run", str(cfg_path), "--out", str(out), "--force", "--quiet"]
     _, wall = launch(cmd, ranks)
     with h5py.File(out, "r") as f:
@@ -122,6 +128,8 @@ def systems_for(workload: str, ranks: list[int], cores: int) -> dict[str, dict]:
         for cb in WORKLOADS[workload]["client_batches"]:
             label = f"fedmpi-{p}" + (f"-cb{cb}" if cb > 1 else "")
             systems[label] = {"kind": "fedmpi", "processes": p, "training_processes": max(p - 1, 1), "client_batch": cb}
+            if p > 1:   # the same with the sums on the workers
+                systems[label + "-w"] = {**systems[label], "workers": True}
     return systems
 
 
@@ -168,7 +176,8 @@ def bench_workload(workload, algorithms, ranks, repeats, rounds, cores, tmp: Pat
             if spec["kind"] == "bare":
                 result = run_bare(workload, algorithm, rounds, spec["processes"], spec["threads"])
             else:
-                result = run_fedmpi(workload, algorithm, rounds, spec["processes"], spec["client_batch"], tmp)
+                result = run_fedmpi(workload, algorithm, rounds, spec["processes"], spec["client_batch"], tmp,
+                                    spec.get("workers", False))
             samples[algorithm][label].append(result)
             log(f"  [{workload} {rep + 1}/{repeats}] {algorithm:7s} {label:16s} round loop {result['timed']:7.2f} s"
                 f"  (warm-up round {result['warmup']:.2f} s, process {result['wall']:.1f} s)")
