@@ -92,6 +92,7 @@ class SparseStructure:
         self.crow_t = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)]).to(index)
         self.col_t = r[self.perm_t].to(index)
         self.flat_index = self.flat.to(index)
+        self._pattern: torch.Tensor | None = None   # the mask as CSR, for sampled products
 
     @property
     def density(self) -> float:
@@ -113,8 +114,10 @@ class SparseStructure:
         """Values of ``a @ b`` (rows × k @ k × cols) at the active positions, CSR order."""
         if self.nnz == 0:
             return a.new_zeros(0)
-        pattern = self.csr(a.new_zeros(self.nnz))
-        return torch.sparse.sampled_addmm(pattern, a, b, beta=0.0).values()
+        # built once per structure, not once per step: with beta = 0 only its indices matter
+        if self._pattern is None or self._pattern.dtype != a.dtype or self._pattern.device != a.device:
+            self._pattern = self.csr(a.new_zeros(self.nnz))
+        return torch.sparse.sampled_addmm(self._pattern, a, b, beta=0.0).values()
 
 
 def _check(structure: SparseStructure, source: torch.Tensor, weight_grad: str) -> None:
