@@ -45,9 +45,13 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
         numerator = np.zeros(ref.shape, dtype=np.float64)
         if senders and all(name not in updates[k].masks and name not in updates[k].slices for k in senders):
             # every sender holds every element: one denominator, summed with np.sum as the plain
-            # weighted average always was (its results stay bit-identical)
+            # weighted average always was (its results stay bit-identical). w·θ goes through one
+            # reused float64 scratch array: the same products as weights[k] * θ.astype(float64),
+            # without two fresh arrays (and their page faults) per upload
+            scratch = np.empty(ref.shape, dtype=np.float64)
             for k in senders:
-                numerator += weights[k] * _values(updates[k], name, ref.shape)
+                np.multiply(_sent(updates[k], name, ref.shape), weights[k], out=scratch, dtype=np.float64)
+                numerator += scratch
             denominator = np.full(ref.shape, float(np.sum(weights[senders])))
         else:
             denominator = np.zeros(ref.shape, dtype=np.float64)
@@ -60,11 +64,15 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
     return averaged, votes
 
 
-def _values(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
+def _sent(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
     values = np.asarray(update.values[name])
     if values.shape != shape:
         raise ValueError(f"{name}: sent shape {values.shape}, expected {shape}")
-    return values.astype(np.float64)
+    return values
+
+
+def _values(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
+    return _sent(update, name, shape).astype(np.float64)
 
 
 def _accumulate(numerator: np.ndarray, denominator: np.ndarray, update: ModelUpdate, name: str,
@@ -81,6 +89,16 @@ def _accumulate(numerator: np.ndarray, denominator: np.ndarray, update: ModelUpd
     if mask is None:
         num += weight * _values(update, name, num.shape)
         den += weight
+        return
+    packed = update.packed.get(name)
+    if packed is not None and not block and num.flags.c_contiguous:
+        # as decoded: the flat positions of the mask (C order, as np.nonzero below) and the values
+        # there, so the same float64 operations per element without densifying the upload
+        positions, kept = packed
+        if np.shape(mask) != num.shape:
+            raise ValueError(f"{name}: sent shape {np.shape(mask)}, expected {num.shape}")
+        num.reshape(-1)[positions] += weight * np.asarray(kept).astype(np.float64)
+        den.reshape(-1)[positions] += weight
         return
     values = np.asarray(update.values[name])
     if values.shape != num.shape:
@@ -163,22 +181,32 @@ class FixedPointSum:
 
     # -- phase 1 ------------------------------------------------------------------------------
     def scales(self, updates: list[ModelUpdate], weights: list[int], labels: list | None = None) -> np.ndarray:
-        """This group's per-element maximum exponent and per-tensor mask flags (int16)."""
+        """This group's per-element maximum exponent and per-tensor mask flags (int16).
+
+        The largest exponent over the summands is the exponent of the largest |summand| (frexp's
+        exponent grows with |x|), so a running maximum of |x| per element is kept, one pass per
+        upload, and frexp runs once per tensor."""
         weights = _checked_sum_weights(weights, len(updates))
         scales = np.full(self.size + len(self.names), NO_SUMMAND, dtype=np.int16)
         exponents, masked = scales[:self.size], scales[self.size:]
         masked[:] = 0
-        for k, update in enumerate(updates):
-            for t, name in enumerate(self.names):
-                x, held = self._summands(update, name, weights[k], _label(labels, k))
-                if x is None:
+        for t, name in enumerate(self.names):
+            size = self.segments[name].stop - self.segments[name].start
+            largest = np.zeros(size, dtype=np.float64)
+            x = np.empty(size, dtype=np.float64)
+            for k, update in enumerate(updates):
+                held = self._summands(update, name, weights[k], _label(labels, k), out=x)
+                if held is False:
                     continue
                 if held is not None:
                     masked[t] = 1
-                _, exponent = np.frexp(x)            # int32 in [-1073, 1025]; 0 for x = 0
-                exponent[x == 0] = NO_SUMMAND        # a zero must not widen the grid
-                segment = exponents[self.segments[name]]
-                np.maximum(segment, exponent.astype(np.int16), out=segment)
+                np.abs(x, out=x)
+                np.maximum(largest, x, out=largest)          # NaN propagates: found below
+            if not np.all(np.isfinite(largest)):
+                self._raise_not_finite(updates, weights, labels, name)
+            _, exponent = np.frexp(largest)                  # int32 in [-1073, 1025]; 0 for 0
+            exponent[largest == 0] = NO_SUMMAND              # a zero must not widen the grid
+            exponents[self.segments[name]] = exponent.astype(np.int16)
         return scales
 
     # -- phase 2 ------------------------------------------------------------------------------
@@ -192,21 +220,30 @@ class FixedPointSum:
         exponents, masked, vote_segments = self._layout(scales)
         sums = np.zeros(vote_segments[self.names[-1]].stop if self.names else 0, dtype=np.int64)
         numerators = sums[:self.size]
-        for k, update in enumerate(updates):
-            for t, name in enumerate(self.names):
-                x, held = self._summands(update, name, weights[k], _label(labels, k))
-                if x is None:
+        limit = 2.0 ** FIXED_POINT_BITS
+        for t, name in enumerate(self.names):
+            segment = self.segments[name]
+            # 2^(B−e) per element, an exact power of two (B − e within ±1200 for every exponent
+            # a summand can have), so x·2^(B−e) equals ldexp(x, B − e) bit for bit; 1 where no
+            # summand is nonzero (every x is 0 there)
+            e = exponents[segment].astype(np.int32)
+            factor = np.ldexp(1.0, np.where(e == NO_SUMMAND, 0, FIXED_POINT_BITS - e))
+            x = np.empty(factor.size, dtype=np.float64)
+            quantised = np.empty(factor.size, dtype=np.int64)
+            for k, update in enumerate(updates):
+                held = self._summands(update, name, weights[k], _label(labels, k), out=x)
+                if held is False:
                     continue
                 if held is not None and not masked[t]:
                     raise ValueError(f"{name}: upload {_label(labels, k)} has a mask the scales did not see; "
                                      f"compute the scales over every upload of the round")
-                segment = self.segments[name]
-                # exact: a power-of-two scaling of a float64 (int32 exponents: 42 − (−32768) overflows int16)
-                scaled = np.ldexp(x, FIXED_POINT_BITS - exponents[segment].astype(np.int32))
-                if scaled.size and not np.abs(scaled).max() < 2.0 ** FIXED_POINT_BITS:
+                np.multiply(x, factor, out=x)
+                if x.size and not (x.max() < limit and x.min() > -limit):
                     raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
                                      f"compute the scales over every upload of the round")
-                numerators[segment] += np.trunc(scaled).astype(np.int64)
+                # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B
+                np.copyto(quantised, x, casting="unsafe")
+                numerators[segment] += quantised
                 votes = sums[vote_segments[name]]
                 if held is None:
                     votes += weights[k]
@@ -253,27 +290,33 @@ class FixedPointSum:
             start += count
         return scales[:self.size], masked, vote_segments
 
-    def _summands(self, update: ModelUpdate, name: str, weight: int, label):
-        """x = w·θ (float64, flat; 0 outside the upload's mask) and the upload's flat mask (None:
-        unmasked), or (None, None) when the upload lacks the tensor."""
+    def _summands(self, update: ModelUpdate, name: str, weight: int, label, out: np.ndarray):
+        """Write x = w·θ (float64, flat; 0 outside the upload's mask) into ``out`` and return the
+        upload's flat mask (None: unmasked), or False when the upload lacks the tensor."""
         if name not in update.values:
-            return None, None
+            return False
         if name in update.slices:
             raise ValueError(f"{name}: upload {label} is a slice; the fixed-point sum takes whole tensors only")
         values = np.asarray(update.values[name])
         if values.shape != self.shapes[name]:
             raise ValueError(f"{name}: upload {label} has shape {values.shape}, expected {self.shapes[name]}")
-        x = values.reshape(-1).astype(np.float64) * np.float64(weight)
+        np.multiply(values.reshape(-1), np.float64(weight), out=out, dtype=np.float64)
         held = update.masks.get(name)
         if held is not None:
             held = np.asarray(held, dtype=bool).reshape(-1)
-            if held.size != x.size:
-                raise ValueError(f"{name}: upload {label} has a mask of {held.size} entries for {x.size} values")
-            x[~held] = 0.0      # values outside the mask are ignored, even if not finite
-        if not np.all(np.isfinite(x)):
-            raise ValueError(f"tensor {name!r} of upload {label} holds NaN or inf: the fixed-point sum needs "
-                             f"finite values")
-        return x, held
+            if held.size != out.size:
+                raise ValueError(f"{name}: upload {label} has a mask of {held.size} entries for {out.size} values")
+            np.copyto(out, 0.0, where=~held)     # values outside the mask are ignored, even if not finite
+        return held
+
+    def _raise_not_finite(self, updates, weights, labels, name: str):
+        x = np.empty(self.segments[name].stop - self.segments[name].start, dtype=np.float64)
+        for k, update in enumerate(updates):
+            if self._summands(update, name, weights[k], _label(labels, k), out=x) is not False \
+                    and not np.all(np.isfinite(x)):
+                raise ValueError(f"tensor {name!r} of upload {_label(labels, k)} holds NaN or inf: the "
+                                 f"fixed-point sum needs finite values")
+        raise AssertionError("unreachable: a non-finite maximum without a non-finite summand")
 
 
 @dataclass

@@ -411,6 +411,46 @@ def test_random_updates_round_trip_with_exact_byte_counts():
     assert seen_sliced > 50
 
 
+def test_decoding_without_densifying_reads_back_the_same_update_and_packs_the_masked_tensors():
+    rng = np.random.default_rng(77)
+    for case in range(200):
+        update, reference, _, _, _ = random_case(rng)
+        enc = encode(update, reference)
+        dense = decode(enc, reference)
+        cache = {}
+        lazy = decode(enc, reference, densify=False, positions_cache=cache)
+        # nothing densified yet: the masked tensors wait, as (positions, values)
+        assert set(lazy.packed) == set(update.masks) == set(dense.packed), case
+        for name, (positions, kept) in lazy.packed.items():
+            flat_mask = np.asarray(update.masks[name], dtype=bool).reshape(-1)
+            assert same_array(positions, np.flatnonzero(flat_mask)), (case, name)
+            assert same_array(kept, np.asarray(update.values[name]).reshape(-1)[flat_mask]), (case, name)
+        assert_same_update(lazy, update)          # reading densifies, to the same arrays
+        # a second upload against the same receiver masks reuses their positions and shares them
+        again = decode(enc, reference, densify=False, positions_cache=cache)
+        for row in enc.layout:
+            if row.encoding == VALUES:
+                assert again.packed[row.name][0] is lazy.packed[row.name][0], (case, row.name)
+                assert not again.masks[row.name].flags.writeable, (case, row.name)
+                assert np.shares_memory(again.masks[row.name], reference[row.name]) or \
+                    reference[row.name].dtype != bool or reference[row.name].size == 0, (case, row.name)
+
+
+def test_lazily_decoded_values_behave_as_a_mapping():
+    mask = np.array([True, False, True, False])
+    update = ModelUpdate({"w": np.array([1.0, 0.0, 3.0, 0.0], np.float32), "b": np.ones(2, np.float32)}, {"w": mask})
+    lazy = decode(encode(update), densify=False)
+    assert list(lazy.values) == ["w", "b"] and len(lazy.values) == 2 and "w" in lazy.values
+    assert {**lazy.values}.keys() == {"w", "b"}
+    assert same_array(lazy.values["w"], update.values["w"])
+    lazy.values["w"] = np.zeros(4, np.float32)
+    assert same_array(lazy.values["w"], np.zeros(4, np.float32))
+    del lazy.values["b"]
+    assert list(lazy.values) == ["w"]
+    with pytest.raises(KeyError):
+        lazy.values["b"]
+
+
 # ------------------------------------------------------------------------------ malformed payloads
 def _updates_of_every_encoding():
     rng = np.random.default_rng(9)

@@ -76,8 +76,11 @@ def test_tiny_campaign_completes_as_array_job_and_resubmitting_runs_nothing(clus
     assert list((tmp_path / "results" / "slurm").glob("*.tasks")) == tables
 
 
-def one_run_campaign(tmp_path: Path, name: str, rounds: int = 30, mpi: str = "mpiexec"):
-    """A campaign of one run; 30 rounds are long enough to signal it while it trains."""
+SIGNALLED_ROUNDS = 200
+
+
+def one_run_campaign(tmp_path: Path, name: str, rounds: int = SIGNALLED_ROUNDS, mpi: str = "mpiexec"):
+    """A campaign of one run; 200 rounds (a few seconds) are long enough to signal it while it trains."""
     spec = yaml.safe_load(TINY_CAMPAIGN.read_text())
     del spec["grid"], spec["runs"]
     spec.update(name=name, results_dir="results", set={"rounds": rounds})
@@ -93,7 +96,6 @@ def signal_when_training(cluster, run, job_name: str, *scancel_args: str) -> Non
     deadline = time.monotonic() + 60
     while not run.result.exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    time.sleep(1)
     created = run.result.stat().st_mtime_ns
     while run.result.stat().st_mtime_ns == created and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -134,7 +136,7 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes(cluster, tmp_path):
     assert "checkpoint written" in log and "requeueing" in log and "(attempt 2)" in log, log
     assert run_status(run.result) == "finished"
     with h5py.File(run.result, "r") as f:
-        assert list(f["rounds/round"][:]) == list(range(1, 31))
+        assert list(f["rounds/round"][:]) == list(range(1, SIGNALLED_ROUNDS + 1))
     assert not run.result.with_suffix(".ckpt").exists()
 
 

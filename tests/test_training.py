@@ -86,6 +86,8 @@ def test_weighted_exits_objective_trains_only_the_weighted_exit():
 
 
 @pytest.mark.parametrize("spec", [OptimizerSpec("sgd", 0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                                  OptimizerSpec("sgd", 0.05, momentum=0.9, weight_decay=1e-3),
+                                  OptimizerSpec("sgd", 0.05),
                                   OptimizerSpec("adamw", 1e-3, weight_decay=0.01, betas=(0.8, 0.99), eps=1e-6)])
 def test_optimizer_spec_builds_the_configured_optimizer(spec):
     torch.manual_seed(2)
@@ -95,12 +97,35 @@ def test_optimizer_spec_builds_the_configured_optimizer(spec):
     trained, _, _ = LocalTrainer(copy.deepcopy(model), local_cfg(batch_size=8)).train(
         weights, x, y, seed=5, round_=1, client_id=0, optimizer=spec)
     torch_cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}[spec.name]
-    kwargs = ({"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3} if spec.name == "sgd"
-              else {"lr": 1e-3, "weight_decay": 0.01, "betas": (0.8, 0.99), "eps": 1e-6})
+    kwargs = ({"lr": 0.05, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
+              if spec.name == "sgd" else {"lr": 1e-3, "weight_decay": 0.01, "betas": (0.8, 0.99), "eps": 1e-6})
     expected = manual_loop(model, x, y, seed=5, batch_size=8, epochs=1,
                            make_optimizer=lambda p: torch_cls(p, **kwargs), loss_of=F.cross_entropy)
     for name in expected:
         np.testing.assert_array_equal(trained[name], expected[name], err_msg=name)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_own_sgd_steps_as_torch_optim_sgd_bit_for_bit_including_parameters_without_gradients(nesterov):
+    from fedmpi.training.optim import SGD
+
+    torch.manual_seed(4)
+    spec = OptimizerSpec("sgd", 0.03, momentum=0.8, nesterov=nesterov, weight_decay=2e-3)
+    ours = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    theirs = [t.detach().clone().requires_grad_() for t in ours]
+    own = SGD(ours, spec)
+    reference = torch.optim.SGD(theirs, lr=0.03, momentum=0.8, nesterov=nesterov, weight_decay=2e-3)
+    for step in range(6):
+        grads = [torch.randn_like(t) for t in ours]
+        for opt, params in ((own, ours), (reference, theirs)):
+            opt.zero_grad(set_to_none=True)
+            for j, (p, g) in enumerate(zip(params, grads)):
+                if not (j == 1 and step in (0, 3)):    # the bias has no gradient in steps 0 and 3
+                    p.grad = g.clone()
+            opt.step()
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b), step
+    assert torch.equal(own.buffers[1], reference.state[theirs[1]]["momentum_buffer"])
 
 
 def test_optimizer_comes_from_the_config():

@@ -31,6 +31,8 @@ Without a schema every row costs 9 bytes.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -52,6 +54,58 @@ class ModelUpdate:
     values: dict[str, np.ndarray]
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     slices: dict[str, Block] = field(default_factory=dict)
+    # decoded masked tensors as they crossed MPI: name → (flat positions of the mask, ascending,
+    # and the values there); the server's merge sums these without densifying (aggregate.py).
+    # They describe the tensors as decoded: whoever replaces values[name] drops packed[name].
+    packed: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+class DensifiedOnRead(MutableMapping):
+    """``ModelUpdate.values`` of a decode with ``densify=False``: a masked tensor becomes its dense
+    array (zeros outside the mask) only when something reads it, so a merge that uses
+    ``ModelUpdate.packed`` never pays the zero-fill and scatter of a full tensor per upload."""
+
+    def __init__(self):
+        self._dense: dict[str, np.ndarray] = {}
+        self._pending: dict[str, tuple[np.ndarray, np.ndarray, tuple, np.dtype]] = {}
+        self._order: dict[str, None] = {}     # insertion order, as a dict would iterate
+
+    def set_packed(self, name: str, positions: np.ndarray, kept: np.ndarray, shape: tuple, dtype) -> None:
+        self._dense.pop(name, None)
+        self._pending[name] = (positions, kept, shape, dtype)
+        self._order[name] = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._dense:
+            positions, kept, shape, dtype = self._pending.pop(name)   # KeyError: not sent
+            flat = np.zeros(math.prod(shape), dtype=dtype)
+            flat[positions] = kept
+            self._dense[name] = flat.reshape(shape)
+        return self._dense[name]
+
+    def __setitem__(self, name: str, value: np.ndarray) -> None:
+        self._pending.pop(name, None)
+        self._dense[name] = value
+        self._order[name] = None
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._order:
+            raise KeyError(name)
+        self._pending.pop(name, None)
+        self._dense.pop(name, None)
+        del self._order[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, name) -> bool:
+        return name in self._order
+
+    def __repr__(self) -> str:
+        return f"DensifiedOnRead({list(self._order)}, pending={list(self._pending)})"
 
 
 class LayoutRow(NamedTuple):
@@ -156,21 +210,36 @@ def encode(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = 
     return Encoded(layout, data, schema)
 
 
-def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int) -> tuple[np.ndarray, int]:
-    nbytes = np.dtype(dtype).itemsize * count
+def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int, copy: bool = True) -> tuple[np.ndarray, int]:
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize * count
     if offset + nbytes > data.size:
         raise ValueError(f"payload truncated: need {offset + nbytes} bytes, have {data.size}")
+    piece = data[offset:offset + nbytes]
+    if not copy and piece.ctypes.data % dtype.alignment == 0:
+        return piece.view(dtype), offset + nbytes
     # copy so the result is aligned and independent of the receive buffer
-    return data[offset:offset + nbytes].copy().view(dtype), offset + nbytes
+    return piece.copy().view(dtype), offset + nbytes
 
 
-def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = None) -> ModelUpdate:
+def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = None, *,
+           densify: bool = True, positions_cache: dict | None = None) -> ModelUpdate:
     """Inverse of ``encode``: tensors in their dtype with zeros outside their masks, masks as bool
-    arrays, slices as sent. ``reference_masks`` are the receiver's masks, needed for VALUES rows."""
+    arrays, slices as sent. ``reference_masks`` are the receiver's masks, needed for VALUES rows.
+    Masked tensors also land in ``ModelUpdate.packed`` as (flat positions, values).
+
+    ``densify=False``: ``values`` densifies a masked tensor only when read (``DensifiedOnRead``),
+    and dense tensors are views of ``encoded.data`` where it is aligned for their dtype (no copy:
+    the caller must not reuse that buffer while it uses the update).
+    ``positions_cache``: a dict the caller owns, keyed by ``id`` of the reference mask arrays,
+    which the caller keeps alive and unchanged while it uses the cache (the server: one round).
+    VALUES rows against a cached mask reuse its flat positions and share the mask itself, as a
+    read-only view, instead of copying and scanning it for every upload."""
     reference_masks = reference_masks or {}
-    values: dict[str, np.ndarray] = {}
+    values: dict[str, np.ndarray] | DensifiedOnRead = {} if densify else DensifiedOnRead()
     masks: dict[str, np.ndarray] = {}
     slices: dict[str, Block] = {}
+    packed: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     data, offset = encoded.data, 0
     for name, dtype, shape, block, encoding, count in encoded.layout:
         wire = _wire_dtype(dtype)
@@ -179,18 +248,28 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
         if block is not None:
             slices[name] = _checked_block(name, block, shape)
         if encoding == DENSE:
-            flat, offset = _take(data, offset, wire, size)
+            flat, offset = _take(data, offset, wire, size, copy=densify)
             values[name] = flat.reshape(shape)
             continue
+        kept_positions = None
         if encoding == VALUES:
             if name not in reference_masks:
                 raise ValueError(f"{name}: values-only payload but the receiver holds no mask for it")
-            flat_mask = np.asarray(reference_masks[name]).reshape(-1).astype(bool, copy=True)
-            if flat_mask.size != size:
-                raise ValueError(f"{name}: receiver's mask has {flat_mask.size} entries, tensor has {size}")
+            reference = np.asarray(reference_masks[name])
+            if reference.size != size:
+                raise ValueError(f"{name}: receiver's mask has {reference.size} entries, tensor has {size}")
+            if positions_cache is not None and reference.dtype == bool:
+                key = id(reference_masks[name])
+                if key not in positions_cache:
+                    shared = reference.reshape(-1).view()
+                    shared.flags.writeable = False
+                    positions_cache[key] = (shared, np.flatnonzero(shared))
+                flat_mask, kept_positions = positions_cache[key]
+            else:
+                flat_mask = reference.reshape(-1).astype(bool, copy=True)
         elif encoding == BITMAP:
-            packed, offset = _take(data, offset, np.uint8, (size + 7) // 8)
-            flat_mask = np.unpackbits(packed, count=size).view(bool)   # 0/1 bytes: a valid bool view
+            packed_bits, offset = _take(data, offset, np.uint8, (size + 7) // 8)
+            flat_mask = np.unpackbits(packed_bits, count=size).view(bool)   # 0/1 bytes: a valid bool view
         elif encoding == INDEX:
             positions, offset = _take(data, offset, index_dtype(size), count)
             if positions.size and int(positions.max()) >= size:
@@ -199,14 +278,19 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
             flat_mask[positions] = True
         else:
             raise ValueError(f"{name}: unknown encoding {encoding}")
-        kept, offset = _take(data, offset, wire, count)
-        kept_positions = np.flatnonzero(flat_mask)   # then a plain scatter: faster than flat[flat_mask] = kept
+        kept, offset = _take(data, offset, wire, count, copy=densify)
+        if kept_positions is None:
+            kept_positions = np.flatnonzero(flat_mask)   # then a plain scatter: faster than flat[flat_mask] = kept
         if kept_positions.size != count:
             raise ValueError(f"{name}: mask keeps {kept_positions.size} entries, payload has {count} values")
-        flat = np.zeros(size, dtype=wire)
-        flat[kept_positions] = kept
-        values[name] = flat.reshape(shape)
+        if densify:
+            flat = np.zeros(size, dtype=wire)
+            flat[kept_positions] = kept
+            values[name] = flat.reshape(shape)
+        else:
+            values.set_packed(name, kept_positions, kept, shape, wire)
         masks[name] = flat_mask.reshape(shape)
+        packed[name] = (kept_positions, kept)
     if offset != data.size:
         raise ValueError(f"payload has {data.size - offset} trailing bytes")
-    return ModelUpdate(values, masks, slices)
+    return ModelUpdate(values, masks, slices, packed)

@@ -10,7 +10,9 @@ MPI implementations busy-poll inside blocking calls, so a waiting server or idle
 a core that training needs when ranks outnumber cores (a laptop, a 2-core CI box). In ``sleep``
 mode every collective is started non-blocking and completed by ``Test`` with a short, growing
 sleep between polls (10 µs up to 2 ms), which frees the core at a latency cost far below one
-round's training time. ``spin`` mode uses the blocking calls, for comparison (bench/overhead.py).
+round's training time. Only the payload phase of a buffer exchange, which begins once every rank
+has joined the size exchange before it, is waited for with ``Wait``: by then the ranks only copy.
+``spin`` mode uses the blocking calls throughout, for comparison (bench/overhead.py).
 """
 from __future__ import annotations
 
@@ -55,8 +57,13 @@ class Communicator:
         return list(range(1, self.size)) if self.size > 1 else [0]
 
     # -- waiting ----------------------------------------------------------------------------
-    def _complete(self, request) -> None:
-        if self.wait_mode == "spin":
+    def _complete(self, request, *, transfer: bool = False) -> None:
+        """Wait for ``request``. ``transfer``: the payload phase of a buffer exchange, which starts
+        only once its size exchange has completed, so every rank is in it and only the copying is
+        left. It is completed by ``Wait``: MPI moves a large message in chunks, each needing the
+        waiting side to poll, and a sleep between polls would stretch an 80 MB gather from tens of
+        milliseconds to a tenth of a second."""
+        if self.wait_mode == "spin" or transfer:
             request.Wait()
             return
         delay = 1e-5
@@ -72,7 +79,7 @@ class Communicator:
             self._complete(self.comm.Ibcast(length, root=0))
         buf = data if self.is_server else np.empty(int(length[0]), dtype=np.uint8)
         if self.size > 1 and length[0] > 0:
-            self._complete(self.comm.Ibcast(buf, root=0))
+            self._complete(self.comm.Ibcast(buf, root=0), transfer=True)
         if self.is_server:
             self._count(int(length[0]) * (self.size - 1), payload)
         return buf
@@ -92,7 +99,7 @@ class Communicator:
             self._count(int(counts.sum() - counts[0]), payload)
         else:
             spec = None
-        self._complete(self.comm.Iscatterv(spec, recv, root=0))
+        self._complete(self.comm.Iscatterv(spec, recv, root=0), transfer=True)
         return recv
 
     def gather_buffers(self, data: np.ndarray, *, payload: bool = True) -> list[np.ndarray] | None:
@@ -108,7 +115,7 @@ class Communicator:
             spec = [recv, counts, displs, self._MPI.BYTE]
         else:
             spec = None
-        self._complete(self.comm.Igatherv(data, spec, root=0))
+        self._complete(self.comm.Igatherv(data, spec, root=0), transfer=True)
         if not self.is_server:
             return None
         self._count(int(counts.sum() - counts[0]), payload)

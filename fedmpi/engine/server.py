@@ -127,10 +127,12 @@ class Server:
                     uploads[client.client_id] = buffers[rank][offset:offset + client.upload_bytes]
                     offset += client.upload_bytes
         results, client_rows = [], []
+        positions = {}   # flat positions of each mask sent this round, found once for all its uploads
         for report in reports:
             c = report.client_id
             if sums is None:
-                update = decode(Encoded(report.layout, uploads.pop(c)), sent_masks[c])
+                update = decode(Encoded(report.layout, uploads.pop(c)), sent_masks[c], densify=False,
+                                positions_cache=positions)
                 changed = update.masks
             else:
                 if report.num_samples != ctx.sizes[c]:

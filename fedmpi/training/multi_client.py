@@ -40,8 +40,10 @@ import torch
 from torch.func import functional_call, vmap
 
 from ..errors import DivergenceError
+from ..rng import seed_torch_global
 from .group_kernels import GroupCrossEntropy, NotGroupable, PerClientKernels
 from .objectives import cross_entropy
+from .optim import sgd_step
 
 
 @dataclass
@@ -138,7 +140,7 @@ def _train_grouped(trainer, members, round_, prox_mu, epochs):
             loss_sum += loss * size
             processed += size
         out.append((results[i], loss_sum / max(processed, 1), processed))
-    torch.manual_seed(members[-1].seed)   # the global RNG as the one-by-one loop leaves it
+    seed_torch_global(members[-1].seed, trainer.device)   # the global RNG as the one-by-one loop leaves it
     return out
 
 
@@ -201,24 +203,11 @@ def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | N
 
 
 def _sgd_step(params, grads, buffers, spec):
-    """``torch.optim.SGD``'s single-tensor step, client by client (``params``/``grads``: per client,
-    its slice of every parameter; a client's tensors stay in cache through the four passes);
-    returns the momentum buffers. ``torch._foreach_*`` on CPU runs the single-tensor kernel on each
-    tensor, so the arithmetic is exactly the per-client loop's."""
-    first = buffers is None
-    if first:
-        buffers = [None] * len(params)
+    """``optim.sgd_step`` client by client (``params``/``grads``: per client, its slice of every
+    parameter; a client's tensors stay in cache through the passes); returns the per-client
+    momentum buffers."""
+    if buffers is None:
+        buffers = [[None] * len(p) for p in params]
     for c, (p, g) in enumerate(zip(params, grads)):
-        if spec.weight_decay != 0:
-            g = torch._foreach_add(g, p, alpha=spec.weight_decay)
-        if spec.momentum != 0:
-            if first:
-                # torch.optim clones here; g is this step's fresh gradient (or weight-decayed copy),
-                # used nowhere else, so it becomes the buffer as it is: the same values
-                buffers[c] = list(g)
-            else:
-                torch._foreach_mul_(buffers[c], spec.momentum)
-                torch._foreach_add_(buffers[c], g, alpha=1)
-            g = torch._foreach_add(g, buffers[c], alpha=spec.momentum) if spec.nesterov else buffers[c]
-        torch._foreach_add_(p, g, alpha=-spec.lr)
+        buffers[c] = sgd_step(list(p), list(g), buffers[c], spec)
     return buffers

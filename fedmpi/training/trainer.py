@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import DivergenceError
+from ..rng import seed_torch_global
 from ..sparsity import apply_masks_torch
 from .hooks import StepHook
 from .objectives import Objective, cross_entropy
@@ -111,7 +112,7 @@ class LocalTrainer:
         # build/load first: building a variant the first time draws from torch's global RNG, and
         # dropout must not depend on whether this rank met the variant before
         model = self.load(weights, variant)
-        torch.manual_seed(seed)  # dropout and any other torch-global draw
+        seed_torch_global(seed, self.device)  # dropout and any other torch-global draw
         generator = torch.Generator().manual_seed(seed)
         params = dict(model.named_parameters())
         torch_masks = self._torch_masks(masks)

@@ -1,0 +1,179 @@
+"""Where a client's local training goes, and what that bounds: the overhead workload's arithmetic floor.
+
+``make bench-perf``'s overhead workload (bench/perf/workloads.py) trains a 199 k-parameter MLP
+on 60 samples per client, batch 32: two SGD steps of 32 and 28 rows. Issue 11 asked for fedmpi at
+≤ 0.5× the bare per-client loop there. Training several clients at once (``local.client_batch``)
+can only remove what is not the clients' own arithmetic; this script measures how much that is.
+On one torch thread, median over ``--repeats`` interleaved passes of ``--clients`` clients each:
+
+    client     the bare loop's per-client training (a fresh torch.optim.SGD with momentum and
+               weight decay, model forward, cross-entropy, backward, step), as bench/perf/bare.py
+    products   the same client's matrix products alone, on preallocated tensors: per step and
+               layer the forward ``addmm`` and the backward ``mm`` for the weight gradient and
+               (except the first layer) the input gradient, and the bias gradient's column sum.
+               These are the kernels the per-client loop runs and grouped training must also run
+               per client to keep its results bit-identical (training/group_kernels.py)
+    optimizer  the SGD step alone (weight decay, momentum, update) over all parameters, twice
+
+and the clients' FLOPs (2 per multiply-add). Then the floor on C cores: products × clients / C,
+against the bare loop's time × 0.5. If the floor is above the target, no exact grouping of
+clients can reach it on this machine: the arithmetic alone takes longer.
+
+    python bench/perf/bound.py [--clients 200] [--repeats 5] [--cores N] [--json results/perf/bound.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fedmpi.models import build_model  # noqa: E402
+
+SAMPLES, BATCH = 60, 32            # the overhead workload's client (bench/perf/workloads.py)
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.001
+
+
+def step_rows() -> list[int]:
+    return [min(BATCH, SAMPLES - start) for start in range(0, SAMPLES, BATCH)]
+
+
+def linear_layers(model) -> list[torch.nn.Linear]:
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not layers or sum(p.numel() for p in model.parameters()) != sum(
+            sum(p.numel() for p in m.parameters()) for m in layers):
+        raise SystemExit("bound.py covers models whose parameters all sit in Linear layers (the workload's MLP)")
+    return layers
+
+
+def client_flops(layers) -> int:
+    """Multiply-adds × 2 of one client: forward, weight gradient, input gradient (not the first layer's)."""
+    total = 0
+    for rows in step_rows():
+        for i, layer in enumerate(layers):
+            mac = rows * layer.in_features * layer.out_features
+            total += 2 * mac * (3 if i > 0 else 2)
+    return total
+
+
+def time_clients(model, x, y, clients: int) -> float:
+    """Seconds per client of the bare loop's local training."""
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    began = time.perf_counter()
+    for c in range(clients):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(initial[n])
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c))
+        for start in range(0, SAMPLES, BATCH):
+            batch = order[start:start + BATCH]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return (time.perf_counter() - began) / clients
+
+
+def time_products(layers, clients: int) -> float:
+    """Seconds per client of its matrix products alone (the kernels, shapes and layouts of the loop)."""
+    plans = []
+    for rows in step_rows():
+        for i, layer in enumerate(layers):
+            W, b = layer.weight.detach(), layer.bias.detach()
+            x = torch.randn(rows, layer.in_features)
+            grad = torch.randn(rows, layer.out_features)
+            plans.append((W, b, x, grad, torch.empty(rows, layer.out_features), torch.empty_like(W),
+                          torch.empty(rows, layer.in_features) if i > 0 else None, torch.empty_like(b)))
+    began = time.perf_counter()
+    for _ in range(clients):
+        for W, b, x, grad, out, grad_w, grad_x, grad_b in plans:
+            torch.addmm(b, x, W.t(), out=out)
+            torch.mm(grad.t(), x, out=grad_w)
+            if grad_x is not None:
+                torch.mm(grad, W, out=grad_x)
+            torch.sum(grad, 0, out=grad_b)
+    return (time.perf_counter() - began) / clients
+
+
+def time_optimizer(model, clients: int) -> float:
+    """Seconds per client of its SGD steps alone (torch.optim.SGD, gradients already there)."""
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    began = time.perf_counter()
+    for _ in range(clients):
+        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        for _ in step_rows():
+            optimizer.step()
+    return (time.perf_counter() - began) / clients
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200, help="clients per timed pass")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="cores of the floor (default: all)")
+    parser.add_argument("--loop-seconds", type=float, default=None,
+                        help="the bare loop's round-loop time of the overhead workload (results/perf/"
+                             "overhead.json's 'loop' median), to print the bound as a fraction of it")
+    parser.add_argument("--workload-clients", type=int, default=1000,
+                        help="client trainings in the overhead workload's timed rounds (10 rounds x 100)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 28, 28), 10)
+    layers = linear_layers(model)
+    x, y = torch.randn(SAMPLES, 1, 28, 28), torch.randint(0, 10, (SAMPLES,))
+    flops = client_flops(layers)
+    kinds = {"client": lambda: time_clients(model, x, y, args.clients),
+             "products": lambda: time_products(layers, args.clients),
+             "optimizer": lambda: time_optimizer(model, args.clients)}
+    for run in kinds.values():   # warm-up
+        run()
+    samples = {k: [] for k in kinds}
+    for repeat in range(args.repeats):
+        for kind in (list(kinds) if repeat % 2 == 0 else list(kinds)[::-1]):
+            samples[kind].append(kinds[kind]())
+    median = {k: statistics.median(v) for k, v in samples.items()}
+    floor = median["products"] * args.workload_clients / args.cores
+    report = {"host": platform.node(), "torch": torch.__version__, "cores": args.cores,
+              "params": sum(p.numel() for p in model.parameters()), "steps": step_rows(),
+              "client_flops": flops, "clients_per_pass": args.clients, "repeats": args.repeats,
+              "seconds_per_client": samples, "median_seconds_per_client": median,
+              "gflops": {k: flops / median[k] / 1e9 for k in ("client", "products")},
+              "products_share": median["products"] / median["client"],
+              "optimizer_share": median["optimizer"] / median["client"],
+              "workload_clients": args.workload_clients, "products_floor_seconds": floor}
+    print(f"overhead workload's client: {report['params']:,} parameters, steps of {step_rows()} rows, "
+          f"{flops / 1e6:.1f} MFLOP; one thread, median of {args.repeats} x {args.clients} clients")
+    print("| part | ms per client | share of the client | GFLOP/s |\n|---|---|---|---|")
+    for kind in kinds:
+        rate = f"{report['gflops'][kind]:.1f}" if kind in report["gflops"] else ""
+        print(f"| {kind} | {median[kind] * 1e3:.3f} | {median[kind] / median['client']:.2f} | {rate} |")
+    print(f"matrix products alone for {args.workload_clients} clients on {args.cores} core(s): {floor:.2f} s "
+          f"(bare loop on one thread, same clients: {median['client'] * args.workload_clients:.2f} s)")
+    if args.loop_seconds:
+        report["loop_seconds"] = args.loop_seconds
+        report["floor_vs_loop"] = floor / args.loop_seconds
+        print(f"against the bare loop's measured {args.loop_seconds:.2f} s: the products alone are "
+              f"{report['floor_vs_loop']:.2f}x it (target 0.5x)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
