@@ -53,6 +53,23 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
                 np.multiply(_sent(updates[k], name, ref.shape), weights[k], out=scratch, dtype=np.float64)
                 numerator += scratch
             denominator = np.full(ref.shape, float(np.sum(weights[senders])))
+        elif senders and _share_positions([updates[k] for k in senders], name):
+            # every sender sent the same mask, decoded once (the receiver's positions cache: FedDST
+            # between readjustments): sum the packed values position by position, then place the
+            # sums; per element the same float64 additions in the same order as below
+            positions = updates[senders[0]].packed[name][0]
+            if np.shape(updates[senders[0]].masks[name]) != ref.shape:
+                raise ValueError(f"{name}: sent shape {np.shape(updates[senders[0]].masks[name])}, expected {ref.shape}")
+            packed_numerator = np.zeros(positions.size, dtype=np.float64)
+            packed_denominator = np.zeros(positions.size, dtype=np.float64)
+            scratch = np.empty(positions.size, dtype=np.float64)
+            for k in senders:
+                np.multiply(updates[k].packed[name][1], weights[k], out=scratch, dtype=np.float64)
+                packed_numerator += scratch
+                packed_denominator += weights[k]
+            denominator = np.zeros(ref.shape, dtype=np.float64)
+            numerator.reshape(-1)[positions] = packed_numerator
+            denominator.reshape(-1)[positions] = packed_denominator
         else:
             denominator = np.zeros(ref.shape, dtype=np.float64)
             for k in senders:
@@ -62,6 +79,13 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
         result[held] = _cast(numerator[held] / denominator[held], ref.dtype)
         averaged[name], votes[name] = result, denominator
     return averaged, votes
+
+
+def _share_positions(senders: list[ModelUpdate], name: str) -> bool:
+    """Every sender holds ``name`` packed, unsliced, at one and the same positions array."""
+    first = senders[0].packed.get(name)
+    return first is not None and all(
+        name not in u.slices and name in u.packed and u.packed[name][0] is first[0] for u in senders)
 
 
 def _sent(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
