@@ -215,6 +215,16 @@ class FixedPointSum:
         exponents, masked = scales[:self.size], scales[self.size:]
         masked[:] = 0
         for t, name in enumerate(self.names):
+            positions = _shared_packed_positions(updates, name)
+            if positions is not None:    # every holder sent the same mask: its positions only
+                masked[t] = 1
+                largest = self._packed_largest(updates, weights, labels, name, positions)
+                _, exponent = np.frexp(largest)
+                exponent[largest == 0] = NO_SUMMAND
+                segment = exponents[self.segments[name]]
+                segment[:] = NO_SUMMAND
+                segment[positions] = exponent.astype(np.int16)
+                continue
             size = self.segments[name].stop - self.segments[name].start
             largest = np.zeros(size, dtype=np.float64)
             x = np.empty(size, dtype=np.float64)
@@ -252,6 +262,14 @@ class FixedPointSum:
             # summand is nonzero (every x is 0 there)
             e = exponents[segment].astype(np.int32)
             factor = np.ldexp(1.0, np.where(e == NO_SUMMAND, 0, FIXED_POINT_BITS - e))
+            positions = _shared_packed_positions(updates, name)
+            if positions is not None:
+                if not masked[t]:
+                    raise ValueError(f"{name}: uploads have a mask the scales did not see; compute the "
+                                     f"scales over every upload of the round")
+                self._packed_partial_sums(updates, weights, labels, name, positions, factor[positions],
+                                          numerators[segment], sums[vote_segments[name]])
+                continue
             x = np.empty(factor.size, dtype=np.float64)
             quantised = np.empty(factor.size, dtype=np.int64)
             for k, update in enumerate(updates):
@@ -333,6 +351,52 @@ class FixedPointSum:
             np.copyto(out, 0.0, where=~held)     # values outside the mask are ignored, even if not finite
         return held
 
+    def _packed_largest(self, updates, weights, labels, name: str, positions: np.ndarray) -> np.ndarray:
+        """Phase 1 over uploads that share one mask: the running max of |w·θ| at its positions."""
+        largest = np.zeros(positions.size, dtype=np.float64)
+        x = np.empty(positions.size, dtype=np.float64)
+        for k, update in enumerate(updates):
+            if name not in update.values:
+                continue
+            if np.shape(update.masks[name]) != self.shapes[name]:
+                raise ValueError(f"{name}: upload {_label(labels, k)} has shape {np.shape(update.masks[name])}, "
+                                 f"expected {self.shapes[name]}")
+            np.multiply(update.packed[name][1], np.float64(weights[k]), out=x, dtype=np.float64)
+            np.abs(x, out=x)
+            np.maximum(largest, x, out=largest)
+        if not np.all(np.isfinite(largest)):
+            for k, update in enumerate(updates):
+                if name in update.values and not np.all(np.isfinite(update.packed[name][1])):
+                    raise ValueError(f"tensor {name!r} of upload {_label(labels, k)} holds NaN or inf: the "
+                                     f"fixed-point sum needs finite values")
+        return largest
+
+    def _packed_partial_sums(self, updates, weights, labels, name: str, positions: np.ndarray,
+                             factor: np.ndarray, numerators: np.ndarray, votes: np.ndarray) -> None:
+        """Phase 2 over uploads that share one mask: the quantised sums and votes at its positions,
+        added into this tensor's numerators and per-element votes (the same integers as element
+        by element over the whole tensor, where every other element adds 0)."""
+        limit = 2.0 ** FIXED_POINT_BITS
+        x = np.empty(positions.size, dtype=np.float64)
+        quantised = np.empty(positions.size, dtype=np.int64)
+        packed_numerators = np.zeros(positions.size, dtype=np.int64)
+        packed_votes = 0
+        for k, update in enumerate(updates):
+            if name not in update.values:
+                continue
+            np.multiply(update.packed[name][1], np.float64(weights[k]), out=x, dtype=np.float64)
+            np.multiply(x, factor, out=x)
+            if x.size and not (x.max() < limit and x.min() > -limit):
+                raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
+                                 f"compute the scales over every upload of the round")
+            np.copyto(quantised, x, casting="unsafe")    # truncates toward zero
+            packed_numerators += quantised
+            packed_votes += weights[k]
+        numerators[positions] += packed_numerators
+        if votes.size != numerators.size:
+            raise ValueError(f"{name}: masked uploads but one vote for the whole tensor")
+        votes[positions] += packed_votes
+
     def _raise_not_finite(self, updates, weights, labels, name: str):
         x = np.empty(self.segments[name].stop - self.segments[name].start, dtype=np.float64)
         for k, update in enumerate(updates):
@@ -363,6 +427,16 @@ def fixed_point_average(updates: list[ModelUpdate], weights: list[int], referenc
     summer = FixedPointSum({name: np.shape(ref) for name, ref in reference.items()})
     scales = summer.scales(updates, weights)
     return summer.average(summer.partial_sums(updates, weights, scales), scales, reference, missing)
+
+
+def _shared_packed_positions(updates: list[ModelUpdate], name: str) -> np.ndarray | None:
+    """The positions array every upload holding ``name`` has it packed at (one and the same
+    array, whole tensors), or None."""
+    holders = [u for u in updates if name in u.values]
+    if not holders or any(name in u.slices or name not in u.packed for u in holders):
+        return None
+    positions = holders[0].packed[name][0]
+    return positions if all(u.packed[name][0] is positions for u in holders) else None
 
 
 def _checked_sum_weights(weights, count: int) -> list[int]:

@@ -225,6 +225,34 @@ def test_grouping_never_changes_a_bit():
                 assert_same_tensors(a, b)
 
 
+def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
+    # a worker's clients decode values-only uploads against their own copies of one mask: the
+    # positions cache finds them equal, and the fixed-point sum runs over the packed values
+    from fedmpi.aggregate import _shared_packed_positions
+    from fedmpi.comm.codec import decode, encode
+
+    rng = np.random.default_rng(12)
+    shapes = {"w": (30, 20), "b": (20,)}
+    mask = rng.random(shapes["w"]) < 0.3
+    dense, packed, weights, cache = [], [], [], {}
+    for k in range(7):
+        w = np.where(mask, rng.standard_normal(shapes["w"]) * 10.0 ** rng.integers(-8, 8, shapes["w"]), 0)
+        update = ModelUpdate({"w": w.astype(np.float32), "b": rng.standard_normal(20).astype(np.float32)},
+                             {"w": mask})
+        own_copy = {"w": mask.copy()}
+        encoded = encode(update, own_copy)
+        dense.append(decode(encoded, own_copy))
+        packed.append(decode(encoded, own_copy, densify=False, positions_cache=cache))
+        weights.append(int(rng.integers(1, 600)))
+    assert _shared_packed_positions(packed, "w") is not None
+    summer = FixedPointSum(shapes)
+    scales = summer.scales(dense, weights)
+    assert np.array_equal(summer.scales(packed, weights), scales)
+    whole = summer.partial_sums(dense, weights, scales)
+    grouped = summer.partial_sums(packed[:3], weights[:3], scales) + summer.partial_sums(packed[3:], weights[3:], scales)
+    assert whole.tobytes() == grouped.tobytes()
+
+
 def test_non_finite_summands_are_refused_naming_the_tensor_unless_masked_out():
     good = ModelUpdate({"w": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
     for bad_value in (np.nan, np.inf, -np.inf):

@@ -222,6 +222,18 @@ def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int, copy: bool
     return piece.copy().view(dtype), offset + nbytes
 
 
+def _cached_mask(positions_cache: dict, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A mask the cache does not know by id: an equal mask found before (a worker's clients each
+    decode their own copy of the same mask), or this one, read-only, with its flat positions."""
+    seen = {id(positions): (shared, positions) for _, shared, positions in positions_cache.values()}
+    for shared, positions in seen.values():
+        if shared.size == flat.size and np.array_equal(shared, flat):
+            return shared, positions
+    shared = flat.view()
+    shared.flags.writeable = False
+    return shared, np.flatnonzero(shared)
+
+
 def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = None, *,
            densify: bool = True, positions_cache: dict | None = None) -> ModelUpdate:
     """Inverse of ``encode``: tensors in their dtype with zeros outside their masks, masks as bool
@@ -231,10 +243,12 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
     ``densify=False``: ``values`` densifies a masked tensor only when read (``DensifiedOnRead``),
     and dense tensors are views of ``encoded.data`` where it is aligned for their dtype (no copy:
     the caller must not reuse that buffer while it uses the update).
-    ``positions_cache``: a dict the caller owns, keyed by ``id`` of the reference mask arrays,
-    which the caller keeps alive and unchanged while it uses the cache (the server: one round).
-    VALUES rows against a cached mask reuse its flat positions and share the mask itself, as a
-    read-only view, instead of copying and scanning it for every upload."""
+    ``positions_cache``: a dict the caller owns (one per round), keyed by ``id`` of the reference
+    mask arrays; it keeps them alive, and the caller must not change them while it uses the cache. VALUES rows
+    against a cached mask, or one equal to a cached mask, reuse its flat positions and share the
+    mask itself, as a read-only view, instead of copying and scanning it for every upload; their
+    ``packed`` positions are then one and the same array, which lets the merges sum the packed
+    values directly."""
     reference_masks = reference_masks or {}
     values: dict[str, np.ndarray] | DensifiedOnRead = {} if densify else DensifiedOnRead()
     masks: dict[str, np.ndarray] = {}
@@ -259,12 +273,12 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
             if reference.size != size:
                 raise ValueError(f"{name}: receiver's mask has {reference.size} entries, tensor has {size}")
             if positions_cache is not None and reference.dtype == bool:
-                key = id(reference_masks[name])
-                if key not in positions_cache:
-                    shared = reference.reshape(-1).view()
-                    shared.flags.writeable = False
-                    positions_cache[key] = (shared, np.flatnonzero(shared))
-                flat_mask, kept_positions = positions_cache[key]
+                source = reference_masks[name]
+                entry = positions_cache.get(id(source))
+                if entry is None or entry[0] is not source:
+                    # the entry holds its source, so no other array can take its id meanwhile
+                    entry = positions_cache[id(source)] = (source, *_cached_mask(positions_cache, reference.reshape(-1)))
+                _, flat_mask, kept_positions = entry
             else:
                 flat_mask = reference.reshape(-1).astype(bool, copy=True)
         elif encoding == BITMAP:

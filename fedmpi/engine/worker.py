@@ -27,9 +27,10 @@ class Upload:
     encoded: Encoded
     reference_masks: dict[str, np.ndarray]
 
-    def decoded(self) -> ModelUpdate:
-        """What the server would decode: the summands of ``sum_uploads`` are exactly those."""
-        return decode(self.encoded, self.reference_masks)
+    def decoded(self, positions_cache: dict | None = None) -> ModelUpdate:
+        """What the server would decode: the summands of ``sum_uploads`` are exactly those
+        (packed, not densified; ``positions_cache`` as ``codec.decode`` takes it)."""
+        return decode(self.encoded, self.reference_masks, densify=False, positions_cache=positions_cache)
 
 
 def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray):
@@ -95,7 +96,8 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
     rank 0. Integer addition is exact, so rank 0 gets the bits ``fixed_point_average`` gives for all
     the uploads at once. Returns the round's sums on rank 0, None elsewhere."""
     summer = FixedPointSum(ctx.info.shapes)
-    updates = [u.decoded() for u in uploads]
+    positions: dict = {}    # the masks this rank's clients were sent, scanned once per distinct mask
+    updates = [u.decoded(positions) for u in uploads]
     labels = [f"from client {u.client_id}" for u in uploads]
     client_weights = [weights[u.client_id] for u in uploads]
     scales = comm.allreduce_max_int16(summer.scales(updates, client_weights, labels))
