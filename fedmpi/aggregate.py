@@ -53,11 +53,10 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
                 np.multiply(_sent(updates[k], name, ref.shape), weights[k], out=scratch, dtype=np.float64)
                 numerator += scratch
             denominator = np.full(ref.shape, float(np.sum(weights[senders])))
-        elif senders and _share_positions([updates[k] for k in senders], name):
-            # every sender sent the same mask, decoded once (the receiver's positions cache: FedDST
-            # between readjustments): sum the packed values position by position, then place the
-            # sums; per element the same float64 additions in the same order as below
-            positions = updates[senders[0]].packed[name][0]
+        elif (positions := _shared_packed_positions(updates, name)) is not None:
+            # every sender sent the same mask, decoded once (codec.MaskPositions: FedDST between
+            # readjustments): sum the packed values position by position, then place the sums;
+            # per element the same float64 additions in the same order as below
             if np.shape(updates[senders[0]].masks[name]) != ref.shape:
                 raise ValueError(f"{name}: sent shape {np.shape(updates[senders[0]].masks[name])}, expected {ref.shape}")
             packed_numerator = np.zeros(positions.size, dtype=np.float64)
@@ -79,13 +78,6 @@ def average_over_holders(updates: list[ModelUpdate], weights: list[float], refer
         result[held] = _cast(numerator[held] / denominator[held], ref.dtype)
         averaged[name], votes[name] = result, denominator
     return averaged, votes
-
-
-def _share_positions(senders: list[ModelUpdate], name: str) -> bool:
-    """Every sender holds ``name`` packed, unsliced, at one and the same positions array."""
-    first = senders[0].packed.get(name)
-    return first is not None and all(
-        name not in u.slices and name in u.packed and u.packed[name][0] is first[0] for u in senders)
 
 
 def _sent(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
@@ -221,9 +213,7 @@ class FixedPointSum:
                 largest = self._packed_largest(updates, weights, labels, name, positions)
                 _, exponent = np.frexp(largest)
                 exponent[largest == 0] = NO_SUMMAND
-                segment = exponents[self.segments[name]]
-                segment[:] = NO_SUMMAND
-                segment[positions] = exponent.astype(np.int16)
+                exponents[self.segments[name]][positions] = exponent.astype(np.int16)   # elsewhere NO_SUMMAND
                 continue
             size = self.segments[name].stop - self.segments[name].start
             largest = np.zeros(size, dtype=np.float64)

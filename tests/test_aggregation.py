@@ -200,14 +200,14 @@ def test_merging_packed_uploads_is_bit_identical_and_never_densifies_them(same_m
     # they arrived: the same float64 operations per element as the dense arrays. same_masks: every
     # client sent values only against the mask it was sent (FedDST between readjustments), so
     # the packed values are summed position by position; else some sent new masks
-    from fedmpi.comm.codec import decode, encode
+    from fedmpi.comm.codec import MaskPositions, decode, encode
 
     rng = np.random.default_rng(31)
     shapes = {"w1": (40, 30), "w2": (7, 3, 3, 3), "b": (9,)}
     reference = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     global_masks = {n: rng.random(s) < 0.3 for n, s in shapes.items() if n != "b"}
     uploads, dense_uploads = [], []
-    cache = {}
+    cache = MaskPositions()
     for k in range(6):
         own = global_masks if same_masks or k % 2 else {n: rng.random(shapes[n]) < 0.3 for n in global_masks}
         values = {n: np.where(own[n], rng.standard_normal(s), 0).astype(np.float32) if n in own else

@@ -12,6 +12,7 @@ from fedmpi.comm.codec import (
     VALUES,
     WIRE_DTYPES,
     Encoded,
+    MaskPositions,
     ModelUpdate,
     decode,
     encode,
@@ -417,7 +418,7 @@ def test_decoding_without_densifying_reads_back_the_same_update_and_packs_the_ma
         update, reference, _, _, _ = random_case(rng)
         enc = encode(update, reference)
         dense = decode(enc, reference)
-        cache = {}
+        cache = MaskPositions()
         lazy = decode(enc, reference, densify=False, positions_cache=cache)
         # nothing densified yet: the masked tensors wait, as (positions, values)
         assert set(lazy.packed) == set(update.masks) == set(dense.packed), case

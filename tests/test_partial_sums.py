@@ -229,12 +229,12 @@ def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
     # a worker's clients decode values-only uploads against their own copies of one mask: the
     # positions cache finds them equal, and the fixed-point sum runs over the packed values
     from fedmpi.aggregate import _shared_packed_positions
-    from fedmpi.comm.codec import decode, encode
+    from fedmpi.comm.codec import MaskPositions, decode, encode
 
     rng = np.random.default_rng(12)
     shapes = {"w": (30, 20), "b": (20,)}
     mask = rng.random(shapes["w"]) < 0.3
-    dense, packed, weights, cache = [], [], [], {}
+    dense, packed, weights, cache = [], [], [], MaskPositions()
     for k in range(7):
         w = np.where(mask, rng.standard_normal(shapes["w"]) * 10.0 ** rng.integers(-8, 8, shapes["w"]), 0)
         update = ModelUpdate({"w": w.astype(np.float32), "b": rng.standard_normal(20).astype(np.float32)},

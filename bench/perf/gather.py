@@ -37,7 +37,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np
 
 from fedmpi.aggregate import average_over_holders
-from fedmpi.comm.codec import Encoded, ModelUpdate, decode, encode
+from fedmpi.comm.codec import Encoded, MaskPositions, ModelUpdate, decode, encode
 from fedmpi.comm.transport import Communicator
 
 KINDS = ("dense", "bitmap", "values")
@@ -70,7 +70,7 @@ def one_gather(comm: Communicator, kind: str, updates: list[ModelUpdate], masks:
     if comm.is_server:
         # what the server does with a round's uploads (engine/server.py): decode each without
         # densifying, then the float64 merge in client order (aggregate.average_over_holders)
-        positions, decoded = {}, []
+        positions, decoded = MaskPositions(), []
         for rank_layouts, buffer in zip(layouts, buffers):
             offset = 0
             for layout, nbytes in rank_layouts:

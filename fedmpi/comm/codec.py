@@ -222,20 +222,39 @@ def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int, copy: bool
     return piece.copy().view(dtype), offset + nbytes
 
 
-def _cached_mask(positions_cache: dict, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A mask the cache does not know by id: an equal mask found before (a worker's clients each
-    decode their own copy of the same mask), or this one, read-only, with its flat positions."""
-    seen = {id(positions): (shared, positions) for _, shared, positions in positions_cache.values()}
-    for shared, positions in seen.values():
-        if shared.size == flat.size and np.array_equal(shared, flat):
-            return shared, positions
-    shared = flat.view()
-    shared.flags.writeable = False
-    return shared, np.flatnonzero(shared)
+class MaskPositions:
+    """The receiver's masks met while decoding one round's uploads, each with its flat positions.
+    A VALUES row against a mask met before (the same array, or an equal one: a worker's clients
+    each decode their own copy of the mask they were all sent) reuses the positions and shares the
+    mask, read-only, instead of copying and scanning it again; the rows' ``packed`` positions are
+    then one and the same array, which lets the merges sum the packed values directly. The masks
+    must not change while it is in use (one round)."""
+
+    def __init__(self):
+        # id → (the source array, kept so that no other array takes its id; flat mask; positions)
+        self._by_id: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._distinct: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def lookup(self, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(read-only flat mask, flat positions) of the bool array ``source``."""
+        entry = self._by_id.get(id(source))
+        if entry is not None and entry[0] is source:
+            return entry[1], entry[2]
+        flat = np.asarray(source).reshape(-1)
+        for shared, positions in self._distinct:
+            if shared.size == flat.size and np.array_equal(shared, flat):
+                break
+        else:
+            shared = flat.view()
+            shared.flags.writeable = False
+            positions = np.flatnonzero(shared)
+            self._distinct.append((shared, positions))
+        self._by_id[id(source)] = (source, shared, positions)
+        return shared, positions
 
 
 def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = None, *,
-           densify: bool = True, positions_cache: dict | None = None) -> ModelUpdate:
+           densify: bool = True, positions_cache: MaskPositions | None = None) -> ModelUpdate:
     """Inverse of ``encode``: tensors in their dtype with zeros outside their masks, masks as bool
     arrays, slices as sent. ``reference_masks`` are the receiver's masks, needed for VALUES rows.
     Masked tensors also land in ``ModelUpdate.packed`` as (flat positions, values).
@@ -243,12 +262,7 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
     ``densify=False``: ``values`` densifies a masked tensor only when read (``DensifiedOnRead``),
     and dense tensors are views of ``encoded.data`` where it is aligned for their dtype (no copy:
     the caller must not reuse that buffer while it uses the update).
-    ``positions_cache``: a dict the caller owns (one per round), keyed by ``id`` of the reference
-    mask arrays; it keeps them alive, and the caller must not change them while it uses the cache. VALUES rows
-    against a cached mask, or one equal to a cached mask, reuse its flat positions and share the
-    mask itself, as a read-only view, instead of copying and scanning it for every upload; their
-    ``packed`` positions are then one and the same array, which lets the merges sum the packed
-    values directly."""
+    ``positions_cache``: the round's ``MaskPositions``, for VALUES rows against bool masks."""
     reference_masks = reference_masks or {}
     values: dict[str, np.ndarray] | DensifiedOnRead = {} if densify else DensifiedOnRead()
     masks: dict[str, np.ndarray] = {}
@@ -273,12 +287,7 @@ def decode(encoded: Encoded, reference_masks: dict[str, np.ndarray] | None = Non
             if reference.size != size:
                 raise ValueError(f"{name}: receiver's mask has {reference.size} entries, tensor has {size}")
             if positions_cache is not None and reference.dtype == bool:
-                source = reference_masks[name]
-                entry = positions_cache.get(id(source))
-                if entry is None or entry[0] is not source:
-                    # the entry holds its source, so no other array can take its id meanwhile
-                    entry = positions_cache[id(source)] = (source, *_cached_mask(positions_cache, reference.reshape(-1)))
-                _, flat_mask, kept_positions = entry
+                flat_mask, kept_positions = positions_cache.lookup(reference_masks[name])
             else:
                 flat_mask = reference.reshape(-1).astype(bool, copy=True)
         elif encoding == BITMAP:

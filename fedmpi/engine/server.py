@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import rng
 from ..algorithms import ClientResult
-from ..comm.codec import Encoded, decode, encode
+from ..comm.codec import Encoded, MaskPositions, decode, encode
 from ..errors import PreemptedError
 from ..models.flops import scale_flops
 from ..progress import Progress
@@ -127,7 +127,7 @@ class Server:
                     uploads[client.client_id] = buffers[rank][offset:offset + client.upload_bytes]
                     offset += client.upload_bytes
         results, client_rows = [], []
-        positions = {}   # flat positions of each mask sent this round, found once for all its uploads
+        positions = MaskPositions()   # each mask sent this round, scanned once for all its uploads
         for report in reports:
             c = report.client_id
             if sums is None:

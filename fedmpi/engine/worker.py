@@ -13,7 +13,7 @@ import torch
 from .. import rng
 from ..aggregate import FixedPointSum, RoundSums
 from ..algorithms import ClientTask
-from ..comm.codec import BITMAP, INDEX, Encoded, ModelUpdate, decode, encode
+from ..comm.codec import BITMAP, INDEX, Encoded, MaskPositions, ModelUpdate, decode, encode
 from .context import RunContext
 from .messages import ClientReport, RankReport, RankTask, pack_masks, unpack_masks
 
@@ -27,7 +27,7 @@ class Upload:
     encoded: Encoded
     reference_masks: dict[str, np.ndarray]
 
-    def decoded(self, positions_cache: dict | None = None) -> ModelUpdate:
+    def decoded(self, positions_cache: MaskPositions | None = None) -> ModelUpdate:
         """What the server would decode: the summands of ``sum_uploads`` are exactly those
         (packed, not densified; ``positions_cache`` as ``codec.decode`` takes it)."""
         return decode(self.encoded, self.reference_masks, densify=False, positions_cache=positions_cache)
@@ -96,7 +96,7 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
     rank 0. Integer addition is exact, so rank 0 gets the bits ``fixed_point_average`` gives for all
     the uploads at once. Returns the round's sums on rank 0, None elsewhere."""
     summer = FixedPointSum(ctx.info.shapes)
-    positions: dict = {}    # the masks this rank's clients were sent, scanned once per distinct mask
+    positions = MaskPositions()    # the masks this rank's clients were sent, scanned once per distinct mask
     updates = [u.decoded(positions) for u in uploads]
     labels = [f"from client {u.client_id}" for u in uploads]
     client_weights = [weights[u.client_id] for u in uploads]
