@@ -16,6 +16,7 @@ from fedmpi.comm.codec import (
     ModelUpdate,
     decode,
     encode,
+    tensor_view,
 )
 
 DENSITIES = [0.0, 0.001, 0.05, 0.5, 0.99, 1.0]
@@ -538,3 +539,20 @@ def test_flat_reference_mask_counts_as_unchanged():
     assert enc.layout[0].encoding == VALUES
     assert enc.nbytes == 4 * int(mask.sum())
     assert_same_update(decode(enc, reference), update)
+
+
+def test_tensor_view_shares_a_read_only_decoded_array_without_a_warning():
+    import warnings
+
+    buffer = encode(ModelUpdate({"w": np.arange(6, dtype=np.float32).reshape(2, 3)})).data.copy()
+    buffer.flags.writeable = False         # as train_clients holds a received download
+    update = decode(Encoded(encode(ModelUpdate({"w": np.zeros((2, 3), np.float32)})).layout, buffer), densify=False)
+    values = update.values["w"]
+    assert not values.flags.writeable and np.shares_memory(values, buffer)
+    with pytest.raises(ValueError, match="read-only"):
+        values[0, 0] = 1                   # no client can change what the next one is sent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = tensor_view(values)
+    assert tensor.data_ptr() == values.ctypes.data
+    assert tensor.tolist() == [[0, 1, 2], [3, 4, 5]]

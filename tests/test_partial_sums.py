@@ -225,6 +225,59 @@ def test_grouping_never_changes_a_bit():
                 assert_same_tensors(a, b)
 
 
+def test_scales_are_the_exponents_of_the_largest_weighted_summand():
+    # against the definition, in float64 upload by upload: repeated and distinct weights (the
+    # float32 running maximum per weight), masks (ignored outside), a missing tensor, float64 and
+    # integer tensors (taken in float64), zero weights
+    rng = np.random.default_rng(11)
+    shapes = {"a": (6, 5), "m": (40,), "d": (3,), "i": (4,)}
+    updates = random_updates(rng, {"a": (6, 5), "m": (40,)}, 9, masked=("m",), spread=40)
+    for k, update in enumerate(updates):
+        update.values["m"][~update.masks["m"]] = np.float32(1e30)   # outside the mask: never counted
+        update.values["d"] = rng.standard_normal(3) * 2.0 ** rng.uniform(-60, 60, 3)
+        update.values["i"] = rng.integers(-1000, 1000, 4)
+    del updates[4].values["a"]
+    weights = [60, 7, 60, 0, 60, 2 ** 29, 7, 1, 60]
+    scales = FixedPointSum(shapes).scales(updates, weights)
+    start = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        largest = np.zeros(size)
+        for update, w in zip(updates, weights):
+            if name not in update.values:
+                continue
+            x = np.abs(np.asarray(update.values[name], dtype=np.float64).reshape(-1) * w)
+            if name in update.masks:
+                x[~update.masks[name].reshape(-1)] = 0
+            largest = np.maximum(largest, x)
+        expected = np.where(largest == 0, NO_SUMMAND, np.frexp(largest)[1])
+        assert np.array_equal(scales[start:start + size], expected.astype(np.int16)), name
+        start += size
+    assert list(scales[start:]) == [0, 1, 0, 0]    # only "m" is masked
+
+
+def test_own_scales_replace_the_per_upload_range_check_with_the_same_integers():
+    rng = np.random.default_rng(12)
+    shapes = {"a": (5, 4), "m": (30,)}
+    updates = random_updates(rng, shapes, 10, masked=("m",), spread=20)
+    weights = [int(w) for w in rng.integers(1, 500, 10)]
+    summer = FixedPointSum(shapes)
+    groups = [[0, 3, 4], [1, 2, 5, 6, 7], [8, 9]]
+    own = [summer.scales([updates[k] for k in g], [weights[k] for k in g]) for g in groups]
+    combined = np.maximum.reduce(own)
+    checked = [summer.partial_sums([updates[k] for k in g], [weights[k] for k in g], combined) for g in groups]
+    trusted = [summer.partial_sums([updates[k] for k in g], [weights[k] for k in g], combined, own_scales=o)
+               for g, o in zip(groups, own)]
+    for a, b in zip(checked, trusted):
+        assert same_bits(a, b)
+    whole = summer.partial_sums(updates, weights, combined)
+    assert same_bits(sum(trusted), whole)
+    # a group's own scales above the round's: refused, not summed off the grid
+    with pytest.raises(ValueError, match="below this group's own"):
+        summer.partial_sums([updates[k] for k in groups[0]], [weights[k] for k in groups[0]], own[1],
+                            own_scales=own[0])
+
+
 def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
     # a worker's clients decode values-only uploads against their own copies of one mask: the
     # positions cache finds them equal, and the fixed-point sum runs over the packed values

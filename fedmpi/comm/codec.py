@@ -32,6 +32,7 @@ Without a schema every row costs 9 bytes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -221,6 +222,18 @@ def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int, copy: bool
     # copy so the result is aligned and independent of the receive buffer
     return piece.copy().view(dtype), offset + nbytes
 
+
+def tensor_view(array: np.ndarray):
+    """``torch.from_numpy(array)``, also for a read-only array (a decoded tensor can be a view of
+    the received buffer, read-only so that no client changes another's download): torch shares the
+    memory either way and only warns that it could write it; fedmpi's callers only read it."""
+    import torch
+
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 class MaskPositions:
     """The receiver's masks met while decoding one round's uploads, each with its flat positions.

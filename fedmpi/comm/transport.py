@@ -11,7 +11,8 @@ a core that training needs when ranks outnumber cores (a laptop, a 2-core CI box
 mode every collective is started non-blocking and completed by ``Test`` with a short, growing
 sleep between polls (10 µs up to 2 ms), which frees the core at a latency cost far below one
 round's training time. Only the payload phase of a buffer exchange, which begins once every rank
-has joined the size exchange before it, is waited for with ``Wait``: by then the ranks only copy.
+has joined the size exchange before it, is waited for with ``Wait``, and a reduction runs blocking
+after a sleeping barrier: by then the ranks only copy and add.
 ``spin`` mode uses the blocking calls throughout, for comparison (bench/overhead.py).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-_MAX_SLEEP = 2e-3
+_MAX_SLEEP = 5e-4
 
 
 @dataclass
@@ -70,6 +71,14 @@ class Communicator:
         while not request.Test():
             time.sleep(delay)
             delay = min(delay * 2, _MAX_SLEEP)
+
+    def _join(self) -> None:
+        """Wait (sleeping) until every rank has reached this point, so that the blocking
+        reduction after it only computes and copies. A reduction of megabytes moves in pipelined
+        chunks, each needing every rank to poll: completed by sleeping polls, it would stretch
+        from a millisecond to tens of them."""
+        if self.wait_mode != "spin":
+            self._complete(self.comm.Ibarrier())
 
     # -- buffers ----------------------------------------------------------------------------
     def bcast_buffer(self, data: np.ndarray | None, *, payload: bool = True) -> np.ndarray:
@@ -129,7 +138,8 @@ class Communicator:
         if self.size == 1:
             return local.copy()
         result = np.empty_like(local)
-        self._complete(self.comm.Iallreduce(local, result, op=self._MPI.MAX))
+        self._join()
+        self.comm.Allreduce(local, result, op=self._MPI.MAX)
         if self.is_server:
             self._count(2 * (self.size - 1) * local.nbytes, payload=True)
         return result
@@ -142,7 +152,8 @@ class Communicator:
         if self.size == 1:
             return local.copy()
         result = np.empty_like(local) if self.is_server else None
-        self._complete(self.comm.Ireduce(local, result, op=self._MPI.SUM, root=0))
+        self._join()
+        self.comm.Reduce(local, result, op=self._MPI.SUM, root=0)
         if not self.is_server:
             return None
         self._count((self.size - 1) * local.nbytes, payload=True)

@@ -47,13 +47,18 @@ def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarr
     grouped = group > 1 and hasattr(ctx.algorithm, "local_update_group")
     blocks = [task.clients[i:i + group] for i in range(0, len(task.clients), group)] if grouped \
         else [[c] for c in task.clients]
+    # downloads are decoded as views of the received buffer, not copied per client: read-only,
+    # so that no client can change what the next one is sent
+    buffer = buffer.view()
+    buffer.flags.writeable = False
     for block in blocks:
         received, client_tasks = {}, []
         for c in block:
             payload = task.payload_of[c]
             start, length = task.offsets[payload]
             known = unpack_masks(task.known_masks.get(c, {}))
-            received[c] = (decode(Encoded(task.layouts[payload], buffer[start:start + length]), known), length)
+            received[c] = (decode(Encoded(task.layouts[payload], buffer[start:start + length]), known,
+                                  densify=False), length)
             idx = torch.from_numpy(ctx.partition.train_indices[c])
             client_tasks.append(ClientTask(round_, c, received[c][0], task.states[c], x_train[idx], y_train[idx],
                                            rng.torch_seed(ctx.cfg["seed"], rng.CLIENT, round_, c)))
@@ -100,8 +105,9 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
     updates = [u.decoded(positions) for u in uploads]
     labels = [f"from client {u.client_id}" for u in uploads]
     client_weights = [weights[u.client_id] for u in uploads]
-    scales = comm.allreduce_max_int16(summer.scales(updates, client_weights, labels))
-    sums = comm.reduce_sum_int64(summer.partial_sums(updates, client_weights, scales, labels))
+    own_scales = summer.scales(updates, client_weights, labels)
+    scales = comm.allreduce_max_int16(own_scales)
+    sums = comm.reduce_sum_int64(summer.partial_sums(updates, client_weights, scales, labels, own_scales=own_scales))
     return RoundSums(summer, sums, scales) if comm.is_server else None
 
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
+from ..comm.codec import tensor_view
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
 from .group_kernels import GroupCrossEntropy, NotGroupable, PerClientKernels
@@ -152,7 +153,7 @@ def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | N
     names = [name for name, _ in model.named_parameters()]
     keys = list(members[0].weights)
     with torch.no_grad():
-        params = {k: torch.stack([torch.from_numpy(np.asarray(m.weights[k])) for m in members]).to(
+        params = {k: torch.stack([tensor_view(np.asarray(m.weights[k])) for m in members]).to(
             device, torch.float32) for k in names}
         masks = {}
         if members[0].masks:

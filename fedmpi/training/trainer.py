@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from ..comm.codec import tensor_view
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
 from ..sparsity import apply_masks_torch
@@ -69,7 +70,7 @@ class LocalTrainer:
         for name, value in weights.items():
             if name not in tensors:
                 raise KeyError(f"tensor {name!r} is not part of model variant {variant or 'full'}")
-            tensors[name].copy_(torch.from_numpy(value))
+            tensors[name].copy_(tensor_view(np.asarray(value)))
         return model
 
     @torch.no_grad()
