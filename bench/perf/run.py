@@ -62,11 +62,11 @@ def env(threads: int = 1) -> dict:
     return e
 
 
-def launch(cmd: list[str], processes: int, threads: int = 1, extra_env: dict | None = None):
+def launch(cmd: list[str], processes: int, threads: int = 1, extra_env: dict | None = None, cwd: Path = ROOT):
     if processes > 1:
         cmd = [mpiexec(), "-n", str(processes), *cmd]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(threads), **(extra_env or {})}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env={**env(threads), **(extra_env or {})}, capture_output=True, text=True)
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

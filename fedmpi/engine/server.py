@@ -30,6 +30,7 @@ from ..results import ResultsWriter, run_attrs
 from .checkpoint import ServerState, read_checkpoint, write_checkpoint
 from .context import RunContext
 from .messages import RankReport, RankTask, RoundPlan, assign_clients, pack_masks, unpack_masks
+from .phases import PHASES
 from .worker import concatenated, sum_uploads, train_clients
 
 
@@ -68,9 +69,11 @@ class Server:
         exit_code = 0
         try:
             for round_ in range(state.round + 1, cfg["rounds"] + 1):
+                PHASES.next_round()
                 round_row, client_rows, stop_requested = self.round(round_, state)
                 writer.append_round(round_row, client_rows)
                 progress.update(round_row)
+                PHASES.mark("write results")
                 state.round = round_
                 every = cfg["checkpoint"]["every"]
                 preempt = stop_requested or run.terminate_requested
@@ -83,6 +86,7 @@ class Server:
         finally:
             progress.close()
         self.comm.bcast_object(RoundPlan(stop=True))
+        PHASES.report(self.comm.rank)
         writer.close(finished=exit_code == 0)
         if exit_code == 0 and run.checkpoint_path.exists():
             run.checkpoint_path.unlink()
@@ -102,6 +106,7 @@ class Server:
         weights = algorithm.partial_sum_weights({c: ctx.sizes[c] for c in clients}) if self.sums_on_workers else None
         tasks, payloads, sent_masks = self._encode_downloads(round_, clients, assignment, state, weights)
         broadcast = len(payloads) == 1
+        PHASES.mark("prepare")
         comm.bcast_object(RoundPlan(stop=False, round=round_, broadcast=broadcast, evaluate=evaluate))
         task = comm.scatter_objects(tasks)
         if broadcast:
@@ -110,16 +115,23 @@ class Server:
             buffer = comm.scatter_buffers([
                 np.concatenate([payloads[i].data for i in t.layouts]) if t.layouts else np.zeros(0, np.uint8)
                 for t in tasks])
+        PHASES.mark("send")
         own_reports, own_uploads = train_clients(ctx, round_, task, buffer)   # P = 1: every client
+        PHASES.mark("train")
         rank_reports: list[RankReport] = comm.gather_objects(RankReport(own_reports, self.run.terminate_requested))
+        PHASES.mark("wait for reports")
         stop_requested = any(r.terminate_requested for r in rank_reports)
         reports = sorted((c for r in rank_reports for c in r.clients), key=lambda c: c.client_id)  # merge order
         if self.sums_on_workers:
             sums = sum_uploads(ctx, comm, own_uploads, task.sum_weights)
             uploads = {}
+        elif comm.size == 1:   # nothing crosses MPI: the uploads as encoded, not copied into one buffer
+            sums = None
+            uploads = {u.client_id: u.encoded.data for u in own_uploads}
         else:
             sums = None
             buffers = comm.gather_buffers(concatenated(own_uploads))
+            PHASES.mark("receive uploads")
             uploads = {}   # client → its upload bytes
             for rank, rank_report in enumerate(rank_reports):
                 offset = 0
@@ -152,9 +164,11 @@ class Server:
         else:
             algorithm.aggregate(round_, results, sums)
         metrics = algorithm.round_metrics(round_)
+        PHASES.mark("merge")
         if evaluate:
             outcomes = self.evaluator.run(algorithm.evaluation_models(round_))
             metrics.update(algorithm.evaluation_metrics(round_, outcomes))
+            PHASES.mark("evaluate")
         wall = time.perf_counter() - started
         round_row = self._round_row(round_, state, client_rows, metrics, wall)
         round_row["mpi_payload_bytes"] = comm.traffic.payload_bytes - traffic_before[0]

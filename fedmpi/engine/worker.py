@@ -16,6 +16,7 @@ from ..algorithms import ClientTask
 from ..comm.codec import BITMAP, INDEX, Encoded, MaskPositions, ModelUpdate, decode, encode
 from .context import RunContext
 from .messages import ClientReport, RankReport, RankTask, pack_masks, unpack_masks
+from .phases import PHASES
 
 
 @dataclass
@@ -105,25 +106,40 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
     updates = [u.decoded(positions) for u in uploads]
     labels = [f"from client {u.client_id}" for u in uploads]
     client_weights = [weights[u.client_id] for u in uploads]
+    PHASES.mark("sum: decode")
     own_scales = summer.scales(updates, client_weights, labels)
+    PHASES.mark("sum: scales")
     scales = comm.allreduce_max_int16(own_scales)
-    sums = comm.reduce_sum_int64(summer.partial_sums(updates, client_weights, scales, labels, own_scales=own_scales))
+    PHASES.mark("sum: max-reduce")
+    partial = summer.partial_sums(updates, client_weights, scales, labels, own_scales=own_scales)
+    PHASES.mark("sum: partial sums")
+    sums = comm.reduce_sum_int64(partial)
+    PHASES.mark("sum: reduce")
     return RoundSums(summer, sums, scales) if comm.is_server else None
 
 
 def work(ctx: RunContext, comm, evaluator, terminate_requested) -> None:
     """The worker loop: one iteration per round until the server says stop."""
     while True:
+        PHASES.next_round()
         plan = comm.bcast_object()
+        PHASES.mark("wait for plan")
         if plan.stop:
+            PHASES.discard_round()
+            PHASES.report(comm.rank)
             return
         task = comm.scatter_objects(None)
         buffer = comm.bcast_buffer(None) if plan.broadcast else comm.scatter_buffers(None)
+        PHASES.mark("receive")
         reports, uploads = train_clients(ctx, plan.round, task, buffer)
+        PHASES.mark("train")
         comm.gather_objects(RankReport(reports, terminate_requested()))
+        PHASES.mark("report")
         if task.sum_weights is not None:
             sum_uploads(ctx, comm, uploads, task.sum_weights)
         else:
             comm.gather_buffers(concatenated(uploads))
+            PHASES.mark("send uploads")
         if plan.evaluate:
             evaluator.run(None)
+            PHASES.mark("evaluate")
