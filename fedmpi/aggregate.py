@@ -235,22 +235,21 @@ class FixedPointSum:
                              f"(2^20) fit in int64")
         weights = _checked_sum_weights(weights, len(updates))
         exponents, masked, vote_segments = self._layout(scales)
-        range_checked = own_scales is None
-        if not range_checked:
+        if own_scales is not None:
             own_exponents, own_masked, _ = self._layout(own_scales)
             if np.any(exponents < own_exponents) or np.any(own_masked & ~masked):
                 raise ValueError("the round's scales are below this group's own: combine the groups' scales "
                                  "with an element-wise maximum")
         sums = np.zeros(vote_segments[self.names[-1]].stop if self.names else 0, dtype=np.int64)
-        limit = 2.0 ** FIXED_POINT_BITS
         self._quantise_into(updates, weights, labels, exponents, masked, vote_segments, sums,
-                            limit if range_checked else None)
+                            check_range=own_scales is None)
         return sums
 
-    def _quantise_into(self, updates, weights, labels, exponents, masked, vote_segments, sums, limit):
-        """Phase 2's work: add each upload's quantised summands and votes into ``sums``; ``limit``:
-        check every upload's range against it (None: the scales were checked once)."""
+    def _quantise_into(self, updates, weights, labels, exponents, masked, vote_segments, sums, *, check_range: bool):
+        """Phase 2's work: add each upload's quantised summands and votes into ``sums``;
+        ``check_range``: check that every upload stays on the grid (else the scales were checked once)."""
         numerators = sums[:self.size]
+        limit = 2.0 ** FIXED_POINT_BITS
         for t, name in enumerate(self.names):
             segment = self.segments[name]
             # 2^(B−e) per element, an exact power of two in [2^-115, 2^190] for every exponent a
@@ -287,7 +286,7 @@ class FixedPointSum:
                     torch.mul(tensor_view(values), scaled_t, out=x_t)
                     if held is not None:
                         np.copyto(x, 0.0, where=~held)    # values outside the mask are ignored, even if not finite
-                    if limit is not None and x.size and not (x.max() < limit and x.min() > -limit):
+                    if check_range and x.size and not (x.max() < limit and x.min() > -limit):
                         raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
                                          f"compute the scales over every upload of the round")
                     # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B

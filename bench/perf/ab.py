@@ -2,10 +2,10 @@
 
 Each REV is a git revision (checked out into a temporary worktree) or a directory holding a
 fedmpi tree ("." for the working tree). Every repeat runs each version once, in alternating
-order, on one workload of bench/perf/workloads.py; the timed quantity is the same as in
-``make bench-perf`` (the round loop without the warm-up and last rounds). Prints per version the
-median, min and max and the ratio to the first version, and checks that all end at the same test
-accuracy.
+order, on one workload of bench/perf/workloads.py, exactly as ``make bench-perf`` runs fedmpi
+(``run.run_fedmpi``: the round loop without the warm-up and last rounds is timed). Prints per
+version the median, min and max and the ratio to the first version, and checks that all end at
+the same test accuracy.
 
     python bench/perf/ab.py HEAD . [--workload overhead] [--algorithm fedavg] [--ranks 3]
                             [--workers] [--client-batch 1] [--repeats 5] [--rounds N]
@@ -23,14 +23,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-from run import launch  # noqa: E402
-from workloads import WORKLOADS, fedmpi_config  # noqa: E402
+from run import run_fedmpi  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
 
 
-def checkout(rev: str, tmp: Path) -> Path:
+def checkout(rev: str, trees: Path) -> Path:
     if Path(rev).is_dir():
         return Path(rev).resolve()
-    tree = tmp / f"tree-{len(list(tmp.iterdir()))}"
+    tree = trees / f"tree-{len(list(trees.iterdir()))}"
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
                    capture_output=True, text=True)
     return tree
@@ -50,45 +50,35 @@ def main() -> int:
     if len(args.revs) < 2:
         parser.error("give at least two versions to compare")
 
-    import h5py
-    import yaml
-
     rounds = args.rounds or WORKLOADS[args.workload]["rounds"]
-    cfg = fedmpi_config(args.workload, args.algorithm, rounds, client_batch=args.client_batch)
-    if args.workers:
-        cfg["aggregation"] = {"sum": "fixed_point", "where": "workers"}
+    runs = {rev: [] for rev in args.revs}
     with tempfile.TemporaryDirectory(prefix="fedmpi-ab-") as name:
         tmp = Path(name)
         (tmp / "trees").mkdir()
         trees = [checkout(rev, tmp / "trees") for rev in args.revs]
-        config = tmp / "config.yaml"
-        config.write_text(yaml.safe_dump(cfg))
-        timed = {rev: [] for rev in args.revs}
-        accuracy = {rev: set() for rev in args.revs}
         try:
             for rep in range(args.repeats):
                 pairs = list(zip(args.revs, trees))
                 for rev, tree in (pairs if rep % 2 == 0 else pairs[::-1]):
-                    out = tmp / "run.h5"
-                    launch([sys.executable, "-m", "fedmpi", "run", str(config), "--out", str(out), "--force",
-                            "--quiet"], args.ranks, extra_env={"PYTHONPATH": str(tree)}, cwd=tree)
-                    with h5py.File(out, "r") as f:
-                        timed[rev].append(float(sum(f["rounds/wall_seconds"][1:-1])))
-                        accuracy[rev].add(float(f["rounds/test_accuracy"][-1]))
-                    print(f"  [{rep + 1}/{args.repeats}] {rev:12s} round loop {timed[rev][-1]:.3f} s", flush=True)
+                    runs[rev].append(run_fedmpi(args.workload, args.algorithm, rounds, args.ranks, args.client_batch,
+                                                tmp, args.workers, tree=tree))
+                    print(f"  [{rep + 1}/{args.repeats}] {rev:12s} round loop {runs[rev][-1]['timed']:.3f} s",
+                          flush=True)
         finally:
             for tree in trees:
                 if tree.is_relative_to(tmp):
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
                                    capture_output=True)
-    first = statistics.median(timed[args.revs[0]])
+    first = statistics.median(r["timed"] for r in runs[args.revs[0]])
     print(f"{args.workload} {args.algorithm} P={args.ranks}" + (" workers" if args.workers else "")
           + f", {rounds} timed rounds, {args.repeats} repeats")
-    for rev in args.revs:
-        median = statistics.median(timed[rev])
-        print(f"{rev:12s} median {median:.3f} s  min {min(timed[rev]):.3f}  max {max(timed[rev]):.3f}  "
-              f"ratio {median / first:.3f}  test accuracy {sorted(accuracy[rev])}")
-    same = len(set().union(*accuracy.values())) == 1
+    accuracy = {rev: sorted({r["test_accuracy"] for r in results}) for rev, results in runs.items()}
+    for rev, results in runs.items():
+        timed = [r["timed"] for r in results]
+        median = statistics.median(timed)
+        print(f"{rev:12s} median {median:.3f} s  min {min(timed):.3f}  max {max(timed):.3f}  "
+              f"ratio {median / first:.3f}  test accuracy {accuracy[rev]}")
+    same = len({a for values in accuracy.values() for a in values}) == 1
     print("same test accuracy everywhere" if same else "TEST ACCURACY DIFFERS between versions")
     return 0 if same else 1
 

@@ -23,24 +23,26 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from fedmpi.training.optim import OptimizerSpec, sgd_step  # noqa: E402
+
 DIMS = [784, 200, 200, 10]
-SAMPLES, BATCH, LR, MOMENTUM, DECAY = 60, 32, 0.01, 0.9, 1e-3
+SAMPLES, BATCH = 60, 32
+SGD = OptimizerSpec("sgd", lr=0.01, momentum=0.9, weight_decay=1e-3)   # the workloads' local optimizer
 
 
 def sgd(params, grads, buffers):
+    """fedmpi's SGD step (``torch.optim.SGD``'s arithmetic), on per-client or stacked tensors alike."""
     with torch.no_grad():
-        for i, (p, g) in enumerate(zip(params, grads)):
-            g = g.add(p, alpha=DECAY)
-            if buffers[i] is None:
-                buffers[i] = g.clone()
-            else:
-                buffers[i].mul_(MOMENTUM).add_(g)
-            p.add_(buffers[i], alpha=-LR)
+        buffers[:] = sgd_step(params, list(grads), buffers, SGD)
 
 
 def per_client(weights, biases, x, y, orders):

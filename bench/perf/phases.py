@@ -43,9 +43,7 @@ def main() -> int:
     import yaml
 
     rounds = args.rounds or WORKLOADS[args.workload]["rounds"]
-    cfg = fedmpi_config(args.workload, args.algorithm, rounds, client_batch=args.client_batch)
-    if args.workers:
-        cfg["aggregation"] = {"sum": "fixed_point", "where": "workers"}
+    cfg = fedmpi_config(args.workload, args.algorithm, rounds, client_batch=args.client_batch, workers=args.workers)
     with tempfile.TemporaryDirectory(prefix="fedmpi-phases-") as tmp:
         config = Path(tmp) / "config.yaml"
         config.write_text(yaml.safe_dump(cfg))

@@ -53,20 +53,23 @@ def mpiexec() -> str:
     return os.environ.get("MPIEXEC", str(Path(sys.executable).parent / "mpiexec"))
 
 
-def env(threads: int = 1) -> dict:
+def env(threads: int = 1, tree: Path = ROOT) -> dict:
+    """The environment of a benchmarked process: ``threads`` torch threads, fedmpi from ``tree``."""
     e = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         e[var] = str(threads)
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["PYTHONPATH"] = str(tree) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e.pop("SLURM_JOB_ID", None)
     return e
 
 
-def launch(cmd: list[str], processes: int, threads: int = 1, extra_env: dict | None = None, cwd: Path = ROOT):
+def launch(cmd: list[str], processes: int, threads: int = 1, extra_env: dict | None = None, tree: Path = ROOT):
+    """Run ``cmd`` (under mpiexec for ``processes`` > 1) in the fedmpi source tree ``tree``."""
     if processes > 1:
         cmd = [mpiexec(), "-n", str(processes), *cmd]
     started = time.time()
-    proc = subprocess.run(cmd, cwd=cwd, env={**env(threads), **(extra_env or {})}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=tree, env={**env(threads, tree), **(extra_env or {})}, capture_output=True,
+                          text=True)
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -88,19 +91,19 @@ def run_bare(workload, algorithm, rounds, processes, threads) -> dict:
             "test_accuracy": out["test_accuracy"]}
 
 
-def run_fedmpi(workload, algorithm, rounds, ranks, client_batch, tmp: Path, workers: bool = False) -> dict:
+def run_fedmpi(workload, algorithm, rounds, ranks, client_batch, tmp: Path, workers: bool = False,
+               tree: Path = ROOT) -> dict:
+    """One fedmpi run of a workload; ``tree``: the fedmpi source tree to run (bench/perf/ab.py)."""
     import h5py
     import yaml
 
-    cfg = fedmpi_config(workload, algorithm, rounds, client_batch=client_batch)
-    if workers:   # each rank sums its own clients (docs/performance.md, "Worker-side aggregation")
-        cfg["aggregation"] = {"sum": "fixed_point", "where": "workers"}
+    cfg = fedmpi_config(workload, algorithm, rounds, client_batch=client_batch, workers=workers)
     tag = f"{workload}_{algorithm}_cb{client_batch}" + ("_w" if workers else "")
     cfg_path = tmp / f"{tag}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     out = tmp / f"{tag}_p{ranks}.h5"
     cmd = [sys.executable, "-m", "fedmpi", "run", str(cfg_path), "--out", str(out), "--force", "--quiet"]
-    _, wall = launch(cmd, ranks)
+    _, wall = launch(cmd, ranks, tree=tree)
     with h5py.File(out, "r") as f:
         seconds = f["rounds/wall_seconds"][:].tolist()
         accuracy = float(f["rounds/test_accuracy"][-1])

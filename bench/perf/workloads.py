@@ -44,8 +44,10 @@ ALGORITHMS = {
 }
 
 
-def fedmpi_config(workload: str, algorithm: str, timed_rounds: int, *, client_batch: int = 1) -> dict:
-    """The fedmpi config (a mapping for ``load_config(extra=...)`` or a YAML file)."""
+def fedmpi_config(workload: str, algorithm: str, timed_rounds: int, *, client_batch: int = 1,
+                  workers: bool = False) -> dict:
+    """The fedmpi config (a mapping for ``load_config(extra=...)`` or a YAML file). ``workers``:
+    each rank sums its own clients (docs/performance.md, "Worker-side aggregation")."""
     spec = WORKLOADS[workload]
     total_rounds = timed_rounds + 2
     cfg = {
@@ -59,6 +61,8 @@ def fedmpi_config(workload: str, algorithm: str, timed_rounds: int, *, client_ba
         **copy.deepcopy(spec["config"]),
         **ALGORITHMS[algorithm],
     }
+    if workers:
+        cfg["aggregation"] = {"sum": "fixed_point", "where": "workers"}
     if algorithm == "feddst":
         # one readjustment, in the middle of the timed rounds (round 1 is the warm-up)
         middle = 1 + max(1, (timed_rounds + 1) // 2)

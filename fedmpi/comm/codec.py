@@ -235,6 +235,7 @@ def tensor_view(array: np.ndarray):
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(array)
 
+
 class MaskPositions:
     """The receiver's masks met while decoding one round's uploads, each with its flat positions.
     A VALUES row against a mask met before (the same array, or an equal one: a worker's clients

@@ -9,7 +9,7 @@ the gather. Each call counts the bytes it moved.
 MPI implementations busy-poll inside blocking calls, so a waiting server or idle worker would burn
 a core that training needs when ranks outnumber cores (a laptop, a 2-core CI box). In ``sleep``
 mode every collective is started non-blocking and completed by ``Test`` with a short, growing
-sleep between polls (10 µs up to 2 ms), which frees the core at a latency cost far below one
+sleep between polls (10 µs up to 0.5 ms), which frees the core at a latency cost far below one
 round's training time. Only the payload phase of a buffer exchange, which begins once every rank
 has joined the size exchange before it, is waited for with ``Wait``, and a reduction runs blocking
 after a sleeping barrier: by then the ranks only copy and add.

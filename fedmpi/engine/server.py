@@ -122,17 +122,14 @@ class Server:
         PHASES.mark("wait for reports")
         stop_requested = any(r.terminate_requested for r in rank_reports)
         reports = sorted((c for r in rank_reports for c in r.clients), key=lambda c: c.client_id)  # merge order
+        sums, uploads = None, {}   # uploads: client → its upload bytes
         if self.sums_on_workers:
             sums = sum_uploads(ctx, comm, own_uploads, task.sum_weights)
-            uploads = {}
         elif comm.size == 1:   # nothing crosses MPI: the uploads as encoded, not copied into one buffer
-            sums = None
             uploads = {u.client_id: u.encoded.data for u in own_uploads}
         else:
-            sums = None
             buffers = comm.gather_buffers(concatenated(own_uploads))
             PHASES.mark("receive uploads")
-            uploads = {}   # client → its upload bytes
             for rank, rank_report in enumerate(rank_reports):
                 offset = 0
                 for client in rank_report.clients:

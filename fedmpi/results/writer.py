@@ -162,8 +162,8 @@ class ResultsWriter:
             self.file = h5py.File(self.path, "r+", libver="latest")
         self.file.swmr_mode = True
         self.file.flush()
-        # (dataset, missing value) per column, looked up once: a group lookup per column and round
-        # cost rank 0 milliseconds per round of the run's serial path
+        # (name, dataset, dtype, missing value) per column, looked up once: a group lookup per
+        # column and round cost rank 0 milliseconds per round of the run's serial path
         self._datasets = {group: [(name, self.file[group][name], dtype, missing_value(dtype))
                                   for name, dtype in self._columns(group).items()] for group in TABLES}
 
