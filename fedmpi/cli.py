@@ -137,6 +137,7 @@ def _run_on_every_rank(args, comm) -> int:
             print(f"fedmpi: {exc}", file=sys.stderr)
         return exc.exit_code
     code = run.execute()
+    run.close()
     if comm.is_server and code == 0:
         print(f"fedmpi: results in {out}", file=sys.stderr)
     return code

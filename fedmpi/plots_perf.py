@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 COLORS = {"fedavg": "#1f77b4", "feddst": "#d62728"}
+# memory columns of startup.json (bench/perf/startup.py), not stages
+STARTUP_MEMORY = ("node_pss_mib", "max_rss_mib")
 
 
 def _load(perf_dir: Path) -> tuple[list[dict], dict | None]:
@@ -112,7 +114,7 @@ def _draw_ratios(path: Path, workloads: list[dict]) -> None:
 
 def _draw_startup(path: Path, startup: dict) -> None:
     ranks = list(startup["median"])
-    stages = [k for k in next(iter(startup["median"].values())) if k not in ("total", "wall")]
+    stages = [k for k in next(iter(startup["median"].values())) if k not in ("total", "wall", *STARTUP_MEMORY)]
     fig = Figure(figsize=(6.4, 4.6), dpi=110, layout="constrained")
     ax = fig.subplots()
     bottom = np.zeros(len(ranks))
@@ -146,10 +148,13 @@ def summary_markdown(workloads: list[dict], startup: dict | None) -> str:
                              f"{s['test_accuracy']:.4f} |")
         lines.append("")
     if startup is not None:
-        stages = [k for k in next(iter(startup["median"].values())) if k != "wall"]
-        lines += ["## start-up before round 1 (slowest rank, median seconds)", "",
-                  "| P | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+        stages = [k for k in next(iter(startup["median"].values())) if k not in ("wall", *STARTUP_MEMORY)]
+        memory = [k for k in STARTUP_MEMORY if k in next(iter(startup["median"].values()))]
+        lines += ["## start-up before round 1 (slowest rank, median seconds; memory in MiB: the ranks' "
+                  "summed proportional set sizes, the largest resident set)", "",
+                  "| P | " + " | ".join(stages + memory) + " |", "|---" * (len(stages) + len(memory) + 1) + "|"]
         for p, med in startup["median"].items():
-            lines.append(f"| {p} | " + " | ".join(f"{med[k]:.2f}" for k in stages) + " |")
+            lines.append(f"| {p} | " + " | ".join([f"{med[k]:.2f}" for k in stages] + [f"{med[k]:.0f}" for k in memory])
+                         + " |")
         lines.append("")
     return "\n".join(lines)

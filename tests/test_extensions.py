@@ -103,6 +103,34 @@ def test_tiered_runs_are_identical_for_1_2_4_ranks(runs, algorithm):
         assert_all_columns_identical(base, other, f"{algorithm} P=1 vs P={ranks}")
 
 
+@needs_mpiexec
+def test_data_read_once_per_node_gives_the_bits_of_every_rank_reading_it(work, tiered_cfg, runs):
+    """``mpi.share_data`` (default true) shares one copy of the dataset among a node's ranks; with
+    it off every rank reads its own. Same results either way."""
+    _, shared = runs("depthfl", 2)
+    out = work / "depthfl_unshared_p2.h5"
+    proc, _ = fedmpi(["run", str(tiered_cfg), "--out", str(out), "--quiet", "--set", "algorithm=depthfl",
+                      "--set", "mpi.share_data=false"], 2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_all_columns_identical(shared, read_results(out), "share_data true vs false at P=2")
+
+
+@needs_mpiexec
+def test_a_corrupt_data_file_read_for_the_node_stops_every_rank_with_status_2(work, tiered_cfg):
+    root = write_idx(work / "corrupt_mnist")
+    damaged = root / "train-images-idx3-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:300])
+    cfg = yaml.safe_load(tiered_cfg.read_text())
+    cfg["data"]["root"] = str(root)
+    path = work / "corrupt_data.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = work / "corrupt_data.h5"
+    proc, seconds = fedmpi(["run", str(path), "--out", str(out), "--quiet"], 3, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(damaged) in proc.stderr and "truncated or corrupt" in proc.stderr
+    assert not out.exists()
+
+
 def test_depth_submodel_bytes_are_exact(runs):
     """A level-l client downloads and uploads exactly its blocks and exits, 4 bytes a value."""
     _, res = runs("depthfl", 1)

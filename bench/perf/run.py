@@ -48,6 +48,8 @@ sys.path.insert(0, str(HERE))
 
 from workloads import ALGORITHMS, WORKLOADS, fedmpi_config  # noqa: E402
 
+from fedmpi.plots_perf import STARTUP_MEMORY  # noqa: E402
+
 
 def mpiexec() -> str:
     return os.environ.get("MPIEXEC", str(Path(sys.executable).parent / "mpiexec"))
@@ -112,10 +114,11 @@ def run_fedmpi(workload, algorithm, rounds, ranks, client_batch, tmp: Path, work
             "test_accuracy": accuracy}
 
 
-def run_startup(workload, ranks) -> dict:
-    proc, wall = launch([sys.executable, str(HERE / "startup.py"), workload], ranks,
-                        extra_env={"FEDMPI_PERF_T0": repr(time.time())})
-    return {**last_json(proc.stdout)["stages"], "wall": wall}
+def run_startup(workload, ranks, share_data: bool = True) -> dict:
+    cmd = [sys.executable, str(HERE / "startup.py"), workload] + ([] if share_data else ["--no-share-data"])
+    proc, wall = launch(cmd, ranks, extra_env={"FEDMPI_PERF_T0": repr(time.time())})
+    report = last_json(proc.stdout)
+    return {**report["stages"], "wall": wall, **report["memory"]}
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -191,12 +194,15 @@ def bench_workload(workload, algorithms, ranks, repeats, rounds, cores, tmp: Pat
 
 
 def bench_startup(workload, ranks, repeats, log) -> dict:
-    samples = {str(p): [] for p in ranks}
+    """Start-up per P; for P > 1 also with ``mpi.share_data: false`` (label ``P-copy``): every rank
+    reading its own copy of the dataset."""
+    variants = [(str(p), p, True) for p in ranks] + [(f"{p}-copy", p, False) for p in ranks if p > 1]
+    samples = {label: [] for label, _, _ in variants}
     for rep in range(repeats):
-        for p in (ranks if rep % 2 == 0 else list(reversed(ranks))):
-            samples[str(p)].append(run_startup(workload, p))
-            log(f"  [start-up {rep + 1}/{repeats}] P={p}: {samples[str(p)][-1]['total']:.2f} s")
-    stages = list(samples[str(ranks[0])][0])
+        for label, p, share in (variants if rep % 2 == 0 else list(reversed(variants))):
+            samples[label].append(run_startup(workload, p, share))
+            log(f"  [start-up {rep + 1}/{repeats}] P={label}: {samples[label][-1]['total']:.2f} s")
+    stages = list(samples[variants[0][0]][0])
     median = {p: {k: statistics.median(s[k] for s in runs) for k in stages} for p, runs in samples.items()}
     return {"kind": "bench-perf-startup", "workload": workload, "repeats": repeats, "samples": samples,
             "median": median}
@@ -223,11 +229,14 @@ def table(result: dict) -> str:
 
 
 def startup_table(result: dict) -> str:
-    stages = [k for k in next(iter(result["median"].values())) if k not in ("wall",)]
+    stages = [k for k in next(iter(result["median"].values())) if k not in ("wall", *STARTUP_MEMORY)]
     lines = [f"\nstart-up before round 1 ({result['workload']} workload; slowest rank; median of "
-             f"{result['repeats']}), seconds", f"{'P':>3s} " + " ".join(f"{k:>12s}" for k in stages)]
+             f"{result['repeats']}), seconds; then the ranks' memory, MiB (sum of proportional set sizes, "
+             f"largest resident set; P-copy: mpi.share_data false)",
+             f"{'P':>6s} " + " ".join(f"{k:>12s}" for k in [*stages, *STARTUP_MEMORY])]
     for p, med in result["median"].items():
-        lines.append(f"{p:>3s} " + " ".join(f"{med[k]:12.2f}" for k in stages))
+        lines.append(f"{p:>6s} " + " ".join(f"{med[k]:12.2f}" for k in stages)
+                     + " " + " ".join(f"{med[k]:12.0f}" if k in med else f"{'':>12s}" for k in STARTUP_MEMORY))
     return "\n".join(lines)
 
 
@@ -241,6 +250,7 @@ def main() -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 3, 5], help="fedmpi's P values")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default: per workload)")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    parser.add_argument("--startup-only", action="store_true", help="only the start-up measurement")
     parser.add_argument("--skip", nargs="+", default=[], metavar="SYSTEM",
                         help="leave out these systems (e.g. loop-mt on a machine with other load)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "perf")
@@ -270,7 +280,7 @@ def main() -> int:
             (args.out / f"startup{suffix}.json").write_text(json.dumps(startup, indent=1))
             tables.append(startup_table(startup))
             log(tables[-1])
-        for workload in args.workloads:
+        for workload in ([] if args.startup_only else args.workloads):
             rounds = args.rounds or WORKLOADS[workload]["quick_rounds" if args.quick else "rounds"]
             result = {**meta, **bench_workload(workload, args.algorithms, args.ranks, repeats, rounds, cores,
                                                Path(tmp), log, skip=args.skip)}

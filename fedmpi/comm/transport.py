@@ -14,9 +14,13 @@ round's training time. Only the payload phase of a buffer exchange, which begins
 has joined the size exchange before it, is waited for with ``Wait``, and a reduction runs blocking
 after a sleeping barrier: by then the ranks only copy and add.
 ``spin`` mode uses the blocking calls throughout, for comparison (bench/overhead.py).
+
+Before round 1, ``load_once_per_node`` lets one rank per node read the dataset into an MPI-3
+shared-memory window that the node's other ranks map read-only (``mpi.share_data``).
 """
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 from dataclasses import dataclass
@@ -47,6 +51,7 @@ class Communicator:
         self.size = mpi_comm.Get_size()
         self.wait_mode = wait
         self.traffic = TrafficCounter()
+        self._shared = []   # (window, node communicator) of load_once_per_node, freed by release_shared
 
     @property
     def is_server(self) -> bool:
@@ -177,6 +182,69 @@ class Communicator:
             self.traffic.payload_bytes += nbytes
         else:
             self.traffic.control_bytes += nbytes
+
+    # -- one copy of the data per node ----------------------------------------------------------
+    def load_once_per_node(self, load):
+        """``load()`` (returning a dataclass) run by one rank per node; its non-empty numpy array
+        fields are copied into an MPI shared-memory window and every rank of the node gets the
+        object with read-only views of them. So P ranks on a node read, decompress and normalise
+        the data once and hold it once. A failure of ``load`` on the node's first rank is raised
+        there and, as a FedmpiError with the same message and exit status, on the others.
+        The window lives until ``release_shared``."""
+        from ..errors import FedmpiError
+
+        MPI = self._MPI
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        if node.Get_size() == 1:
+            node.Free()
+            return load()
+        leader = node.Get_rank() == 0
+        loaded = failure = layout = None
+        if leader:
+            try:
+                loaded = load()
+            except FedmpiError as exc:
+                failure, raised = (exc.exit_code, str(exc)), exc
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the node has heard of it
+                failure, raised = (1, f"{type(exc).__name__}: {exc}"), exc
+            if failure is None:
+                slots, size = {}, 0
+                for f in dataclasses.fields(loaded):
+                    value = getattr(loaded, f.name)
+                    if isinstance(value, np.ndarray) and value.nbytes:
+                        slots[f.name] = (size, value.shape, value.dtype.str)
+                        size += -(-value.nbytes // 64) * 64     # 64-byte aligned arrays
+                layout = (dataclasses.replace(loaded, **dict.fromkeys(slots)), slots, size)
+        failure, layout = node.bcast((failure, layout), root=0)
+        if failure is not None:
+            node.Free()
+            if leader:
+                raise raised
+            error = FedmpiError(failure[1])
+            error.exit_code = failure[0]
+            raise error
+        shell, slots, size = layout
+        window = MPI.Win.Allocate_shared(size if leader else 0, 1, comm=node)
+        self._shared.append((window, node))
+        buffer, _ = window.Shared_query(0)
+        views = {name: np.ndarray(shape, dtype=np.dtype(dtype), buffer=buffer, offset=offset)
+                 for name, (offset, shape, dtype) in slots.items()}
+        if leader:
+            for name, view in views.items():
+                view[...] = getattr(loaded, name)
+            del loaded
+        node.Barrier()
+        for view in views.values():
+            view.flags.writeable = False
+        return dataclasses.replace(shell, **views)
+
+    def release_shared(self) -> None:
+        """Free the windows of ``load_once_per_node`` (collective over each node; call it once
+        every rank is done with the arrays, on the path where no rank has failed)."""
+        for window, node in self._shared:
+            window.Free()
+            node.Free()
+        self._shared = []
 
     def abort(self, code: int) -> None:
         """End every rank of the job (used when this rank failed)."""

@@ -154,7 +154,9 @@ DEFAULTS: dict[str, Any] = {
                                # sums its clients, MPI combines the ranks (needs sum: fixed_point)
     },
     "checkpoint": {"every": 0},    # rounds between checkpoints; 0 = only on SIGTERM
-    "mpi": {"wait": "sleep"},      # sleep: wait on MPI without spinning a core; spin: MPI's own busy-poll
+    # wait: sleep (wait on MPI without spinning a core) or spin (MPI's own busy-poll);
+    # share_data: one rank per node reads the dataset into MPI shared memory for all of them
+    "mpi": {"wait": "sleep", "share_data": True},
     "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round
 }
 

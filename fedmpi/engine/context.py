@@ -1,8 +1,11 @@
-"""What every rank builds before round 1 from the config alone (no MPI): data and partition,
-the model and its schema, the local trainer, the algorithm. Identical on every rank."""
+"""What every rank builds before round 1 from the config alone: data and partition, the model and
+its schema, the local trainer, the algorithm. Identical on every rank. The only MPI here is
+optional and passed in: ``load_once`` (``Communicator.load_once_per_node``) reads the dataset on
+one rank per node into shared memory."""
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -45,13 +48,18 @@ def torch_device(cfg: dict) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
-def build_context(cfg: dict) -> RunContext:
+def build_context(cfg: dict, load_once=None) -> RunContext:
+    """``load_once(load)``, when given, runs ``load`` (the dataset) once per node and shares it."""
     from ..data import hold_out_local_test, load_dataset, partition_dataset
 
     torch.set_num_threads(1)
     data = cfg["data"]
-    dataset = load_dataset(data["name"], data["root"], seed=cfg["seed"],
-                           num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
+
+    def load():
+        return load_dataset(data["name"], data["root"], seed=cfg["seed"],
+                            num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
+
+    dataset = load_once(load) if load_once is not None else load()
     partition = partition_dataset(
         dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
         alpha=data["alpha"], shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
@@ -72,6 +80,11 @@ def build_context(cfg: dict) -> RunContext:
                      input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
                      local_test_sizes=tuple(len(i) for i in partition.test_indices))
     timing = RunTiming.from_config(cfg, info)
+    with warnings.catch_warnings():
+        # shared data is read-only on purpose: torch warns that it cannot mark the tensors so
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        train = (torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train))
+        test = (torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test))
     return RunContext(
         cfg=cfg, partition=partition,
         sizes={c: len(idx) for c, idx in enumerate(partition.train_indices)},
@@ -80,7 +93,7 @@ def build_context(cfg: dict) -> RunContext:
         trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=builder,
                              sparse_kernels=timing.kernel_policy()),
         algorithm=build_algorithm(cfg, info),
-        train=(torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)),
-        test=(torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)),
+        train=train,
+        test=test,
         profile=timing,
     )

@@ -36,7 +36,8 @@ class Run:
         """Build the run on every rank; a failure anywhere stops every rank before round 1."""
         error = None
         try:
-            self.ctx = build_context(self.cfg)
+            share = self.cfg["mpi"]["share_data"] and self.comm.size > 1
+            self.ctx = build_context(self.cfg, self.comm.load_once_per_node if share else None)
             self.evaluator = Evaluator(self.comm, self.ctx.trainer, {"test": self.ctx.test, "train": self.ctx.train},
                                        self.ctx.partition, self.cfg["eval"]["batch_size"])
         except FedmpiError as exc:
@@ -65,6 +66,11 @@ class Run:
             return 0
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+    def close(self) -> None:
+        """After a run every rank finished: free the node's shared data (collective)."""
+        self.ctx = self.evaluator = None
+        self.comm.release_shared()
 
     def _on_sigterm(self, signum, frame) -> None:
         # finish the round, checkpoint, exit 75 -- decided by the server once per round
