@@ -14,10 +14,25 @@ On one torch thread, median over ``--repeats`` interleaved passes of ``--clients
                These are the kernels the per-client loop runs and grouped training must also run
                per client to keep its results bit-identical (training/group_kernels.py)
     optimizer  the SGD step alone (weight decay, momentum, update) over all parameters, twice
+    fedmpi-sgd   the client's training with fedmpi's SGD step (training/optim.py) instead of a
+               fresh ``torch.optim.SGD``, as fedmpi's trainer runs it
+    no-autograd  the same as explicit ATen calls, without autograd: the forward, the backward
+               formulas autograd runs for it (``addmm``/``mm``, ``threshold_backward``,
+               ``_log_softmax_backward_data``, ``nll_loss_backward``) and fedmpi's SGD step. It is
+               checked to give the bits of ``fedmpi-sgd``; the difference between the two is
+               autograd's share of the client
 
 and the clients' FLOPs (2 per multiply-add). Then the floor on C cores: products × clients / C,
 against the bare loop's time × 0.5. If the floor is above the target, no exact grouping of
 clients can reach it on this machine: the arithmetic alone takes longer.
+
+Then one more pass of ``client`` under ``torch.profiler`` splits its wall time by ATen kernel
+(self time, so nested calls count once): matrix products, element-wise kernels and copies (the
+optimizer's weight decay, momentum and update over every parameter, the momentum buffers' first
+copy, ReLU and its backward, the weights' reset), the loss, indexing the batch, other ATen ops
+(views, allocation), and what runs outside any ATen kernel (Python, the autograd engine,
+``torch.optim``'s own code): the only part an exact grouping of clients could remove, since it
+must still run every client's kernels on that client's tensors.
 
     python bench/perf/bound.py [--clients 200] [--repeats 5] [--cores N] [--json results/perf/bound.json]
 """
@@ -40,9 +55,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fedmpi.models import build_model  # noqa: E402
+from fedmpi.training.optim import SGD, OptimizerSpec, sgd_step  # noqa: E402
 
 SAMPLES, BATCH = 60, 32            # the overhead workload's client (bench/perf/workloads.py)
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.001
+SGD_SPEC = OptimizerSpec("sgd", lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)   # fedmpi's, the same SGD
 
 
 def step_rows() -> list[int]:
@@ -107,6 +124,73 @@ def time_products(layers, clients: int) -> float:
     return (time.perf_counter() - began) / clients
 
 
+def no_autograd_client(layers, x, y, order) -> list[torch.Tensor]:
+    """One client of the MLP without autograd: explicit ATen kernels, fedmpi's SGD step; returns
+    the trained [W1, b1, W2, b2, ...]."""
+    aten = torch.ops.aten
+    params = [t.detach().clone() for layer in layers for t in (layer.weight, layer.bias)]
+    buffers = [None] * len(params)
+    one = torch.ones(())
+    for start in range(0, SAMPLES, BATCH):
+        batch = order[start:start + BATCH]
+        inputs = [torch.flatten(x[batch], 1)]
+        for i in range(len(layers)):
+            out = torch.addmm(params[2 * i + 1], inputs[-1], params[2 * i].t())
+            inputs.append(torch.relu(out) if i < len(layers) - 1 else out)
+        logp = aten._log_softmax(inputs[-1], 1, False)
+        _, total_weight = aten.nll_loss_forward(logp, y[batch], None, 1, -100)
+        grad = aten.nll_loss_backward(one, logp, y[batch], None, 1, -100, total_weight)
+        grad = aten._log_softmax_backward_data(grad, logp, 1, torch.float32)
+        grads = [None] * len(params)
+        for i in reversed(range(len(layers))):
+            grads[2 * i], grads[2 * i + 1] = torch.mm(grad.t(), inputs[i]), torch.sum(grad, 0)
+            if i > 0:
+                grad = aten.threshold_backward(torch.mm(grad, params[2 * i]), inputs[i], 0)
+        buffers = sgd_step(params, grads, buffers, SGD_SPEC)
+    return params
+
+
+def autograd_client(model, x, y, order) -> list[torch.Tensor]:
+    """The same client through autograd and fedmpi's SGD step (reference for no_autograd_client)."""
+    optimizer = SGD(model.parameters(), SGD_SPEC)
+    for start in range(0, SAMPLES, BATCH):
+        batch = order[start:start + BATCH]
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def time_fedmpi_sgd(model, x, y, clients: int) -> float:
+    """Seconds per client of ``autograd_client`` (weights reset per client, as time_clients)."""
+    initial = [p.detach().clone() for p in model.parameters()]
+    began = time.perf_counter()
+    for c in range(clients):
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), initial):
+                p.copy_(v)
+        autograd_client(model, x, y, torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c)))
+    return (time.perf_counter() - began) / clients
+
+
+def time_no_autograd(model, layers, x, y, clients: int) -> float:
+    """Seconds per client of ``no_autograd_client``, after checking its bits on one client."""
+    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(0))
+    initial = [p.detach().clone() for p in model.parameters()]
+    explicit = no_autograd_client(layers, x, y, order)
+    reference = autograd_client(model, x, y, order)
+    with torch.no_grad():
+        for p, v in zip(model.parameters(), initial):
+            p.copy_(v)
+    if not all(torch.equal(a, b) for a, b in zip(explicit, reference)):
+        raise SystemExit("no-autograd client differs from the autograd one: the comparison would be unfair")
+    began = time.perf_counter()
+    for c in range(clients):
+        no_autograd_client(layers, x, y, torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c)))
+    return (time.perf_counter() - began) / clients
+
+
 def time_optimizer(model, clients: int) -> float:
     """Seconds per client of its SGD steps alone (torch.optim.SGD, gradients already there)."""
     for p in model.parameters():
@@ -117,6 +201,34 @@ def time_optimizer(model, clients: int) -> float:
         for _ in step_rows():
             optimizer.step()
     return (time.perf_counter() - began) / clients
+
+
+KERNEL_GROUPS = {
+    "matrix products": {"aten::mm", "aten::addmm"},
+    "element-wise and copies": {"aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::copy_",
+                                "aten::clone", "aten::relu", "aten::clamp_min", "aten::threshold_backward",
+                                "aten::zero_", "aten::fill_", "aten::sum", "aten::div", "aten::neg"},
+    "loss": {"aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
+             "aten::nll_loss_backward"},
+    "indexing the batch": {"aten::index"},
+}
+
+
+def profile_client(model, x, y, clients: int) -> dict[str, float]:
+    """Seconds per client of the bare loop's training by kernel group (torch.profiler self times);
+    "outside ATen kernels" is the pass's wall time minus every ATen op's self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        wall = time_clients(model, x, y, clients) * clients
+    groups = dict.fromkeys([*KERNEL_GROUPS, "other ATen ops"], 0.0)
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue
+        group = next((g for g, names in KERNEL_GROUPS.items() if event.key in names), "other ATen ops")
+        groups[group] += event.self_cpu_time_total / 1e6
+    groups["outside ATen kernels"] = wall - sum(groups.values())
+    return {"wall": wall / clients, **{g: t / clients for g, t in groups.items()}}
 
 
 def main(argv=None) -> int:
@@ -139,7 +251,9 @@ def main(argv=None) -> int:
     flops = client_flops(layers)
     kinds = {"client": lambda: time_clients(model, x, y, args.clients),
              "products": lambda: time_products(layers, args.clients),
-             "optimizer": lambda: time_optimizer(model, args.clients)}
+             "optimizer": lambda: time_optimizer(model, args.clients),
+             "fedmpi-sgd": lambda: time_fedmpi_sgd(model, x, y, args.clients),
+             "no-autograd": lambda: time_no_autograd(model, layers, x, y, args.clients)}
     for run in kinds.values():   # warm-up
         run()
     samples = {k: [] for k in kinds}
@@ -169,6 +283,13 @@ def main(argv=None) -> int:
         report["floor_vs_loop"] = floor / args.loop_seconds
         print(f"against the bare loop's measured {args.loop_seconds:.2f} s: the products alone are "
               f"{report['floor_vs_loop']:.2f}x it (target 0.5x)")
+    split = profile_client(model, x, y, args.clients)
+    report["profiled_client"] = split
+    print(f"\none more pass of client under torch.profiler ({split['wall'] * 1e3:.3f} ms per client):")
+    print("| part | ms per client | share |\n|---|---|---|")
+    for part, seconds in split.items():
+        if part != "wall":
+            print(f"| {part} | {seconds * 1e3:.3f} | {seconds / split['wall']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
