@@ -192,3 +192,80 @@ def test_unknown_variant_tensor_is_refused():
         trainer.load({"nope": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="has no variants"):
         trainer.model_for({"level": 1})
+
+
+# ------------------------------------------------------------------ the MLP without autograd
+EXPLICIT_CASES = {
+    "plain": dict(local={}, train={}),
+    "momentum_decay": dict(local=dict(momentum=0.9, weight_decay=1e-3), train={}),
+    "nesterov": dict(local=dict(momentum=0.9, nesterov=True, weight_decay=5e-4), train={}),
+    "partial_batches_two_epochs": dict(local=dict(batch_size=7, momentum=0.5), train=dict(epochs=2)),
+    "steps": dict(local=dict(batch_size=8, momentum=0.9), train=dict(steps=7)),
+    "masks": dict(local=dict(momentum=0.9, weight_decay=1e-3), train=dict(masks=True)),
+    "one_sample_batches": dict(local=dict(batch_size=1), train={}),
+}
+
+
+def explicit_and_autograd(case: str, shape=(1, 28, 28), n=45, lr=0.05):
+    """(weights, loss, processed) of the same client trained with local.backward auto and autograd."""
+    spec = EXPLICIT_CASES[case]
+    torch.manual_seed(11)
+    model = build_model("mlp", shape, 10)
+    weights = state_of(model)
+    x, y = data(n, shape)
+    train = dict(spec["train"])
+    if train.pop("masks", False):
+        g = torch.Generator().manual_seed(5)
+        train["masks"] = {name: (torch.rand(w.shape, generator=g) < 0.3).numpy()
+                          for name, w in weights.items() if name.endswith("weight")}
+    results = {}
+    for backward in ("auto", "autograd"):
+        trainer = LocalTrainer(build_model("mlp", shape, 10), local_cfg(lr=lr, backward=backward, **spec["local"]))
+        results[backward] = trainer.train(weights, x, y, seed=9, round_=2, client_id=4, **train)
+    return results["auto"], results["autograd"]
+
+
+@pytest.mark.parametrize("case", list(EXPLICIT_CASES))
+def test_the_mlp_trained_without_autograd_has_the_bits_of_autograd(case, monkeypatch):
+    from fedmpi.training import explicit
+
+    steps = []
+    real_step = explicit.ExplicitMLP.backward_step
+    monkeypatch.setattr(explicit.ExplicitMLP, "backward_step",
+                        lambda self, saved: (steps.append(1), real_step(self, saved)))
+    (w_explicit, loss_explicit, n_explicit), (w_autograd, loss_autograd, n_autograd) = explicit_and_autograd(case)
+    assert steps, "local.backward auto did not take the explicit path for the MLP"
+    assert (loss_explicit, n_explicit) == (loss_autograd, n_autograd)
+    assert w_explicit.keys() == w_autograd.keys()
+    for name in w_explicit:
+        assert np.array_equal(w_explicit[name], w_autograd[name]), name
+    if case == "masks":   # the masks were applied: about 70 % of every weight matrix is exactly 0
+        for name in ("fc1.weight", "fc2.weight", "fc3.weight"):
+            assert 0.6 < np.mean(w_explicit[name] == 0) < 0.8, name
+
+
+@pytest.mark.parametrize("setting", ["prox", "adam", "hook", "cnn"])
+def test_settings_the_explicit_mlp_does_not_cover_train_through_autograd(setting, monkeypatch):
+    from fedmpi.training import explicit
+
+    monkeypatch.setattr(explicit.ExplicitMLP, "backward_step",
+                        lambda self, saved: pytest.fail("explicit path taken for an uncovered setting"))
+    torch.manual_seed(3)
+    model = build_model("mnistnet" if setting == "cnn" else "mlp", (1, 28, 28), 10)
+    x, y = data(20)
+    local = local_cfg(optimizer="adam", lr=1e-3) if setting == "adam" else local_cfg()
+    kwargs = {"prox_mu": 0.1} if setting == "prox" else {}
+    if setting == "hook":
+        kwargs["hooks"] = [SquaredGradientAccumulator([n for n, _ in model.named_parameters()])]
+    LocalTrainer(model, local).train(state_of(model), x, y, seed=1, round_=1, client_id=0, **kwargs)
+
+
+def test_a_diverging_mlp_without_autograd_names_its_round_and_client():
+    from fedmpi.errors import DivergenceError
+
+    torch.manual_seed(2)
+    model = build_model("mlp", (1, 28, 28), 10)
+    x, y = data(64)
+    with pytest.raises(DivergenceError, match="round 3, client 8"):
+        LocalTrainer(model, local_cfg(lr=1e12, batch_size=8)).train(state_of(model), x * 1e3, y, seed=1,
+                                                                     round_=3, client_id=8, epochs=3)

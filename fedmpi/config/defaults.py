@@ -44,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
         # clients in consecutive blocks of this many, a block never split across ranks; results
         # are the same as one by one, bit for bit; 1: one by one
         "client_batch": 1,
+        # auto: models fedmpi can train without autograd (the MLP; fedmpi/training/explicit.py)
+        # do so, with the same bits; autograd: always through autograd
+        "backward": "auto",
     },
     "eval": {
         "every": 1,

@@ -92,6 +92,7 @@ def _check_local(cfg: dict) -> None:
              "local.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     _require(local["eps"] > 0, "local.eps", "must be > 0")
     _require(local["client_batch"] >= 1, "local.client_batch", "must be at least 1 (1: clients one by one)")
+    _require(local["backward"] in ("auto", "autograd"), "local.backward", "must be 'auto' or 'autograd'")
     _require(not local["nesterov"] or (local["optimizer"] == "sgd" and local["momentum"] > 0), "local.nesterov",
              "needs local.optimizer: sgd and local.momentum > 0")
 

@@ -77,9 +77,10 @@ TABLES = {
 # results_dir, log, log_level, verbose, quiet and progress: no config has those keys (progress
 # lives under output), so they are gone.
 # local.client_batch: clients trained together give the same results as one by one, bit for bit;
-# aggregation.where: the fixed-point sum has the same bits on the server and on the workers
+# local.backward: the explicit MLP step gives autograd's bits; aggregation.where: the fixed-point
+# sum has the same bits on the server and on the workers
 NON_IDENTITY_KEYS = ("experiment", "data.root", "output", "checkpoint", "mpi", "local.client_batch",
-                     "aggregation.where")
+                     "local.backward", "aggregation.where")
 
 
 def identity_settings(cfg: dict) -> dict:

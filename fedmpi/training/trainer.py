@@ -19,6 +19,7 @@ from ..comm.codec import tensor_view
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
 from ..sparsity import apply_masks_torch
+from .explicit import ExplicitMLP
 from .hooks import StepHook
 from .objectives import Objective, cross_entropy
 from .optim import OptimizerSpec
@@ -40,6 +41,8 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.local = local_cfg
         self.optimizer = OptimizerSpec.from_config(local_cfg)
+        # "auto": models fedmpi can train without autograd (explicit.py) do so, same bits
+        self.backward = local_cfg.get("backward", "auto")
         self._build_variant = build_variant
         self._models: dict[tuple, torch.nn.Module] = {}
         self._tensors: dict[tuple, dict[str, torch.Tensor]] = {}
@@ -127,7 +130,11 @@ class LocalTrainer:
         dense_masks = {n: m for n, m in torch_masks.items() if n not in compact}
         model.train()
         anchors = [p.detach().clone() for p in trained] if prox_mu > 0 else None
-        opt = (optimizer or self.optimizer).build(trained)
+        spec = optimizer or self.optimizer
+        explicit = ExplicitMLP(model, spec) if self.backward == "auto" and ExplicitMLP.covers(
+            model, device=self.device, objective=objective, optimizer=spec, hooks=hooks, prox_mu=prox_mu,
+            compact=compact, variant=variant) else None
+        opt = spec.build(trained) if explicit is None else None
         x, y = x.to(self.device), y.to(self.device)
         loss_sum, processed, step = 0.0, 0, 0
         passes = epochs if epochs is not None else self.local["epochs"]
@@ -137,21 +144,28 @@ class LocalTrainer:
                 if steps is not None and step == steps:
                     break
                 xb, yb = x[batch], y[batch]
-                with kernels:   # forward through the sparse kernels; their backward follows
-                    loss = objective(model(xb), yb)
+                if explicit is not None:
+                    loss, saved = explicit.forward_loss(xb, yb)
+                else:
+                    with kernels:   # forward through the sparse kernels; their backward follows
+                        loss = objective(model(xb), yb)
                 task_loss = loss.item()
                 if not math.isfinite(task_loss):
                     raise DivergenceError(round_, client_id, task_loss)
-                if anchors is not None:
-                    loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trained, anchors))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                for hook in hooks:
-                    hook.after_backward(params, len(yb))
-                opt.step()
-                apply_masks_torch(params, dense_masks)
-                for hook in hooks:
-                    hook.after_step(params)
+                if explicit is not None:
+                    explicit.backward_step(saved)
+                    apply_masks_torch(params, dense_masks)
+                else:
+                    if anchors is not None:
+                        loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trained, anchors))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    for hook in hooks:
+                        hook.after_backward(params, len(yb))
+                    opt.step()
+                    apply_masks_torch(params, dense_masks)
+                    for hook in hooks:
+                        hook.after_step(params)
                 loss_sum += task_loss * len(yb)
                 processed += len(yb)
                 step += 1
