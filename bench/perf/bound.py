@@ -15,12 +15,12 @@ On one torch thread, median over ``--repeats`` interleaved passes of ``--clients
                per client to keep its results bit-identical (training/group_kernels.py)
     optimizer  the SGD step alone (weight decay, momentum, update) over all parameters, twice
     fedmpi-sgd   the client's training with fedmpi's SGD step (training/optim.py) instead of a
-               fresh ``torch.optim.SGD``, as fedmpi's trainer runs it
-    no-autograd  the same as explicit ATen calls, without autograd: the forward, the backward
-               formulas autograd runs for it (``addmm``/``mm``, ``threshold_backward``,
-               ``_log_softmax_backward_data``, ``nll_loss_backward``) and fedmpi's SGD step. It is
-               checked to give the bits of ``fedmpi-sgd``; the difference between the two is
-               autograd's share of the client
+               fresh ``torch.optim.SGD``, as fedmpi's trainer runs it with ``local.backward:
+               autograd``
+    no-autograd  the same without autograd, as the trainer runs it by default: fedmpi's
+               ``ExplicitMLP`` (training/explicit.py; the forward, the backward formulas autograd
+               runs for it, fedmpi's SGD step). It is checked to give the bits of ``fedmpi-sgd``;
+               the difference between the two is autograd's share of the client
 
 and the clients' FLOPs (2 per multiply-add). Then the floor on C cores: products × clients / C,
 against the bare loop's time × 0.5. If the floor is above the target, no exact grouping of
@@ -55,7 +55,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fedmpi.models import build_model  # noqa: E402
-from fedmpi.training.optim import SGD, OptimizerSpec, sgd_step  # noqa: E402
+from fedmpi.training.explicit import ExplicitMLP  # noqa: E402
+from fedmpi.training.optim import SGD, OptimizerSpec  # noqa: E402
 
 SAMPLES, BATCH = 60, 32            # the overhead workload's client (bench/perf/workloads.py)
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 0.001
@@ -84,23 +85,15 @@ def client_flops(layers) -> int:
     return total
 
 
-def time_clients(model, x, y, clients: int) -> float:
-    """Seconds per client of the bare loop's local training."""
-    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
-    began = time.perf_counter()
-    for c in range(clients):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(initial[n])
-        optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c))
-        for start in range(0, SAMPLES, BATCH):
-            batch = order[start:start + BATCH]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return (time.perf_counter() - began) / clients
+def bare_client(model, x, y, order) -> None:
+    """One client of the bare loop's local training (bench/perf/bare.py), in place."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for start in range(0, SAMPLES, BATCH):
+        batch = order[start:start + BATCH]
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
 
 
 def time_products(layers, clients: int) -> float:
@@ -124,30 +117,16 @@ def time_products(layers, clients: int) -> float:
     return (time.perf_counter() - began) / clients
 
 
-def no_autograd_client(layers, x, y, order) -> list[torch.Tensor]:
-    """One client of the MLP without autograd: explicit ATen kernels, fedmpi's SGD step; returns
-    the trained [W1, b1, W2, b2, ...]."""
-    aten = torch.ops.aten
-    params = [t.detach().clone() for layer in layers for t in (layer.weight, layer.bias)]
-    buffers = [None] * len(params)
-    one = torch.ones(())
+def no_autograd_client(model, x, y, order) -> list[torch.Tensor]:
+    """One client of the MLP without autograd, trained in place: fedmpi's own ``ExplicitMLP``
+    (the trainer's ``local.backward: auto`` path) with fedmpi's SGD step; returns the trained
+    parameters."""
+    explicit = ExplicitMLP(model, SGD_SPEC)
     for start in range(0, SAMPLES, BATCH):
         batch = order[start:start + BATCH]
-        inputs = [torch.flatten(x[batch], 1)]
-        for i in range(len(layers)):
-            out = torch.addmm(params[2 * i + 1], inputs[-1], params[2 * i].t())
-            inputs.append(torch.relu(out) if i < len(layers) - 1 else out)
-        logp = aten._log_softmax(inputs[-1], 1, False)
-        _, total_weight = aten.nll_loss_forward(logp, y[batch], None, 1, -100)
-        grad = aten.nll_loss_backward(one, logp, y[batch], None, 1, -100, total_weight)
-        grad = aten._log_softmax_backward_data(grad, logp, 1, torch.float32)
-        grads = [None] * len(params)
-        for i in reversed(range(len(layers))):
-            grads[2 * i], grads[2 * i + 1] = torch.mm(grad.t(), inputs[i]), torch.sum(grad, 0)
-            if i > 0:
-                grad = aten.threshold_backward(torch.mm(grad, params[2 * i]), inputs[i], 0)
-        buffers = sgd_step(params, grads, buffers, SGD_SPEC)
-    return params
+        _, saved = explicit.forward_loss(x[batch], y[batch])
+        explicit.backward_step(saved)
+    return [p.detach().clone() for p in model.parameters()]
 
 
 def autograd_client(model, x, y, order) -> list[torch.Tensor]:
@@ -162,33 +141,35 @@ def autograd_client(model, x, y, order) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def time_fedmpi_sgd(model, x, y, clients: int) -> float:
-    """Seconds per client of ``autograd_client`` (weights reset per client, as time_clients)."""
-    initial = [p.detach().clone() for p in model.parameters()]
-    began = time.perf_counter()
-    for c in range(clients):
-        with torch.no_grad():
-            for p, v in zip(model.parameters(), initial):
-                p.copy_(v)
-        autograd_client(model, x, y, torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c)))
-    return (time.perf_counter() - began) / clients
-
-
-def time_no_autograd(model, layers, x, y, clients: int) -> float:
-    """Seconds per client of ``no_autograd_client``, after checking its bits on one client."""
-    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(0))
-    initial = [p.detach().clone() for p in model.parameters()]
-    explicit = no_autograd_client(layers, x, y, order)
-    reference = autograd_client(model, x, y, order)
+def reset(model, initial: list[torch.Tensor]) -> None:
     with torch.no_grad():
         for p, v in zip(model.parameters(), initial):
             p.copy_(v)
-    if not all(torch.equal(a, b) for a, b in zip(explicit, reference)):
-        raise SystemExit("no-autograd client differs from the autograd one: the comparison would be unfair")
+
+
+def time_trained(train_client, model, x, y, clients: int) -> float:
+    """Seconds per client of ``train_client`` (weights reset to their values before the pass for each client)."""
+    initial = [p.detach().clone() for p in model.parameters()]
     began = time.perf_counter()
     for c in range(clients):
-        no_autograd_client(layers, x, y, torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c)))
-    return (time.perf_counter() - began) / clients
+        reset(model, initial)
+        train_client(model, x, y, torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(c)))
+    elapsed = time.perf_counter() - began
+    reset(model, initial)
+    return elapsed / clients
+
+
+def time_no_autograd(model, x, y, clients: int) -> float:
+    """Seconds per client of ``no_autograd_client``, after checking its bits on one client."""
+    order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(0))
+    initial = [p.detach().clone() for p in model.parameters()]
+    explicit = no_autograd_client(model, x, y, order)
+    reset(model, initial)
+    reference = autograd_client(model, x, y, order)
+    reset(model, initial)
+    if not all(torch.equal(a, b) for a, b in zip(explicit, reference)):
+        raise SystemExit("no-autograd client differs from the autograd one: the comparison would be unfair")
+    return time_trained(no_autograd_client, model, x, y, clients)
 
 
 def time_optimizer(model, clients: int) -> float:
@@ -220,7 +201,7 @@ def profile_client(model, x, y, clients: int) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        wall = time_clients(model, x, y, clients) * clients
+        wall = time_trained(bare_client, model, x, y, clients) * clients
     groups = dict.fromkeys([*KERNEL_GROUPS, "other ATen ops"], 0.0)
     for event in prof.key_averages():
         if not event.key.startswith("aten::"):
@@ -249,11 +230,11 @@ def main(argv=None) -> int:
     layers = linear_layers(model)
     x, y = torch.randn(SAMPLES, 1, 28, 28), torch.randint(0, 10, (SAMPLES,))
     flops = client_flops(layers)
-    kinds = {"client": lambda: time_clients(model, x, y, args.clients),
+    kinds = {"client": lambda: time_trained(bare_client, model, x, y, args.clients),
              "products": lambda: time_products(layers, args.clients),
              "optimizer": lambda: time_optimizer(model, args.clients),
-             "fedmpi-sgd": lambda: time_fedmpi_sgd(model, x, y, args.clients),
-             "no-autograd": lambda: time_no_autograd(model, layers, x, y, args.clients)}
+             "fedmpi-sgd": lambda: time_trained(autograd_client, model, x, y, args.clients),
+             "no-autograd": lambda: time_no_autograd(model, x, y, args.clients)}
     for run in kinds.values():   # warm-up
         run()
     samples = {k: [] for k in kinds}
