@@ -183,7 +183,9 @@ class FixedPointSum:
     The scales (int16) hold per element the exponent e, then per tensor a flag, 1 when some upload
     masks it. The sums (int64) hold the quantised numerators per element, then the votes: per
     element for a masked tensor, one number for an unmasked one (all its elements share it).
-    Sliced uploads (HeteroFL blocks) are not supported.
+    Sliced uploads (HeteroFL blocks) are not supported. With ``own_scales``, elements whose
+    summands all lie on the grid are summed with one float64 add per upload (``_on_grid_sum``):
+    the same integers.
     """
 
     def __init__(self, shapes: Mapping[str, tuple]):
@@ -249,62 +251,46 @@ class FixedPointSum:
         """Phase 2's work: add each upload's quantised summands and votes into ``sums``;
         ``check_range``: check that every upload stays on the grid (else the scales were checked once)."""
         numerators = sums[:self.size]
-        limit = 2.0 ** FIXED_POINT_BITS
         for t, name in enumerate(self.names):
             segment = self.segments[name]
             # 2^(B−e) per element, an exact power of two in [2^-115, 2^190] for every exponent a
             # summand can have (w·θ: float32 θ, w ≤ 2^29); 1 where no summand is nonzero (every
             # x is 0 there)
             e = exponents[segment].astype(np.int32)
-            factor = np.ldexp(1.0, np.where(e == NO_SUMMAND, 0, FIXED_POINT_BITS - e))
             positions = _shared_packed_positions(updates, name)
             if positions is not None:
                 if not masked[t]:
                     raise ValueError(f"{name}: uploads have a mask the scales did not see; compute the "
                                      f"scales over every upload of the round")
-                factor = factor[positions]
-            quantised_sum = np.zeros(factor.size, dtype=np.int64)
+                e = e[positions]
+            factor = np.ldexp(1.0, np.where(e == NO_SUMMAND, 0, FIXED_POINT_BITS - e))
+            # (k, w, flat values, flat mask or None) of the uploads holding the tensor
+            held_by = []
+            for k, w in enumerate(weights):
+                taken = self._flat_values(updates[k], name, _label(labels, k), positions)
+                if taken is None:
+                    continue
+                if taken[1] is not None and not masked[t]:
+                    raise ValueError(f"{name}: upload {_label(labels, k)} has a mask the scales did not see; "
+                                     f"compute the scales over every upload of the round")
+                held_by.append((k, w, *taken))
+            if not check_range and _on_grid_candidates(held_by):
+                quantised_sum = _on_grid_sum(held_by, e, factor)
+            else:
+                quantised_sum = _quantised_sum(held_by, factor, labels, name, check_range=check_range)
             votes = sums[vote_segments[name]]
-            packed_votes = 0
-            x = np.empty(factor.size, dtype=np.float64)
-            x_t, quantised_t = torch.from_numpy(x), torch.empty(factor.size, dtype=torch.int64)
-            quantised_sum_t = torch.from_numpy(quantised_sum)
-            for w, group in _by_weight(weights):
-                # w·2^(B−e) is exact, and so is θ·(w·2^(B−e)) (w·θ fits float64's 53 bits; a power
-                # of two only moves the exponent): the bits of ldexp(w·θ, B − e), in one pass
-                scaled_t = torch.from_numpy(factor * np.float64(w))
-                for k in group:
-                    taken = self._flat_values(updates[k], name, _label(labels, k), positions)
-                    if taken is None:
-                        continue
-                    values, held = taken
-                    if held is not None and not masked[t]:
-                        raise ValueError(f"{name}: upload {_label(labels, k)} has a mask the scales did not see; "
-                                         f"compute the scales over every upload of the round")
-                    # torch's kernels for the three passes: the same IEEE products and C casts as
-                    # numpy's, about twice as fast on float32·float64 and float → int64
-                    torch.mul(tensor_view(values), scaled_t, out=x_t)
-                    if held is not None:
-                        np.copyto(x, 0.0, where=~held)    # values outside the mask are ignored, even if not finite
-                    if check_range and x.size and not (x.max() < limit and x.min() > -limit):
-                        raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
-                                         f"compute the scales over every upload of the round")
-                    # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B
-                    quantised_t.copy_(x_t)
-                    quantised_sum_t += quantised_t
-                    if positions is not None:
-                        packed_votes += w
-                    elif held is None:
+            if positions is None:
+                numerators[segment] += quantised_sum
+                for _, w, _, held in held_by:
+                    if held is None:
                         votes += w
                     else:
                         np.add(votes, w, out=votes, where=held)
-            if positions is None:
-                numerators[segment] += quantised_sum
             else:   # the same integers as element by element over the whole tensor, where every other element adds 0
                 if votes.size != segment.stop - segment.start:
                     raise ValueError(f"{name}: masked uploads but one vote for the whole tensor")
                 numerators[segment][positions] += quantised_sum
-                votes[positions] += packed_votes
+                votes[positions] += sum(w for _, w, _, _ in held_by)
 
     # -- the result ---------------------------------------------------------------------------
     def average(self, sums: np.ndarray, scales: np.ndarray, reference: Mapping[str, np.ndarray],
@@ -438,6 +424,72 @@ def fixed_point_average(updates: list[ModelUpdate], weights: list[int], referenc
     summer = FixedPointSum({name: np.shape(ref) for name, ref in reference.items()})
     scales = summer.scales(updates, weights)
     return summer.average(summer.partial_sums(updates, weights, scales, own_scales=scales), scales, reference, missing)
+
+
+def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
+    """Σ_k trunc(w_k·θ_k·2^(B−e)) per element (int64) over ``held_by`` (k, w, values, mask or None)."""
+    limit = 2.0 ** FIXED_POINT_BITS
+    quantised_sum = np.zeros(factor.size, dtype=np.int64)
+    x = np.empty(factor.size, dtype=np.float64)
+    x_t, quantised_t = torch.from_numpy(x), torch.empty(factor.size, dtype=torch.int64)
+    quantised_sum_t = torch.from_numpy(quantised_sum)
+    for w, group in _by_weight([w for _, w, _, _ in held_by]):
+        # w·2^(B−e) is exact, and so is θ·(w·2^(B−e)) (w·θ fits float64's 53 bits; a power
+        # of two only moves the exponent): the bits of ldexp(w·θ, B − e), in one pass
+        scaled_t = torch.from_numpy(factor * np.float64(w))
+        for i in group:
+            k, _, values, held = held_by[i]
+            # torch's kernels for the three passes: the same IEEE products and C casts as
+            # numpy's, about twice as fast on float32·float64 and float → int64
+            torch.mul(tensor_view(values), scaled_t, out=x_t)
+            if held is not None:
+                np.copyto(x, 0.0, where=~held)    # values outside the mask are ignored, even if not finite
+            if check_range and x.size and not (x.max() < limit and x.min() > -limit):
+                raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
+                                 f"compute the scales over every upload of the round")
+            # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B
+            quantised_t.copy_(x_t)
+            quantised_sum_t += quantised_t
+    return quantised_sum
+
+
+# a float64 running sum of on-grid summands is exact while |Σ| < 2^53 units: 2^(53−B) summands
+ON_GRID_MAX_SUMMANDS = 2 ** (53 - FIXED_POINT_BITS)
+# a float32 θ with |θ| ≥ 2^(e−19) has its lowest bit at ≥ 2^(e−19−23) = 2^(e−B): on the grid
+ON_GRID_MARGIN = FIXED_POINT_BITS - 23
+
+
+def _on_grid_candidates(held_by) -> bool:
+    """Whether ``_on_grid_sum`` applies: unmasked float32 values, few enough summands."""
+    summands = sum(1 for _, w, _, _ in held_by if w)
+    return 0 < summands <= ON_GRID_MAX_SUMMANDS and all(
+        held is None and values.dtype == np.float32 for _, _, values, held in held_by)
+
+
+def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``_quantised_sum``'s integers in one pass per upload where no truncation happens.
+
+    Where every summand's |θ_k| ≥ 2^(e−19), each w_k·θ_k (integer w_k) is a multiple of the grid
+    step 2^(e−B), so trunc does nothing and the float64 running sum Σ w_k·θ_k stays exact (at most
+    2^11 summands below 2^e each: below 2^53 steps): scaled by 2^(B−e), it is the int64 sum. The
+    few elements with a smaller summand (a value near zero next to larger ones) are redone by
+    ``_quantised_sum``. One add per upload instead of a multiply, a cast and an add, with the
+    running minimum of |θ| as the test."""
+    total = torch.zeros(factor.size, dtype=torch.float64)
+    smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
+    for _, w, values, _ in held_by:
+        if w:
+            theta = tensor_view(values)
+            total.add_(theta, alpha=float(w))     # w·θ is exact in float64, and so is the running sum here
+            torch.minimum(smallest, theta.abs(), out=smallest)
+    quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
+    # 2^(e−19) in float64 (0 where no summand is nonzero: every value there is 0 and on the grid)
+    threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - ON_GRID_MARGIN))
+    off_grid = np.flatnonzero(smallest.numpy() < threshold)
+    if off_grid.size:
+        quantised_sum[off_grid] = _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by],
+                                                 factor[off_grid], None, "", check_range=False)
+    return quantised_sum
 
 
 def _shared_packed_positions(updates: list[ModelUpdate], name: str) -> np.ndarray | None:

@@ -278,6 +278,68 @@ def test_own_scales_replace_the_per_upload_range_check_with_the_same_integers():
                             own_scales=own[0])
 
 
+def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
+    """With trusted scales, unmasked float32 tensors take one float64 add per upload where no
+    summand leaves the grid (fedmpi/aggregate.py ``_on_grid_sum``) and redo the other elements:
+    the integers of the per-upload multiply-truncate-add path, here on values spread over 2^±60
+    with zeros, −0, subnormals and values 2^-25 below their neighbours (off the grid), weights
+    from 0 to 2^29, packed uploads sharing one mask, and a group beyond 2^11 uploads (the
+    truncating path again)."""
+    import fedmpi.aggregate as aggregate
+
+    calls = {"on grid": 0, "redone": 0}
+    on_grid_sum = aggregate._on_grid_sum
+
+    def counted(held_by, e, factor):
+        calls["on grid"] += 1
+        result = on_grid_sum(held_by, e, factor)
+        threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - aggregate.ON_GRID_MARGIN))
+        smallest = np.min([np.abs(v) for _, w, v, _ in held_by if w], axis=0)
+        calls["redone"] += int(np.count_nonzero(smallest < threshold))
+        return result
+
+    monkeypatch.setattr(aggregate, "_on_grid_sum", counted)
+    rng = np.random.default_rng(21)
+    shapes = {"w": (40, 30), "b": (30,), "s": ()}
+    for trial in range(4):
+        count = 12
+        updates = random_updates(rng, shapes, count, spread=60 if trial % 2 else 3)
+        for update in updates:
+            w = update.values["w"].reshape(-1)
+            w[rng.integers(0, w.size, 20)] = 0
+            w[rng.integers(0, w.size, 5)] = np.float32(-0.0)
+            w[rng.integers(0, w.size, 5)] = np.float32(2.0 ** -140) * rng.integers(1, 100, 5)
+            near = rng.integers(0, w.size, 40)
+            w[near] = w[(near + 1) % w.size] * np.float32(2.0 ** -25)
+        weights = [int(x) for x in rng.integers(0, 5000, count)]
+        weights[0], weights[1] = 0, 2 ** 29
+        summer = FixedPointSum(shapes)
+        groups = [[0, 3, 4, 7], [1, 2, 5, 6], [8, 9, 10, 11]]
+        own = [summer.scales([updates[k] for k in g], [weights[k] for k in g]) for g in groups]
+        combined = np.maximum.reduce(own)
+        for g, o in zip(groups, own):
+            group, group_weights = [updates[k] for k in g], [weights[k] for k in g]
+            truncating = summer.partial_sums(group, group_weights, combined)      # checked: per upload
+            on_grid = summer.partial_sums(group, group_weights, combined, own_scales=o)
+            assert on_grid.tobytes() == truncating.tobytes()
+    assert calls["on grid"] > 0 and calls["redone"] > 0
+
+    # packed uploads sharing one mask, and more uploads than a float64 sum holds exactly
+    mask = rng.random((40, 30)) < 0.3
+    for count in (9, aggregate.ON_GRID_MAX_SUMMANDS + 1):
+        values = rng.standard_normal((count, 40, 30)).astype(np.float32) * np.float32(4.0)
+        positions = np.flatnonzero(mask)
+        updates = [ModelUpdate({"w": np.where(mask, v, 0)}, {"w": mask},
+                               packed={"w": (positions, v.reshape(-1)[positions])}) for v in values]
+        weights = [int(x) for x in rng.integers(1, 600, count)]
+        summer = FixedPointSum({"w": (40, 30)})
+        scales = summer.scales(updates, weights)
+        before = calls["on grid"]
+        assert summer.partial_sums(updates, weights, scales, own_scales=scales).tobytes() == \
+            summer.partial_sums(updates, weights, scales).tobytes()
+        assert calls["on grid"] == before + (count <= aggregate.ON_GRID_MAX_SUMMANDS)
+
+
 def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
     # a worker's clients decode values-only uploads against their own copies of one mask: the
     # positions cache finds them equal, and the fixed-point sum runs over the packed values
