@@ -85,15 +85,20 @@ def client_flops(layers) -> int:
     return total
 
 
-def bare_client(model, x, y, order) -> None:
-    """One client of the bare loop's local training (bench/perf/bare.py), in place."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+def autograd_steps(model, x, y, order, optimizer) -> None:
+    """One client's minibatch steps through autograd with ``optimizer``, in place."""
     for start in range(0, SAMPLES, BATCH):
         batch = order[start:start + BATCH]
         loss = F.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def bare_client(model, x, y, order) -> None:
+    """One client of the bare loop's local training (bench/perf/bare.py), in place."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    autograd_steps(model, x, y, order, optimizer)
 
 
 def time_products(layers, clients: int) -> float:
@@ -131,13 +136,7 @@ def no_autograd_client(model, x, y, order) -> list[torch.Tensor]:
 
 def autograd_client(model, x, y, order) -> list[torch.Tensor]:
     """The same client through autograd and fedmpi's SGD step (reference for no_autograd_client)."""
-    optimizer = SGD(model.parameters(), SGD_SPEC)
-    for start in range(0, SAMPLES, BATCH):
-        batch = order[start:start + BATCH]
-        loss = F.cross_entropy(model(x[batch]), y[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    autograd_steps(model, x, y, order, SGD(model.parameters(), SGD_SPEC))
     return [p.detach().clone() for p in model.parameters()]
 
 
