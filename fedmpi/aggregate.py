@@ -275,7 +275,7 @@ class FixedPointSum:
                                      f"compute the scales over every upload of the round")
                 held_by.append((k, w, *taken))
             if not check_range and _on_grid_candidates(held_by):
-                quantised_sum = _on_grid_sum(held_by, e, factor)
+                quantised_sum = _on_grid_sum(held_by, e, factor, labels, name)
             else:
                 quantised_sum = _quantised_sum(held_by, factor, labels, name, check_range=check_range)
             votes = sums[vote_segments[name]]
@@ -466,7 +466,7 @@ def _on_grid_candidates(held_by) -> bool:
         held is None and values.dtype == np.float32 for _, _, values, held in held_by)
 
 
-def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
     """``_quantised_sum``'s integers in one pass per upload where no truncation happens.
 
     Where every summand's |θ_k| ≥ 2^(e−19), each w_k·θ_k (integer w_k) is a multiple of the grid
@@ -488,7 +488,7 @@ def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray) -> np.ndarray:
     off_grid = np.flatnonzero(smallest.numpy() < threshold)
     if off_grid.size:
         quantised_sum[off_grid] = _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by],
-                                                 factor[off_grid], None, "", check_range=False)
+                                                 factor[off_grid], labels, name, check_range=False)
     return quantised_sum
 
 

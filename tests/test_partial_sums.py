@@ -287,18 +287,25 @@ def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
     truncating path again)."""
     import fedmpi.aggregate as aggregate
 
-    calls = {"on grid": 0, "redone": 0}
-    on_grid_sum = aggregate._on_grid_sum
+    # how often the one-add path ran, and how many elements it handed back to the truncating one
+    calls = {"on grid": 0, "redone": 0, "inside": False}
+    on_grid_sum, quantised_sum = aggregate._on_grid_sum, aggregate._quantised_sum
 
-    def counted(held_by, e, factor):
+    def counted_on_grid(*args):
         calls["on grid"] += 1
-        result = on_grid_sum(held_by, e, factor)
-        threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - aggregate.ON_GRID_MARGIN))
-        smallest = np.min([np.abs(v) for _, w, v, _ in held_by if w], axis=0)
-        calls["redone"] += int(np.count_nonzero(smallest < threshold))
-        return result
+        calls["inside"] = True
+        try:
+            return on_grid_sum(*args)
+        finally:
+            calls["inside"] = False
 
-    monkeypatch.setattr(aggregate, "_on_grid_sum", counted)
+    def counted_quantised(held_by, factor, *args, **kwargs):
+        if calls["inside"]:
+            calls["redone"] += factor.size
+        return quantised_sum(held_by, factor, *args, **kwargs)
+
+    monkeypatch.setattr(aggregate, "_on_grid_sum", counted_on_grid)
+    monkeypatch.setattr(aggregate, "_quantised_sum", counted_quantised)
     rng = np.random.default_rng(21)
     shapes = {"w": (40, 30), "b": (30,), "s": ()}
     for trial in range(4):
