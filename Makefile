@@ -15,7 +15,7 @@ PY         := $(VENV)/bin/python
 ifeq ($(MPI),system)
 MPIEXEC    ?= mpiexec
 else
-MPIEXEC    ?= $(VENV)/bin/mpiexec
+MPIEXEC    ?= $(abspath $(VENV))/bin/mpiexec
 endif
 export OMP_NUM_THREADS=1
 export MPLBACKEND=Agg
@@ -26,7 +26,9 @@ BENCH_CONFIG ?= bench/fmnist_campaign.yaml
 .PHONY: help test test-unit test-mpi bench plots data clean venv
 
 help:
-	@echo "make test    create $(VENV) if missing, install everything, run the whole test suite"
+	@echo "make test    create $(VENV) if missing, install everything, run the whole test suite (then test-mpi)"
+	@echo "make test-unit  the fast tests only: no end-to-end runs (marker slow), no mpi, no slurm"
+	@echo "make test-mpi   the tests marked mpi, inside mpiexec -n 2 and -n 4 (pytest-mpi)"
 	@echo "make bench   default local benchmark on Fashion-MNIST under mpiexec, then the figures"
 	@echo "make plots   redraw every figure in plots/ from results/*.h5"
 	@echo "make bench-perf  fedmpi vs the bare PyTorch loop (results/perf/*.json, then plots); PERF_ARGS=--quick: a smoke run"
@@ -51,10 +53,20 @@ endif
 	$(PY) -c "import torch, mpi4py.MPI, h5py; print('fedmpi env ready: torch', torch.__version__)"
 	touch $@
 
+# pytest is told which mpiexec to launch its runs on several ranks with (tests/helpers.py, find_mpiexec);
+# markers (pyproject.toml): slow = end-to-end runs over a few seconds, mpi = inside mpiexec, slurm
+PYTEST := MPIEXEC=$(MPIEXEC) $(PY) -m pytest -q
+
 test: venv
-	$(PY) -m pytest -q tests
-	$(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
-	$(MPIEXEC) -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	$(PYTEST) tests
+	$(MAKE) --no-print-directory test-mpi
+
+test-unit: venv
+	$(PYTEST) -m "not slow and not mpi and not slurm" tests
+
+test-mpi: venv
+	MPIEXEC=$(MPIEXEC) $(MPIEXEC) -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
+	MPIEXEC=$(MPIEXEC) $(MPIEXEC) -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi tests
 
 bench: venv data
 	$(PY) -m fedmpi sweep $(BENCH_CONFIG) --local --ranks $(BENCH_RANKS)
@@ -70,7 +82,7 @@ bench-perf: venv data
 	MPIEXEC=$(MPIEXEC) $(PY) bench/perf/run.py $(PERF_ARGS)
 	$(MAKE) plots
 
-# the scale run of issue 11 (bench/perf/scale.py, docs/performance.md "Scale run"): quiet machine, >= 8 cores please
+# 1,000 clients per round on up to 8 ranks (bench/perf/scale.py, docs/performance.md "Scale run"): quiet machine, >= 8 cores
 .PHONY: bench-scale
 SCALE_ARGS ?=
 bench-scale: venv data

@@ -166,7 +166,7 @@ def cmd_summarize(args) -> int:
 
 
 def cmd_plots(args) -> int:
-    from .plotting import draw_all
+    from .figures import draw_all
 
     draw_all(args.results, args.plots)
     return 0
@@ -174,6 +174,7 @@ def cmd_plots(args) -> int:
 
 def cmd_profile(args) -> int:
     """Measure this machine for one model and write a measured device profile (docs/timing.md)."""
+    from .config import DEFAULTS
     from .timing.measure import DEFAULT_DENSITIES
     from .timing.profile_machine import profile_machine
 
@@ -193,7 +194,8 @@ def cmd_profile(args) -> int:
     profile = profile_machine(args.model, out, data_shape=shape, num_classes=args.classes,
                               batch_size=args.batch_size, densities=densities, repeats=args.repeats,
                               min_time=args.min_time, link=args.link, name=args.name, seed=args.seed,
-                              threads=args.threads, progress=say, command=" ".join(sys.argv), clock=args.clock)
+                              threads=args.threads, progress=say, command=" ".join(sys.argv), clock=args.clock,
+                              local=DEFAULTS["local"])
     for name, layer in profile.layers.items():
         print(f"{name:24s} dense {layer.dense(layer.numel) * 1e3:8.3f} ms  sparse break-even density "
               f"{layer.break_even:.3f} (active-gradient kernel {layer.break_even_active:.3f})")

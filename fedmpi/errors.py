@@ -53,3 +53,9 @@ class PreemptedError(FedmpiError):
     """SIGTERM received: checkpoint written, run can be resumed (exit 75)."""
 
     exit_code = 75
+
+
+def require(condition: bool, key: str, problem: str) -> None:
+    """A config check: ``ConfigError(key, problem)`` unless ``condition``."""
+    if not condition:
+        raise ConfigError(key, problem)

@@ -4,6 +4,8 @@
 gives an int to seed torch for the same key. Purposes are small fixed integers so that adding
 a new purpose never shifts the streams of the existing ones.
 """
+import hashlib
+
 import numpy as np
 
 PARTITION = 1
@@ -16,7 +18,14 @@ LOCAL_SPLIT = 7
 REGROWTH = 8
 EVAL = 9
 TIERS = 10
-HYPERNET = 11      # HypeMeFed's server-side hypernetworks: initialisation and per-round shuffles
+# 11: HypeMeFed's hypernetworks (fedmpi/algorithms/hypernetworks.py). A method's own streams are its
+# own: a small constant above these in its module, or ``method_stream(name)``.
+
+
+def method_stream(name: str) -> int:
+    """A purpose key of its own for the method (or plug-in) ``name``: derived from the name, above
+    every small constant here, the same on every rank and in every run."""
+    return 2**32 + int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
 
 
 def seed_sequence(seed: int, *keys: int) -> np.random.SeedSequence:

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedmpi.aggregate import average_over_holders, sparse_weighted_average, weighted_average
+from fedmpi.aggregation import average_over_holders
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
-from fedmpi.comm.codec import ModelUpdate
 from fedmpi.config import load_config
 from fedmpi.engine import assign_clients
+from fedmpi.update import ModelUpdate
 
 torch.set_num_threads(1)
 
 
-# ------------------------------------------------------------------------------ weighted_average
+# ------------------------------------------------------------------------------ whole tensors
 def hand_weighted_average(tensors, weights):
     """Element by element, Python floats (float64), clients summed in the order given."""
     total = 0.0
@@ -33,46 +33,42 @@ def hand_weighted_average(tensors, weights):
     return out
 
 
-def test_weighted_average_matches_hand_computation():
+def float32_zeros_like(tensors):
+    return {name: np.zeros(np.shape(t), np.float32) for name, t in tensors.items()}
+
+
+def test_average_over_holders_of_whole_tensors_matches_hand_computation():
     rng = np.random.default_rng(0)
     tensors = [{"w": rng.standard_normal((4, 5)).astype(np.float32),
                 "b": rng.standard_normal(5).astype(np.float32)} for _ in range(3)]
     copies = [{n: v.copy() for n, v in t.items()} for t in tensors]
     weights = [42, 800, 47]
-    got = weighted_average(tensors, weights)
+    reference = {n: np.full(np.shape(t), 9.0, np.float32) for n, t in tensors[0].items()}
+    got, votes = average_over_holders([ModelUpdate(t) for t in tensors], weights, reference)
     want = hand_weighted_average(tensors, weights)
-    assert set(got) == {"w", "b"}
+    assert set(got) == set(votes) == {"w", "b"}
     for name in want:
         assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
         np.testing.assert_array_equal(got[name], want[name])
+        np.testing.assert_array_equal(votes[name], np.full(want[name].shape, 889.0))
     for t, c in zip(tensors, copies):                   # inputs untouched
         for n in t:
             np.testing.assert_array_equal(t[n], c[n])
 
 
-def test_weighted_average_sums_in_the_given_client_order():
-    # float64 cancellation: (1e20 + 1) - 1e20 = 0 but (1e20 - 1e20) + 1 = 1
-    a = {"x": np.array([1e20], dtype=np.float32)}
-    b = {"x": np.array([1.0], dtype=np.float32)}
-    c = {"x": np.array([-1e20], dtype=np.float32)}
-    weights = [1.0, 1.0, 1.0]
-    order1, order2 = [a, b, c], [a, c, b]
-    want1, want2 = hand_weighted_average(order1, weights), hand_weighted_average(order2, weights)
-    assert want1["x"][0] != want2["x"][0]             # the order matters for these inputs
-    np.testing.assert_array_equal(weighted_average(order1, weights)["x"], want1["x"])
-    np.testing.assert_array_equal(weighted_average(order2, weights)["x"], want2["x"])
-
-
-def test_weighted_average_with_equal_weights_is_the_mean_and_one_client_is_identity():
+def test_equal_weights_give_the_mean_and_one_client_is_the_identity():
     rng = np.random.default_rng(1)
     t = rng.standard_normal(100).astype(np.float32)
-    np.testing.assert_array_equal(weighted_average([{"t": t}], [17])["t"], t)
-    two = weighted_average([{"t": t}, {"t": -t}], [3, 3])["t"]
-    np.testing.assert_array_equal(two, np.zeros_like(t))
+    reference = {"t": np.zeros(100, np.float32)}
+    np.testing.assert_array_equal(average_over_holders([ModelUpdate({"t": t})], [17], reference)[0]["t"], t)
+    two, _ = average_over_holders([ModelUpdate({"t": t}), ModelUpdate({"t": -t})], [3, 3], reference)
+    np.testing.assert_array_equal(two["t"], np.zeros_like(t))
 
 
-# ------------------------------------------------------------------------------ sparse average
-def test_sparse_weighted_average_matches_hand_computation():
+# ------------------------------------------------------------------------------ masked tensors
+def test_masked_average_matches_hand_computation():
+    """FedDST's merge: per masked element Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k, 0 where no client kept
+    it (missing="zero"); unmasked tensors get the plain weighted average."""
     rng = np.random.default_rng(2)
     n = 8
     weights = [10, 30, 7]
@@ -84,9 +80,10 @@ def test_sparse_weighted_average_matches_hand_computation():
         # values outside a client's mask are garbage: the rule must ignore them
         tensors.append({"w": (rng.standard_normal(n) * 5).astype(np.float32),
                         "b": rng.standard_normal(3).astype(np.float32)})
-    out, votes = sparse_weighted_average(tensors, masks, weights)
-    union = {name: v > 0 for name, v in votes.items()}
+    updates = [ModelUpdate(t, m) for t, m in zip(tensors, masks)]
+    out, votes = average_over_holders(updates, weights, float32_zeros_like(tensors[0]), missing="zero")
     np.testing.assert_array_equal(votes["w"], [sum(weights[k] for k in kept) for kept in keepers])
+    np.testing.assert_array_equal(votes["b"], [47, 47, 47])
 
     want = np.zeros(n, dtype=np.float32)
     for i, kept in enumerate(keepers):
@@ -99,23 +96,23 @@ def test_sparse_weighted_average_matches_hand_computation():
     # a weight kept by one client only is that client's value; one kept by none is 0
     assert out["w"][2] == tensors[1]["w"][2]
     assert out["w"][6] == tensors[0]["w"][6]
-    assert out["w"][3] == 0.0
-    np.testing.assert_array_equal(union["w"], np.array([len(kept) > 0 for kept in keepers]))
-    assert not union["w"][3]
-    assert set(union) == {"w"}                         # unmasked tensors have no union mask
+    assert out["w"][3] == 0.0 and votes["w"][3] == 0
     # the unmasked tensor gets the plain sample-weighted mean
     np.testing.assert_array_equal(out["b"], hand_weighted_average(tensors, weights)["b"])
     assert out["w"].dtype == out["b"].dtype == np.float32
 
 
-def test_sparse_average_with_full_masks_equals_weighted_average():
+def test_full_masks_average_like_no_masks():
     rng = np.random.default_rng(3)
     tensors = [{"w": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(3)]
-    masks = [{"w": np.ones((3, 4), dtype=bool)} for _ in range(3)]
+    full = {"w": np.ones((3, 4), dtype=bool)}
     weights = [5, 1, 9]
-    out, votes = sparse_weighted_average(tensors, masks, weights)
-    np.testing.assert_array_equal(out["w"], weighted_average(tensors, weights)["w"])
-    assert (votes["w"] > 0).all()
+    reference = float32_zeros_like(tensors[0])
+    out, votes = average_over_holders([ModelUpdate(t, full) for t in tensors], weights, reference, missing="zero")
+    plain, plain_votes = average_over_holders([ModelUpdate(t) for t in tensors], weights, reference, missing="zero")
+    np.testing.assert_array_equal(out["w"], plain["w"])
+    np.testing.assert_array_equal(votes["w"], plain_votes["w"])
+    assert (votes["w"] == 15).all()
 
 
 # ------------------------------------------------------------------------------ average over holders
@@ -172,13 +169,13 @@ def test_average_over_holders_by_hand_with_slices_masks_and_tensor_subsets():
         np.testing.assert_array_equal(reference[name], value)
 
 
-def test_average_over_holders_sums_masked_holders_in_the_given_order():
+@pytest.mark.parametrize("masks", [{}, {"x": np.array([True])}], ids=["whole", "masked"])
+def test_average_over_holders_sums_the_holders_in_the_given_order(masks):
     # float64 cancellation: (1e20 + 1) - 1e20 = 0 but (1e20 - 1e20) + 1 = 1
-    mask = np.array([True])
     a, b, c = ({"x": np.array([v], np.float32)} for v in (1e20, 1.0, -1e20))
     reference = {"x": np.zeros(1, np.float32)}
     for order, want in (([a, b, c], 0.0), ([a, c, b], 1 / 3)):
-        out, _ = average_over_holders([ModelUpdate(t, {"x": mask}) for t in order], [1, 1, 1], reference)
+        out, _ = average_over_holders([ModelUpdate(t, masks) for t in order], [1, 1, 1], reference)
         assert out["x"][0] == np.float32(want)
 
 
@@ -224,43 +221,6 @@ def test_merging_packed_uploads_is_bit_identical_and_never_densifies_them(same_m
     assert all(set(u.values._pending) == set(global_masks) for u in uploads)   # never densified
 
 
-def old_weighted_average(tensors, weights):
-    """fedmpi.aggregate.weighted_average before average_over_holders, verbatim."""
-    total = float(np.sum(np.asarray(weights, dtype=np.float64)))
-    out = {}
-    for name in tensors[0]:
-        acc = np.zeros(tensors[0][name].shape, dtype=np.float64)
-        for tensor, w in zip(tensors, weights):
-            acc += w * tensor[name].astype(np.float64)
-        out[name] = (acc / total).astype(np.float32)
-    return out
-
-
-def old_sparse_weighted_average(tensors, masks, weights):
-    """fedmpi.aggregate.sparse_weighted_average before average_over_holders, verbatim."""
-    out, votes = {}, {}
-    dense_total = float(np.sum(np.asarray(weights, dtype=np.float64)))
-    for name in tensors[0]:
-        shape = tensors[0][name].shape
-        numerator = np.zeros(shape, dtype=np.float64)
-        if name not in masks[0]:
-            for tensor, w in zip(tensors, weights):
-                numerator += w * tensor[name].astype(np.float64)
-            out[name] = (numerator / dense_total).astype(np.float32)
-            continue
-        denominator = np.zeros(shape, dtype=np.float64)
-        for tensor, mask, w in zip(tensors, masks, weights):
-            m = mask[name]
-            numerator[m] += w * tensor[name][m].astype(np.float64)
-            denominator[m] += w
-        kept = denominator > 0
-        averaged = np.zeros(shape, dtype=np.float64)
-        averaged[kept] = numerator[kept] / denominator[kept]
-        out[name] = averaged.astype(np.float32)
-        votes[name] = denominator
-    return out, votes
-
-
 def assert_bits_equal(got: dict, want: dict):
     assert set(got) == set(want)
     for name in want:
@@ -268,8 +228,34 @@ def assert_bits_equal(got: dict, want: dict):
         assert got[name].tobytes() == want[name].tobytes(), name
 
 
-def test_weighted_averages_are_bit_identical_to_the_old_formulas():
-    """Up to 12 clients with fractional weights, so that the order of float64 sums matters."""
+def hand_average_over_holders(tensors, masks, weights):
+    """missing="zero" element by element in Python floats: w·θ summed over the holders in client
+    order, divided by their summed weights; a tensor nobody masks is divided by
+    np.sum(weights), the documented total (see the pairwise-total test below)."""
+    out, votes = {}, {}
+    for name, first in tensors[0].items():
+        masked = any(name in m for m in masks)
+        flat = [t[name].reshape(-1) for t in tensors]
+        held = [m[name].reshape(-1) if name in m else np.ones(first.size, bool) for m in masks]
+        result, denominators = np.zeros(first.size, np.float32), np.zeros(first.size)
+        for i in range(first.size):
+            numerator, denominator = 0.0, 0.0
+            for f, h, w in zip(flat, held, weights):
+                if h[i]:
+                    numerator += float(w) * float(f[i])
+                    denominator += float(w)
+            if not masked:
+                denominator = float(np.sum(np.asarray(weights, dtype=np.float64)))
+            if denominator > 0:
+                result[i] = np.float32(numerator / denominator)
+            denominators[i] = denominator
+        out[name], votes[name] = result.reshape(first.shape), denominators.reshape(first.shape)
+    return out, votes
+
+
+def test_average_over_holders_matches_an_element_by_element_hand_sum():
+    """Up to 12 clients with fractional weights, so that the order of float64 sums matters; masks
+    from empty to full, values outside them garbage."""
     rng = np.random.default_rng(17)
     for case in range(40):
         clients = int(rng.integers(1, 13))
@@ -279,9 +265,9 @@ def test_weighted_averages_are_bit_identical_to_the_old_formulas():
                     for n, s in shapes.items()} for _ in range(clients)]
         masks = [{n: rng.random(shapes[n]) < rng.choice([0.0, 0.1, 0.5, 1.0]) for n in ("w1", "w2")}
                  for _ in range(clients)]
-        assert_bits_equal(weighted_average(tensors, weights), old_weighted_average(tensors, weights))
-        got, got_votes = sparse_weighted_average(tensors, masks, weights)
-        want, want_votes = old_sparse_weighted_average(tensors, masks, weights)
+        updates = [ModelUpdate(t, m) for t, m in zip(tensors, masks)]
+        got, got_votes = average_over_holders(updates, weights, float32_zeros_like(tensors[0]), missing="zero")
+        want, want_votes = hand_average_over_holders(tensors, masks, weights)
         assert_bits_equal(got, want)
         assert_bits_equal(got_votes, want_votes)
 
@@ -304,9 +290,8 @@ def test_plain_average_keeps_dividing_by_the_pairwise_total():
         if np.float32(numerator / running_total) == np.float32(numerator / np.sum(weights)):
             continue
         sensitive += 1
-        want = old_weighted_average(tensors, weights)
-        assert_bits_equal(weighted_average(tensors, weights), want)
-        assert_bits_equal(sparse_weighted_average(tensors, [{}] * 10, weights)[0], want)
+        got, _ = average_over_holders([ModelUpdate(t) for t in tensors], weights, {"x": np.zeros(1, np.float32)})
+        assert_bits_equal(got, {"x": np.array([numerator / np.sum(weights)], np.float32)})
     assert sensitive > 5
 
 

@@ -13,11 +13,10 @@ from fedmpi.comm.codec import (
     WIRE_DTYPES,
     Encoded,
     MaskPositions,
-    ModelUpdate,
     decode,
     encode,
-    tensor_view,
 )
+from fedmpi.update import ModelUpdate, tensor_view
 
 DENSITIES = [0.0, 0.001, 0.05, 0.5, 0.99, 1.0]
 SHAPES = [(1,), (7,), (255,), (256,), (257,), (65536,), (65537,), (16, 17), (4, 3, 5, 5), (2, 3, 33, 35)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmpi.data import (DATASETS, DEFAULT_ROOTS, Dataset, Partition, load_dataset,
+from fedmpi.data import (DATASETS, Dataset, Partition, load_dataset,
                          partition_dataset)
 from fedmpi.data.readers import NORMALISATION
 from fedmpi.errors import ConfigError, DataError
@@ -194,14 +194,13 @@ def test_unknown_name_and_missing_root_are_config_errors():
         load_dataset("imagenet", None, seed=0, num_clients=1)
     assert e.value.key == "data.name" and "fashion_mnist" in e.value.problem
     for name in ("mnist", "cifar10", "cifar100", "svhn"):
-        assert DEFAULT_ROOTS[name] is None
+        assert DATASETS[name].default_root is None
         with pytest.raises(ConfigError) as e:
             load_dataset(name, None, seed=0, num_clients=1)
         assert e.value.key == "data.root" and "set data.root" in e.value.problem
-    assert set(DATASETS) == set(DEFAULT_ROOTS)
 
 
-FMNIST = DEFAULT_ROOTS["fashion_mnist"]
+FMNIST = DATASETS["fashion_mnist"].default_root
 
 
 @pytest.mark.skipif(not os.path.isdir(FMNIST), reason=f"{FMNIST} (real Fashion-MNIST) absent")

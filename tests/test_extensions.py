@@ -4,39 +4,17 @@ and personalised evaluation identical for every rank count, an extra uploaded te
 bytes, and algorithm-declared columns read back by ``fedmpi info`` and drawn by ``fedmpi plots``."""
 from __future__ import annotations
 
-import gzip
-import struct
+import shutil
 import textwrap
 
 import numpy as np
 import pytest
 import yaml
 
-from test_run import fedmpi, needs_mpiexec, read_results, same_bits
+from helpers import (assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits, variant_sizes,
+                     write_idx)
 
-TIERED = {
-    "seed": 2, "rounds": 2, "model": "multiexit_vgg",
-    "data": {"name": "mnist", "partition": "dirichlet", "alpha": 1.0, "local_test_fraction": 0.25},
-    "clients": {"total": 9, "per_round": 6},
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.001, "optimizer": "adam"},
-    "eval": {"every": 1, "batch_size": 40},
-}
-
-
-def write_idx(root, n_train=180, n_test=60, seed=0):
-    """A small MNIST-format dataset (IDX, gzipped) with a learnable pattern per label."""
-    g = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = g.integers(0, 10, n).astype(np.uint8)
-        images = g.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        for i, label in enumerate(labels):
-            images[i, 2 * label:2 * label + 6, 4:24] = 250
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
-    return root
+pytestmark = pytest.mark.slow     # every test runs python -m fedmpi end to end (tiered_runs)
 
 
 @pytest.fixture(scope="module")
@@ -45,49 +23,16 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiered_cfg(work):
-    cfg = dict(TIERED, data={**TIERED["data"], "root": str(write_idx(work / "mnist"))})
-    path = work / "tiered.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(work, tiered_cfg):
-    cache = {}
-
-    def get(algorithm: str, ranks: int, script: str | None = None):
-        key = (algorithm, ranks, script)
-        if key not in cache:
-            out = work / f"{algorithm}_{script or 'cli'}_p{ranks}.h5"
-            args = ["run", str(tiered_cfg), "--out", str(out), "--quiet", "--set", f"algorithm={algorithm}"]
-            if script:
-                (work / f"{script}.py").write_text(SCRIPTS[script])
-                proc, _ = fedmpi([str(work / f"{script}.py"), *args], ranks, timeout=300, module=False)
-            else:
-                proc, _ = fedmpi(args, ranks, timeout=300)
-            assert proc.returncode == 0, f"{algorithm} P={ranks} failed:\n{proc.stderr[-3000:]}"
-            cache[key] = (out, read_results(out))
-        return cache[key]
-
+def runs(tiered_runs):
+    """``runs(algorithm, ranks, script=None)``: the session's tiered runs (conftest.py); with a
+    ``script``, one of this module's SCRIPTS runs instead, its method given by import path
+    (``__main__:Class``: a plug-in defined in the script itself)."""
+    def get(algorithm, ranks, script=None):
+        if script is None:
+            return tiered_runs(algorithm, ranks)
+        source, cls = SCRIPTS[script]
+        return tiered_runs(f"__main__:{cls}", ranks, source)
     return get
-
-
-def assert_all_columns_identical(a: dict, b: dict, what: str):
-    timing = {"wall_seconds", "cum_wall_seconds", "compute_seconds", "mpi_payload_bytes", "mpi_control_bytes",
-              "server_peak_rss_bytes", "rank"}
-    for group in ("rounds", "clients"):
-        assert set(a[group]) == set(b[group])
-        for name in a[group]:
-            if name not in timing:
-                assert same_bits(a[group][name], b[group][name]), f"{what}: {group}/{name}"
-
-
-def variant_sizes(**variant) -> dict[str, int]:
-    from fedmpi.models import build_model
-
-    model = build_model("multiexit_vgg", (1, 28, 28), 10, **variant)
-    return {n: t.numel() for n, t in model.state_dict().items() if t.is_floating_point()}
 
 
 # ------------------------------------------------------------------------------ submodels, P-invariance
@@ -167,7 +112,6 @@ def test_width_slices_bytes_are_exact(runs):
 PERSONALISED = textwrap.dedent("""
     import sys
     import numpy as np
-    import fedmpi.algorithms as algorithms
     from fedmpi import rng
     from fedmpi.algorithms import EvalModel
     from fedmpi.algorithms.heterogeneous import DepthFL
@@ -176,6 +120,10 @@ PERSONALISED = textwrap.dedent("""
     class PersonalisedDepthFL(DepthFL):
         '''Depth-wise averaging plus, for a few clients, "their own" masked model on their local
         test split (masks drawn from (seed, client)): LotteryFL's personalised accuracy.'''
+
+        name = "personalised_depthfl"
+        label = "personalised depth-wise averaging"
+        doc = "tests/test_extensions.py"
 
         def round_columns(self):
             return {**super().round_columns(), "personal_accuracy": np.float64}
@@ -194,20 +142,22 @@ PERSONALISED = textwrap.dedent("""
             assert outcomes["client0"].test_correct is None      # local test split only
             return {**super().evaluation_metrics(round_, outcomes), "personal_accuracy": float(np.mean(mine))}
 
-    algorithms.ALGORITHMS["depthfl"] = PersonalisedDepthFL
     sys.exit(main(sys.argv[1:]))
 """)
 
 EXTRA_TENSOR = textwrap.dedent("""
     import sys
     import numpy as np
-    import fedmpi.algorithms as algorithms
     from fedmpi.algorithms.heterogeneous import DepthFL
     from fedmpi.cli import main
 
     class ImportanceUpload(DepthFL):
         '''Every client also uploads an unregistered tensor (PruneFL's importance upload): here
         a 3x5 float32 filled with the client id; the server checks it arrived intact.'''
+
+        name = "importance_upload"
+        label = "depth-wise averaging with an extra upload"
+        doc = "tests/test_extensions.py"
 
         def local_update(self, task, trainer):
             result = super().local_update(task, trainer)
@@ -220,10 +170,9 @@ EXTRA_TENSOR = textwrap.dedent("""
                 assert got.shape == (3, 5) and got.dtype == np.float32 and np.all(got == r.client_id), got
             super().aggregate(round_, results)
 
-    algorithms.ALGORITHMS["depthfl"] = ImportanceUpload
     sys.exit(main(sys.argv[1:]))
 """)
-SCRIPTS = {"personalised": PERSONALISED, "extra_tensor": EXTRA_TENSOR}
+SCRIPTS = {"personalised": (PERSONALISED, "PersonalisedDepthFL"), "extra_tensor": (EXTRA_TENSOR, "ImportanceUpload")}
 
 
 @needs_mpiexec
@@ -259,8 +208,11 @@ def test_declared_columns_are_read_by_info_and_drawn_by_plots(runs, work):
     assert "exit_accuracy[*]" in proc.stdout and "tier_accuracy[*]" in proc.stdout
     last = res["rounds"]["exit_accuracy[3]"][-1]
     assert f"3={last:.4f}" in proc.stdout
+    results = work / "declared_columns"        # this run alone: the session's directory holds others
+    results.mkdir()
+    shutil.copy(path, results)
     plots = work / "plots"
-    proc, _ = fedmpi(["plots", "--results", str(path.parent), "--plots", str(plots)])
+    proc, _ = fedmpi(["plots", "--results", str(results), "--plots", str(plots)])
     assert proc.returncode == 0, proc.stderr
     drawn = sorted(p.name for p in plots.glob("*algorithm_columns.png"))
     assert drawn, sorted(p.name for p in plots.iterdir())

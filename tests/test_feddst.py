@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -17,18 +15,20 @@ import yaml
 from collections import Counter
 
 from fedmpi import rng
-from fedmpi.aggregate import sparse_weighted_average
+from fedmpi.aggregation import average_over_holders
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
-from fedmpi.comm.codec import ModelUpdate, decode, encode, mask_bytes
+from fedmpi.comm.codec import decode, encode, mask_bytes
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError
 from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops
-from fedmpi.sparsity import cosine_readjust_fraction, layer_densities
+from fedmpi.algorithms.feddst_readjustment import cosine_readjust_fraction
+from fedmpi.sparsity import layer_densities
 from fedmpi.training import LocalTrainer
+from fedmpi.update import ModelUpdate
+from helpers import command, env, needs_mpiexec
 
 ROOT = Path(__file__).resolve().parent.parent
-MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 TINY = {
     "data": {"name": "synthetic", "partition": "natural"},
     "model": "mlp",
@@ -59,11 +59,8 @@ def write_config(tmp_path: Path, name: str, **overrides) -> Path:
 def run_fedmpi(tmp_path: Path, name: str, ranks: int = 1, **overrides) -> Path:
     config = write_config(tmp_path, name, **overrides)
     out = tmp_path / f"{name}.h5"
-    cmd = [sys.executable, "-m", "fedmpi", "run", str(config), "--out", str(out), "--quiet"]
-    if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks)] + cmd
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(command(["run", str(config), "--out", str(out), "--quiet"], ranks), cwd=ROOT,
+                          capture_output=True, text=True, timeout=240, env=env())
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -153,9 +150,9 @@ def test_server_prunes_back_to_layer_counts():
     for r in results:  # what the server decodes
         r.update = decode(encode(r.update))
     old_masks = dict(algorithm.masks)
-    averaged, votes = sparse_weighted_average([r.update.values for r in results],
-                                              [r.update.masks for r in results],
-                                              [r.num_samples for r in results])
+    reference = {n: np.zeros(np.shape(v), np.float32) for n, v in results[0].update.values.items()}
+    averaged, votes = average_over_holders([r.update for r in results], [r.num_samples for r in results],
+                                           reference, missing="zero")
     algorithm.aggregate(2, results)
     assert {n: int(m.sum()) for n, m in algorithm.masks.items()} == algorithm.counts
     grown_kept = 0
@@ -181,6 +178,7 @@ def feddst_p1(tmp_path_factory):
     return run_fedmpi(tmp_path_factory.mktemp("dst"), "feddst")
 
 
+@pytest.mark.slow
 def test_upload_bytes_per_round_kind(feddst_p1):
     """Ordinary rounds: 4·nnz + dense bytes exactly; readjustment rounds (2, 4): plus masks,
     within the paper's (32(1−S)+1)·n bits; after r_end = 5 (round 6): ordinary again."""
@@ -201,6 +199,7 @@ def test_upload_bytes_per_round_kind(feddst_p1):
     assert ordinary <= 0.21 * fedavg_upload + 4 * dense
 
 
+@pytest.mark.slow
 def test_download_mask_only_when_client_copy_differs(feddst_p1):
     _, clients = read(feddst_p1)
     cfg, model, info, weights = tiny_setup()
@@ -217,6 +216,7 @@ def test_download_mask_only_when_client_copy_differs(feddst_p1):
         assert (down == values_only) == (c in seen), (c, down)
 
 
+@pytest.mark.slow
 def test_feddst_sparsity_zero_is_fedavg_bit_for_bit(tmp_path):
     a, ca = read(run_fedmpi(tmp_path, "dst0", sparsity=0.0))
     b, cb = read(run_fedmpi(tmp_path, "avg", algorithm="fedavg", sparsity=0.0))
@@ -240,7 +240,9 @@ def test_randommask_mask_never_changes(tmp_path):
         seen.add(c)
 
 
+@needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.slow
 def test_feddst_metrics_identical_across_rank_counts(feddst_p1, tmp_path, ranks):
     a, ca = read(feddst_p1)
     b, cb = read(run_fedmpi(tmp_path, f"dst{ranks}", ranks=ranks))
@@ -498,7 +500,8 @@ def test_aggregation_weight_batches2_is_twice_the_local_batch_count():
         values = [{n: gen.standard_normal(v.shape).astype(np.float32) for n, v in algorithm.weights.items()}
                   for _ in sizes]
         results = [ClientResult(c, n, _update(values[c], algorithm.masks), 0.0, n) for c, n in enumerate(sizes)]
-        assert [algorithm.aggregation_weight(r) for r in results] == ([10, 40] if rule == "samples" else [2, 6])
+        assert [algorithm.partial_sum_weight(r.client_id, r.num_samples) for r in results] == \
+            ([10, 40] if rule == "samples" else [2, 6])
         algorithm.aggregate(1, results)
         averages[rule] = algorithm.weights["fc1.bias"]
     w = {"samples": (10, 40), "batches2": (2, 6)}
@@ -520,14 +523,15 @@ def test_sample_with_replacement_counts_a_client_drawn_twice_twice():
     values = {c: {n: gen.standard_normal(v.shape).astype(np.float32) for n, v in algorithm.weights.items()}
               for c in chosen}
     results = [ClientResult(c, 30, _update(values[c], algorithm.masks), 0.0, 30) for c in chosen]
-    assert [algorithm.aggregation_weight(r) for r in results] == [30 * draws[c] for c in chosen]
+    assert algorithm.partial_sum_weights({c: 30 for c in chosen}) == {c: 30 * draws[c] for c in chosen}
     algorithm.aggregate(1, results)
     want = sum(draws[c] * values[c]["fc1.bias"].astype(np.float64) for c in chosen) / 4
     np.testing.assert_allclose(algorithm.weights["fc1.bias"], want.astype(np.float32), rtol=1e-6)
     # without the option: K distinct clients, each counted once
     paper = build_algorithm(tiny_cfg(), info)
     distinct = paper.select_clients(1, np.random.default_rng(seed))
-    assert len(set(distinct)) == 4 and paper.aggregation_weight(results[0]) == 30
+    assert len(set(distinct)) == 4
+    assert paper.partial_sum_weights({c: 30 for c in distinct}) == {c: 30 for c in distinct}
 
 
 def test_detached_prox_trains_as_if_mu_were_zero():

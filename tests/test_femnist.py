@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from test_run import fedmpi, read_results
+from helpers import fedmpi, read_results
 
 from fedmpi.data import load_dataset, partition_dataset
 from fedmpi.data.femnist import group_writers
@@ -127,6 +127,7 @@ def test_missing_root_and_bad_files_are_reported(tmp_path):
         load_dataset("femnist", str(tmp_path / "json"), seed=0, num_clients=5)
 
 
+@pytest.mark.slow
 def test_one_round_with_the_femnist_cnn(tmp_path):
     root = write_leaf(tmp_path / "leaf")
     cfg = {"data": {"name": "femnist", "root": str(root), "partition": "natural"}, "model": "femnist_cnn",

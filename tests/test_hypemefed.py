@@ -19,11 +19,21 @@ from fedmpi.algorithms.hypemefed import HypeMeFed
 from fedmpi.algorithms.hypernetworks import (HyperNetworks, LRFHyperNetwork, conv_pairs, matrix_shape,
                                              parameter_count)
 from fedmpi.algorithms.scalefl import ScaleFL, self_distillation
-from fedmpi.comm.codec import ModelUpdate
 from fedmpi.config import load_config
 from fedmpi.models import build_model
-from test_extensions import runs, tiered_cfg, variant_sizes, work  # noqa: F401  (fixtures)
-from test_run import Streaming, fedmpi, needs_mpiexec, read_results, same_bits
+from fedmpi.update import ModelUpdate
+from helpers import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, variant_sizes
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("hypemefed")
+
+
+@pytest.fixture(scope="module")
+def runs(tiered_runs):
+    """``runs(algorithm, ranks)``: the session's tiered runs (conftest.py), shared with test_extensions."""
+    return lambda algorithm, ranks: tiered_runs(algorithm, ranks)
 
 
 def model_shapes(input_shape=(1, 28, 28), **variant) -> dict[str, tuple]:
@@ -277,6 +287,7 @@ def assert_identical(a: dict, b: dict, what: str):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_hypemefed_identical_for_1_2_4_ranks(runs):
     _, base = runs("hypemefed", 1)
     rounds = base["rounds"]
@@ -290,6 +301,7 @@ def test_hypemefed_identical_for_1_2_4_ranks(runs):
         assert_identical(base, other, f"hypemefed P=1 vs P={ranks}")
 
 
+@pytest.mark.slow
 def test_hypemefed_submodel_bytes_are_exact(runs):
     """A level-l client downloads and uploads exactly its blocks and exits; nothing generated travels."""
     _, res = runs("hypemefed", 1)
@@ -303,6 +315,7 @@ def test_hypemefed_submodel_bytes_are_exact(runs):
         assert np.all(clients["header_bytes"][this] == 9 * len(sizes))
 
 
+@pytest.mark.slow
 def test_generation_changes_only_the_generated_blocks(runs):
     """Round 1 trains the same clients from the same model as depth-wise averaging; HypeMeFed then
     changes only blocks 2 and 3 (generated conv weights), so exit 1 agrees bit for bit and the deep
@@ -315,6 +328,7 @@ def test_generation_changes_only_the_generated_blocks(runs):
     assert hyp["rounds"]["test_loss"][0] != depth["rounds"]["test_loss"][0]
 
 
+@pytest.mark.slow
 def test_scalefl_width_and_depth_bytes_are_exact(runs):
     _, res = runs("scalefl", 1)
     clients, full = res["clients"], variant_sizes()
@@ -330,6 +344,7 @@ def test_scalefl_width_and_depth_bytes_are_exact(runs):
     assert np.all(np.isfinite(res["rounds"]["client_accuracy"]))
 
 
+@pytest.mark.slow
 def test_full_depth_fedavg_runs_on_the_multiexit_model(runs):
     _, res = runs("fedavg", 1)
     assert np.all(np.isfinite(res["rounds"]["test_accuracy"])) and np.all(np.isfinite(res["rounds"]["client_accuracy"]))
@@ -367,6 +382,7 @@ def resume(tiered_cfg, out, extra=()):
     return resumed
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical_with_the_hypernetworks(work, tiered_cfg, uninterrupted_hypemefed):
     out, rc, _ = interrupted(work, tiered_cfg, "killed", signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -381,6 +397,7 @@ def test_sigkill_then_resume_is_bit_identical_with_the_hypernetworks(work, tiere
     assert_identical(resumed, uninterrupted_hypemefed, "resumed after SIGKILL")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_is_bit_identical(work, tiered_cfg, uninterrupted_hypemefed):
     no_checkpoints = ["--set", "checkpoint.every=0"]
     out, rc, stderr = interrupted(work, tiered_cfg, "terminated", signal.SIGTERM, no_checkpoints)

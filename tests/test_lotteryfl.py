@@ -11,16 +11,17 @@ import pytest
 import torch
 import yaml
 
-from test_extensions import assert_all_columns_identical
-from test_run import fedmpi, needs_mpiexec, read_results, same_bits, sigkill_and_resume
+from helpers import (assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
+                     sigkill_and_resume)
 
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
-from fedmpi.algorithms.lotteryfl import initial_weights, pack, unpack
-from fedmpi.comm.codec import ModelUpdate, mask_bytes
+from fedmpi.algorithms.lotteryfl import pack, unpack
+from fedmpi.comm.codec import mask_bytes
 from fedmpi.config import load_config
 from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops
 from fedmpi.training import LocalTrainer
+from fedmpi.update import ModelUpdate
 
 LF = {
     "data": {"name": "synthetic", "partition": "natural"},
@@ -60,24 +61,31 @@ class Capture:
         return {n: np.array(v, copy=True) for n, v in weights.items()}, 0.5, len(y)
 
 
+def initial_weights(info, seed=0):
+    """A θ₀ for the client-side tests: any weights do, the client rewinds to what its task carries."""
+    g = np.random.default_rng(seed)
+    return {n: g.normal(scale=0.1, size=s).astype(np.float32) for n, s in info.shapes.items()}
+
+
 def moved(weights, seed=1):
     g = np.random.default_rng(seed)
     return {n: (w + g.normal(scale=0.1, size=w.shape)).astype(np.float32) for n, w in weights.items()}
 
 
-def task(received, state=None, client=2, round_=3):
+def task(received, state=None, client=2, round_=3, initial=None):
     x, y = torch.randn(32, 60), torch.randint(0, 10, (32,))
-    return ClientTask(round_, client, received, state or {}, x, y, 7)
+    local_test = (torch.randn(8, 60), torch.randint(0, 10, (8,)))
+    return ClientTask(round_, client, received, state or {}, x, y, 7, local_test=local_test, initial_weights=initial)
 
 
 def test_client_prunes_20_percent_per_layer_and_rewinds_survivors_to_the_init():
     cfg, model, info = setup()
     algorithm = build_algorithm(cfg, info)
     algorithm._accuracy = lambda *args: 0.9
-    theta0 = initial_weights(cfg, info)
+    theta0 = initial_weights(info)
     theta = moved(theta0)
     trainer = Capture(model, cfg)
-    result = algorithm.local_update(task(ModelUpdate(theta)), trainer)
+    result = algorithm.local_update(task(ModelUpdate(theta), initial=theta0), trainer)
     assert result.metrics["pruned"] == 1 and result.state["density"] == pytest.approx(0.8)
     masks = result.update.masks
     for name in info.maskable:
@@ -100,9 +108,9 @@ def test_rewind_biases_option_resets_biases_too():
     cfg, model, info = setup(**{"lotteryfl.rewind_biases": "true"})
     algorithm = build_algorithm(cfg, info)
     algorithm._accuracy = lambda *args: 0.9
-    theta0 = initial_weights(cfg, info)
+    theta0 = initial_weights(info)
     trainer = Capture(model, cfg)
-    algorithm.local_update(task(ModelUpdate(moved(theta0))), trainer)
+    algorithm.local_update(task(ModelUpdate(moved(theta0)), initial=theta0), trainer)
     for name in info.shapes:
         if name not in info.maskable:
             np.testing.assert_array_equal(trainer.started[name], theta0[name])
@@ -112,7 +120,7 @@ def test_no_pruning_below_the_threshold_trains_from_the_received_model_dense():
     cfg, model, info = setup()
     algorithm = build_algorithm(cfg, info)
     algorithm._accuracy = lambda *args: 0.05
-    theta = moved(initial_weights(cfg, info))
+    theta = moved(initial_weights(info))
     trainer = Capture(model, cfg)
     result = algorithm.local_update(task(ModelUpdate(theta)), trainer)
     assert result.metrics["pruned"] == 0 and result.update.masks == {} and trainer.masks is None
@@ -126,12 +134,12 @@ def test_the_last_step_stops_at_the_target_unless_overshoot(overshoot, expected)
     cfg, model, info = setup(**{"lotteryfl.overshoot": str(overshoot).lower()})
     algorithm = build_algorithm(cfg, info)
     algorithm._accuracy = lambda *args: 0.9
-    theta = moved(initial_weights(cfg, info))
+    theta = moved(initial_weights(info))
     g = np.random.default_rng(3)
     masks = {n: g.random(info.shapes[n]) < 0.12 for n in info.maskable}
     received = ModelUpdate({n: np.where(masks[n], v, 0) if n in masks else v for n, v in theta.items()}, masks)
     state = {"mask": pack(masks), "density": 0.12}
-    result = algorithm.local_update(task(received, state), Capture(model, cfg))
+    result = algorithm.local_update(task(received, state, initial=initial_weights(info, seed=2)), Capture(model, cfg))
     assert result.state["density"] == pytest.approx(expected)
     step = 0.2 if overshoot else 1 - 0.1 / 0.12
     for name in info.maskable:
@@ -146,7 +154,7 @@ def test_the_last_step_stops_at_the_target_unless_overshoot(overshoot, expected)
 def test_a_mask_that_differs_from_the_clients_own_is_an_error():
     cfg, model, info = setup()
     algorithm = build_algorithm(cfg, info)
-    theta = initial_weights(cfg, info)
+    theta = initial_weights(info)
     masks = {n: np.ones(info.shapes[n], bool) for n in info.maskable}
     other = {n: m.copy() for n, m in masks.items()}
     other[info.maskable[0]].reshape(-1)[0] = False
@@ -159,7 +167,7 @@ def test_a_mask_that_differs_from_the_clients_own_is_an_error():
 def test_server_averages_each_weight_over_its_holders_and_keeps_untouched_ones(aggregation):
     cfg, model, info = setup(**{"lotteryfl.aggregation": aggregation})
     algorithm = build_algorithm(cfg, info)
-    theta = initial_weights(cfg, info)
+    theta = initial_weights(info)
     algorithm.init_server(theta, None)
     name = info.maskable[0]
     shape = info.shapes[name]
@@ -185,14 +193,33 @@ def test_server_averages_each_weight_over_its_holders_and_keeps_untouched_ones(a
     assert algorithm.round_metrics(1)["pruned_clients"] == 1
 
 
-def test_regenerated_init_matches_the_runs_init():
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_the_engine_hands_lotteryfl_its_local_test_set_and_the_initial_model(fraction):
     from fedmpi.engine.context import build_context
+    from fedmpi.engine.worker import make_client_task
 
-    cfg, _, _ = setup()
+    cfg, _, _ = setup(**{"data.local_test_fraction": fraction})
     ctx = build_context(cfg)
-    regenerated = initial_weights(cfg, ctx.info)
-    for name, value in ctx.initial_weights.items():
-        np.testing.assert_array_equal(regenerated[name], value)
+    received = ModelUpdate(ctx.initial_weights)
+    for c in range(8):
+        t = make_client_task(ctx, 3, c, received, {})
+        x, y = t.local_test
+        # the evaluator's local test samples of client c: the test split's rows of its natural
+        # partition, or (local_test_fraction) rows held out of its training rows
+        rows = ctx.partition.test_indices[c]
+        assert len(y) == ctx.info.local_test_sizes[c] > 0
+        source_x, source_y = ctx.train if fraction else ctx.test
+        assert torch.equal(x, source_x[rows]) and torch.equal(y, source_y[rows])
+        if fraction:
+            assert not set(rows.tolist()) & set(ctx.partition.train_indices[c].tolist())
+        # θ₀: the initial model every rank built, read-only
+        assert t.initial_weights.keys() == ctx.initial_weights.keys()
+        for name, value in t.initial_weights.items():
+            assert np.shares_memory(value, ctx.initial_weights[name]) and not value.flags.writeable
+    # a method that declares neither gets neither
+    fedavg = build_context(load_config(None, extra={**copy.deepcopy(LF), "algorithm": "fedavg"}))
+    t = make_client_task(fedavg, 3, 0, received, {})
+    assert t.local_test is None and t.initial_weights is None
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -218,6 +245,7 @@ def runs(work):
     return get
 
 
+@pytest.mark.slow
 def test_personalised_accuracy_beside_the_global_one(runs):
     rounds = runs(1)["rounds"]
     for column in ("personal_accuracy", "personal_accuracy_best", "test_accuracy", "client_accuracy"):
@@ -231,6 +259,7 @@ def test_personalised_accuracy_beside_the_global_one(runs):
     assert np.all(np.diff(rounds["density"]) <= 0) and rounds["density"][-1] < 1
 
 
+@pytest.mark.slow
 def test_bytes_follow_each_clients_own_mask(runs):
     clients = runs(1)["clients"]
     _, model, info = setup()
@@ -253,6 +282,7 @@ def test_bytes_follow_each_clients_own_mask(runs):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_identical_metrics_for_1_2_4_ranks(runs):
     base = runs(1)
     for ranks in (2, 4):
@@ -262,6 +292,7 @@ def test_identical_metrics_for_1_2_4_ranks(runs):
 RESUME = ["--set", "checkpoint.every=1", "--set", "lotteryfl.local_steps=60", "--set", "eval.every=2"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(work):
     path = work / "lf.yaml"
     a, b = sigkill_and_resume(path, work, RESUME, r"^round 4/8")

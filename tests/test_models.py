@@ -6,11 +6,7 @@ from torch import nn
 from fedmpi.errors import ConfigError
 from fedmpi.models import MODELS, build_model, count_parameters, maskable_parameter_names, variant_options
 from fedmpi.models.multiexit import hidden_channels
-from fedmpi.models.flops import (
-    forward_flops_per_sample,
-    layer_flops,
-    scale_flops,
-)
+from fedmpi.models.flops import layer_flops, scale_flops
 
 torch.set_num_threads(1)
 
@@ -32,7 +28,8 @@ def conv_macs(c_in, c_out, k, out_hw):
 
 def test_registry_holds_the_promised_names():
     assert set(MODELS) >= {"mnistnet", "cifar10net", "femnist_cnn", "vgg11", "multiexit_vgg", "mlp"}
-    assert {name for name, _, _ in CASES} | {MULTI_EXIT, "multiexit_vgg_small"} == set(MODELS)
+    builtin = {name for name in MODELS if MODELS.origin(name).source == "builtin"}   # plug-ins aside
+    assert {name for name, _, _ in CASES} | {MULTI_EXIT, "multiexit_vgg_small"} == builtin
     assert variant_options(MULTI_EXIT) == variant_options("multiexit_vgg_small") == ("level", "width")
     assert all(variant_options(name) == () for name, _, _ in CASES)
 
@@ -87,15 +84,33 @@ def test_outputs_are_logits_of_shape_batch_by_classes(name, shape, classes):
     assert not torch.allclose(out.sum(dim=1), torch.ones(5), atol=1e-3)
 
 
+# Maskable weights of each CASES model, read off fedmpi/models/nets.py, in state_dict order, and
+# their element count by hand (out·in·k·k a conv, out·in a Linear):
+MASKABLE_BY_HAND = {
+    # 1·10·25 + 10·20·25 + 5120·50 + 50·10 = 250 + 5,000 + 256,000 + 500
+    "mnistnet": (["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"], 261_750),
+    # 3·6·25 + 6·16·25 + 6400·120 + 120·84 + 84·10 = 450 + 2,400 + 768,000 + 10,080 + 840
+    "cifar10net": (["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"], 781_770),
+    # 1·32·25 + 32·64·25 + 3136·2048 + 2048·62 = 800 + 51,200 + 6,422,528 + 126,976
+    "femnist_cnn": (["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"], 6_601_504),
+    # convs 9·(3·64 + 64·128 + 128·256 + 256·256 + 256·512 + 3·512·512) = 9,217,728;
+    # FCs 512·512 + 512·512 + 512·10 = 529,408
+    "vgg11": ([f"convs.{i}.weight" for i in range(8)] + ["fc1.weight", "fc2.weight", "fc3.weight"], 9_747_136),
+    # 60·200 + 200·200 + 200·10 = 12,000 + 40,000 + 2,000
+    "mlp": (["fc1.weight", "fc2.weight", "fc3.weight"], 54_000),
+}
+
+
 @pytest.mark.parametrize("name,shape,classes", CASES)
 def test_maskable_names_are_exactly_the_conv_and_linear_weights(name, shape, classes):
     model = build_model(name, shape, classes)
-    names = maskable_parameter_names(model)
-    expected = [f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert names == expected
-    state_keys = list(model.state_dict())
-    assert names == [k for k in state_keys if k in names]  # state_dict order
-    assert all(k.endswith(".bias") for k in state_keys if k not in names)
+    names, maskable_elements = MASKABLE_BY_HAND[name]
+    assert maskable_parameter_names(model) == names
+    state = model.state_dict()
+    assert sum(state[n].numel() for n in names) == maskable_elements
+    # everything else is a bias: one per maskable weight, as many elements as its output units
+    assert sorted(k for k in state if k not in names) == sorted(n.replace(".weight", ".bias") for n in names)
+    assert sum(state[n].shape[0] for n in names) + maskable_elements == count_parameters(model)
 
 
 def test_maskable_names_of_feddst_models():
@@ -112,16 +127,15 @@ def test_maskable_names_skip_norm_layers():
 
 def test_linear_forward_flops_by_hand():
     model = nn.Linear(784, 10)
-    assert forward_flops_per_sample(model, (784,)) == 2 * 784 * 10
     assert layer_flops(model, (784,)) == {"weight": 2 * 784 * 10}
 
 
 def test_conv_forward_flops_by_hand():
     # 3 -> 8 channels, 3x3 kernel, stride 2, padding 1 on 16x16: output 8x8x8.
     model = nn.Conv2d(3, 8, 3, stride=2, padding=1)
-    assert forward_flops_per_sample(model, (3, 16, 16)) == 2 * conv_macs(3, 8, 3, 8)
+    assert layer_flops(model, (3, 16, 16)) == {"weight": 2 * conv_macs(3, 8, 3, 8)}
     grouped = nn.Conv2d(4, 8, 3, groups=2)  # each output reads 2 input channels; 14x14 out
-    assert forward_flops_per_sample(grouped, (4, 16, 16)) == 2 * conv_macs(2, 8, 3, 14)
+    assert layer_flops(grouped, (4, 16, 16)) == {"weight": 2 * conv_macs(2, 8, 3, 14)}
 
 
 def test_cifar10net_dense_flops_equal_the_hand_sum():
@@ -135,7 +149,7 @@ def test_cifar10net_dense_flops_equal_the_hand_sum():
     }
     assert by_hand["conv1.weight"] == 352_800
     assert layer_flops(model, (3, 32, 32)) == {k: 2 * v for k, v in by_hand.items()}
-    dense = forward_flops_per_sample(model, (3, 32, 32))
+    dense = scale_flops(layer_flops(model, (3, 32, 32)))   # what a dense client's train_flops counts
     assert dense == 2 * sum(by_hand.values())
     assert 4.5e6 < dense < 4.7e6  # FedDST paper: ~4.6 MFLOPs dense
 
@@ -143,27 +157,29 @@ def test_cifar10net_dense_flops_equal_the_hand_sum():
 def test_mnistnet_dense_flops_equal_the_hand_sum():
     model = build_model("mnistnet", (1, 28, 28), 10)
     by_hand = conv_macs(1, 10, 5, 24) + conv_macs(10, 20, 5, 18) + 5120 * 50 + 50 * 10
-    assert forward_flops_per_sample(model, (1, 28, 28)) == 2 * by_hand
+    assert scale_flops(layer_flops(model, (1, 28, 28))) == 2 * by_hand
 
 
 def test_density_scales_each_layer():
-    model = build_model("cifar10net", (3, 32, 32), 10)
-    dense = layer_flops(model, (3, 32, 32))
-    halved = forward_flops_per_sample(model, (3, 32, 32), {"fc1.weight": 0.5})
-    assert sum(dense.values()) - halved == dense["fc1.weight"] // 2
-    uniform = {name: 0.2 for name in maskable_parameter_names(model)}
-    assert forward_flops_per_sample(model, (3, 32, 32), uniform) == round(0.2 * sum(dense.values()))
-    assert scale_flops(dense, uniform) == forward_flops_per_sample(model, (3, 32, 32), uniform)
-    single = nn.Linear(784, 10)
-    assert forward_flops_per_sample(single, (784,), {"weight": 0.5}) == 784 * 10
+    # cifar10net's dense FLOPs per layer (test_cifar10net_dense_flops_equal_the_hand_sum):
+    # conv1 705,600, conv2 2,323,200, fc1 1,536,000, fc2 20,160, fc3 1,680; 4,586,640 in all
+    dense = layer_flops(build_model("cifar10net", (3, 32, 32), 10), (3, 32, 32))
+    assert scale_flops(dense) == 4_586_640
+    assert scale_flops(dense, {"fc1.weight": 0.5}) == 4_586_640 - 768_000
+    # every layer at 0.2: 141,120 + 464,640 + 307,200 + 4,032 + 336
+    uniform = {name: 0.2 for name in dense}
+    assert scale_flops(dense, uniform) == 917_328
+    # rounded to whole FLOPs: 16 FLOPs at density 1/3 are 5.33, counted 5
+    assert scale_flops(layer_flops(nn.Linear(4, 2), (4,)), {"weight": 1 / 3}) == 5
+    assert scale_flops(layer_flops(nn.Linear(784, 10), (784,)), {"weight": 0.5}) == 784 * 10
 
 
 def test_bad_densities_are_rejected():
-    model = nn.Linear(4, 2)
+    dense = layer_flops(nn.Linear(4, 2), (4,))
     with pytest.raises(ValueError, match="bias"):
-        forward_flops_per_sample(model, (4,), {"bias": 0.5})
+        scale_flops(dense, {"bias": 0.5})
     with pytest.raises(ValueError, match="weight"):
-        forward_flops_per_sample(model, (4,), {"weight": 1.5})
+        scale_flops(dense, {"weight": 1.5})
 
 
 def test_flop_probe_leaves_training_mode_and_batchnorm_stats_alone():
@@ -404,7 +420,7 @@ def test_multiexit_flops_count_every_exit_and_follow_the_variant():
 
 def test_conv1d_forward_flops_by_hand():
     # 3 -> 8 channels, kernel 5, padding 2 on 20 samples: output 8 x 20, each reads 3 x 5 weights.
-    assert forward_flops_per_sample(nn.Conv1d(3, 8, 5, padding=2), (3, 20)) == 2 * 8 * 20 * 3 * 5
+    assert layer_flops(nn.Conv1d(3, 8, 5, padding=2), (3, 20)) == {"weight": 2 * 8 * 20 * 3 * 5}
 
 
 def test_vgg11_dense_flops_equal_the_hand_sum():

@@ -22,7 +22,7 @@ from fedmpi.training import LocalTrainer, OptimizerSpec
 from fedmpi.training import multi_client
 from fedmpi.training.multi_client import Member, group_unsupported, train_group
 
-from test_run import assert_same_metrics, fedmpi, needs_mpiexec, read_results, write_config
+from helpers import assert_same_metrics, fedmpi, needs_mpiexec, read_results, write_config
 
 
 def local_cfg(**changes) -> dict:
@@ -227,6 +227,39 @@ def test_blocks_are_balanced_by_samples():
     assert [len(cs) for cs in assignment.values()] == [50, 50]
 
 
+# ------------------------------------------------------------------------------ the algorithms' side
+def test_only_the_local_update_a_fast_path_was_written_for_trains_together():
+    """``Algorithm.local_update_group`` takes the fast path ``local_update_together`` only where
+    ``trains_together``: the FedAvg and FedDST families; a subclass with its own ``local_update``
+    (and every other method) trains one by one, through its ``local_update``."""
+    from fedmpi.algorithms import ALGORITHMS, ModelInfo
+    from fedmpi.algorithms.fedavg import FedAvg
+
+    together = {n for n, cls in ALGORITHMS.items() if ALGORITHMS.origin(n).source == "builtin" and cls.trains_together()}
+    assert together == {"fedavg", "fedavgm", "fedprox", "feddst", "randommask"}
+
+    class Grouped(FedAvg):
+        def local_update(self, task, trainer):
+            return ("one", task)
+
+        def local_update_together(self, tasks, trainer):
+            return [("together", t) for t in tasks]
+
+    class Inherits(Grouped):
+        pass
+
+    class OwnUpdate(Grouped):   # Grouped's fast path does not train this local_update
+        def local_update(self, task, trainer):
+            return ("own", task)
+
+    info = ModelInfo(shapes={"w": (2,)}, maskable=[], layer_flops={})
+    inherits, own = Inherits({}, info), OwnUpdate({}, info)
+    assert inherits.trains_together() and not own.trains_together()
+    assert inherits.local_update_group(["a", "b"], None) == [("together", "a"), ("together", "b")]
+    assert inherits.local_update_group(["a"], None) == [("one", "a")]   # a block of one
+    assert own.local_update_group(["a", "b"], None) == [("own", "a"), ("own", "b")]
+
+
 # ------------------------------------------------------------------------------ end to end
 E2E = {
     "data": {"name": "synthetic", "partition": "iid"},
@@ -258,6 +291,7 @@ def e2e(tmp_path_factory):
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "feddst"])
+@pytest.mark.slow
 def test_client_batch_run_equals_one_by_one_run(e2e, algorithm):
     one, grouped = e2e(algorithm, 1, 1), e2e(algorithm, 3, 1)
     assert_same_metrics(one, grouped, what=f"{algorithm} client_batch 1 vs 3: ")
@@ -272,6 +306,7 @@ def test_client_batch_run_equals_one_by_one_run(e2e, algorithm):
 
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst"])
+@pytest.mark.slow
 def test_client_batch_same_metrics_whatever_the_rank_count(e2e, algorithm):
     base = e2e(algorithm, 3, 1)
     for ranks in (2, 4):

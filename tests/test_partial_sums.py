@@ -1,4 +1,4 @@
-"""The reproducible fixed-point sum (fedmpi/aggregate.py ``FixedPointSum``) and worker-side
+"""The reproducible fixed-point sum (fedmpi/aggregation ``FixedPointSum``) and worker-side
 aggregation (``aggregation.sum: fixed_point``, ``aggregation.where: workers``).
 
 Unit level: the sum against a hand computation and exact ``Fraction`` arithmetic, masks and
@@ -8,7 +8,6 @@ and fixed point agrees with float64 within the stated bound.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 from fractions import Fraction
@@ -16,15 +15,14 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from fedmpi.aggregate import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, NO_SUMMAND, FixedPointSum, RoundSums,
-                              average_over_holders, fixed_point_average)
+from fedmpi.aggregation import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, NO_SUMMAND, FixedPointSum, RoundSums,
+                                average_over_holders, fixed_point_average)
 from fedmpi.algorithms import ALGORITHMS, Algorithm, ClientResult, ModelInfo, build_algorithm
-from fedmpi.comm.codec import ModelUpdate
 from fedmpi.config import load_config
 from fedmpi.errors import ConfigError
+from fedmpi.update import ModelUpdate
 
-from test_run import (BATCH_SCRIPT, fedmpi, mlp_parameter_count, needs_mpiexec, read_results, same_bits,
-                      write_config)
+from helpers import BATCH_SCRIPT, fedmpi, mlp_parameter_count, needs_mpiexec, same_bits, write_config
 
 B = FIXED_POINT_BITS
 
@@ -280,16 +278,17 @@ def test_own_scales_replace_the_per_upload_range_check_with_the_same_integers():
 
 def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
     """With trusted scales, unmasked float32 tensors take one float64 add per upload where no
-    summand leaves the grid (fedmpi/aggregate.py ``_on_grid_sum``) and redo the other elements:
+    summand leaves the grid (fedmpi/aggregation/quantise.py ``_on_grid_sum``) and redo the other elements:
     the integers of the per-upload multiply-truncate-add path, here on values spread over 2^±60
     with zeros, −0, subnormals and values 2^-25 below their neighbours (off the grid), weights
     from 0 to 2^29, packed uploads sharing one mask, and a group beyond 2^11 uploads (the
     truncating path again)."""
-    import fedmpi.aggregate as aggregate
+    import fedmpi.aggregation.fixed_point as fixed_point
+    import fedmpi.aggregation.quantise as quantise
 
     # how often the one-add path ran, and how many elements it handed back to the truncating one
     calls = {"on grid": 0, "redone": 0, "inside": False}
-    on_grid_sum, quantised_sum = aggregate._on_grid_sum, aggregate._quantised_sum
+    on_grid_sum, quantised_sum = quantise._on_grid_sum, quantise._quantised_sum
 
     def counted_on_grid(*args):
         calls["on grid"] += 1
@@ -304,8 +303,9 @@ def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
             calls["redone"] += factor.size
         return quantised_sum(held_by, factor, *args, **kwargs)
 
-    monkeypatch.setattr(aggregate, "_on_grid_sum", counted_on_grid)
-    monkeypatch.setattr(aggregate, "_quantised_sum", counted_quantised)
+    # FixedPointSum calls the one-add path; that path hands elements back to quantise's own sum
+    monkeypatch.setattr(fixed_point, "_on_grid_sum", counted_on_grid)
+    monkeypatch.setattr(quantise, "_quantised_sum", counted_quantised)
     rng = np.random.default_rng(21)
     shapes = {"w": (40, 30), "b": (30,), "s": ()}
     for trial in range(4):
@@ -333,7 +333,7 @@ def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
 
     # packed uploads sharing one mask, and more uploads than a float64 sum holds exactly
     mask = rng.random((40, 30)) < 0.3
-    for count in (9, aggregate.ON_GRID_MAX_SUMMANDS + 1):
+    for count in (9, quantise.ON_GRID_MAX_SUMMANDS + 1):
         values = rng.standard_normal((count, 40, 30)).astype(np.float32) * np.float32(4.0)
         positions = np.flatnonzero(mask)
         updates = [ModelUpdate({"w": np.where(mask, v, 0)}, {"w": mask},
@@ -344,13 +344,13 @@ def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
         before = calls["on grid"]
         assert summer.partial_sums(updates, weights, scales, own_scales=scales).tobytes() == \
             summer.partial_sums(updates, weights, scales).tobytes()
-        assert calls["on grid"] == before + (count <= aggregate.ON_GRID_MAX_SUMMANDS)
+        assert calls["on grid"] == before + (count <= quantise.ON_GRID_MAX_SUMMANDS)
 
 
 def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
     # a worker's clients decode values-only uploads against their own copies of one mask: the
     # positions cache finds them equal, and the fixed-point sum runs over the packed values
-    from fedmpi.aggregate import _shared_packed_positions
+    from fedmpi.aggregation.common import _shared_packed_positions
     from fedmpi.comm.codec import MaskPositions, decode, encode
 
     rng = np.random.default_rng(12)
@@ -411,12 +411,13 @@ def make_info(shapes, maskable=()):
 
 
 def test_partial_sums_flag_goes_with_the_weight_hook():
-    """Validation reads the class flag; the engine calls the hook: they must agree."""
-    for name, cls in ALGORITHMS.items():
-        overrides = cls.partial_sum_weight is not Algorithm.partial_sum_weight
-        assert cls.partial_sums == overrides, name
-    assert {n for n, c in ALGORITHMS.items() if c.partial_sums} == {"fedavg", "fedavgm", "fedprox", "feddst",
-                                                                    "randommask"}
+    """Validation reads the class flag; the engine then calls the hook: a flagged method defines
+    it. The masked-FedAvg methods merge through it too, on the server only (flag off)."""
+    builtin = {n: c for n, c in ALGORITHMS.items() if ALGORITHMS.origin(n).source == "builtin"}
+    overrides = {n for n, c in builtin.items() if c.partial_sum_weight is not Algorithm.partial_sum_weight}
+    assert {n for n, c in builtin.items() if c.partial_sums} == {"fedavg", "fedavgm", "fedprox", "feddst",
+                                                                 "randommask"}
+    assert overrides == {"fedavg", "fedavgm", "fedprox", "feddst", "randommask", "prunefl", "snip", "imp"}
 
 
 def test_a_non_integer_weight_is_refused_naming_the_algorithm(monkeypatch):
@@ -528,21 +529,13 @@ TRAFFIC = {"mpi_payload_bytes", "mpi_control_bytes"}
 
 
 @pytest.fixture(scope="module")
-def e2e(tmp_path_factory):
-    """Results per (algorithm, sum, where, ranks), each run at most once per module."""
-    work = tmp_path_factory.mktemp("partial_sums")
-    cache: dict = {}
-
+def e2e(tiny_runs):
+    """Results per (algorithm, sum, where, ranks), from the session's runs of the tiny config
+    (conftest.py): FedAvg with the float64 sum on the server (the defaults) is test_run's run."""
     def get(algorithm: str, sum_mode: str, where: str, ranks: int):
-        key = (algorithm, sum_mode, where, ranks)
-        if key not in cache:
-            config = write_config(work / f"{algorithm}.yaml", **copy.deepcopy(CONFIGS[algorithm]))
-            out = work / f"{algorithm}_{sum_mode}_{where}_p{ranks}.h5"
-            proc, _ = fedmpi(["run", str(config), "--out", str(out), "--quiet", "--set", f"aggregation.sum={sum_mode}",
-                              "--set", f"aggregation.where={where}"], ranks, timeout=240)
-            assert proc.returncode == 0, f"{key} failed:\n{proc.stderr[-3000:]}"
-            cache[key] = read_results(out)
-        return cache[key]
+        _, results, _ = tiny_runs(f"aggregation.sum={sum_mode}", f"aggregation.where={where}", ranks=ranks,
+                                  **CONFIGS[algorithm])
+        return results
 
     return get
 
@@ -556,6 +549,7 @@ def assert_same_columns(a: dict, b: dict, what: str, skip=TIMINGS | TRAFFIC | {"
 
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst"])
+@pytest.mark.slow
 def test_sums_on_the_workers_equal_the_sum_on_the_server_whatever_the_rank_count(e2e, algorithm):
     reference = e2e(algorithm, "fixed_point", "server", 1)
     assert np.all(np.isfinite(reference["rounds"]["test_accuracy"]))
@@ -569,6 +563,7 @@ def test_sums_on_the_workers_equal_the_sum_on_the_server_whatever_the_rank_count
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [2, 4])
+@pytest.mark.slow
 def test_workers_payload_bytes_follow_their_formula(e2e, ranks):
     """FedAvg, dense MLP, 4 clients per round: each round moves the download broadcast, the int16
     scales (n exponents + one flag per tensor; an allreduce counts twice) and each worker rank's
@@ -589,6 +584,7 @@ def test_workers_payload_bytes_follow_their_formula(e2e, ranks):
 
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm", ["fedavg", "feddst"])
+@pytest.mark.slow
 def test_fixed_point_and_float64_runs_agree_within_tolerance(e2e, algorithm):
     """A round's fixed-point average is within one float32 ulp of the float64 one (and nearly
     always equal: see test_fixed_point_agrees_with_float64_within_one_float32_ulp); training then
@@ -631,6 +627,7 @@ def test_where_is_outside_the_run_identity_and_sum_inside():
     assert "aggregation.sum" in keys and "aggregation.where" not in keys
 
 
+@pytest.mark.slow
 def test_refused_configs_exit_2_before_round_1(tmp_path):
     config = write_config(tmp_path / "tiny.yaml")
     cases = [["--set", "aggregation.where=workers"],

@@ -8,7 +8,9 @@ import subprocess
 
 import pytest
 
-from test_run import REPO, command, env, needs_mpiexec, read_results, write_config
+from helpers import REPO, command, env, needs_mpiexec, read_results, write_config
+
+pytestmark = pytest.mark.slow     # every test is an end-to-end run of several seconds
 
 LINE = re.compile(r"^fedmpi phases rank (\d+): (.*)$", re.MULTILINE)
 

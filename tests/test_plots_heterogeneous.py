@@ -1,4 +1,4 @@
-"""``make plots`` for the heterogeneous-client methods (fedmpi/plots_heterogeneous.py): per-exit and
+"""``make plots`` for the heterogeneous-client methods (fedmpi/figures/heterogeneous.py): per-exit and
 per-tier bars and the main table, from results files written by the real ResultsWriter with the
 ``exit_accuracy[*]`` / ``tier_accuracy[*]`` columns; table values against a hand computation."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from fake_results import MIB, make_config, make_rounds, write_run_with_writer
-from fedmpi.plots_heterogeneous import members
-from fedmpi.plotting import draw_all
+from fedmpi.figures import draw_all
+from fedmpi.figures.heterogeneous import members
 from fedmpi.results import group_runs, read_runs
 
 NAN = math.nan

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from test_extensions import assert_all_columns_identical
-from test_run import fedmpi, needs_mpiexec, read_results, same_bits, sigkill_and_resume
+from helpers import (assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
+                     sigkill_and_resume)
 
 from fedmpi import rng
 from fedmpi.algorithms import ModelInfo, build_algorithm
@@ -196,13 +196,31 @@ def test_bad_prunefl_settings_are_config_errors(sets, key):
 
 
 def test_no_reconfiguration_needed_without_adaptive_pruning():
-    load_config(None, extra=copy.deepcopy(PF), overrides=["rounds=2", "prunefl.adaptive=false"])
+    """rounds 2 after the initial-pruning round 1 leave 2 − 1 = 1 FL round, fewer than ΔR = 2: with
+    adaptive pruning no round would reconfigure (refused), without it that is expected (accepted)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, extra=copy.deepcopy(PF), overrides=["rounds=2"])
+    assert "prunefl.reconfigure_every" in str(err.value) and "1 FL rounds" in str(err.value)
+    cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["rounds=2", "prunefl.adaptive=false"])
+    assert cfg["prunefl"]["adaptive"] is False and cfg["rounds"] == 2
+
+
+@pytest.mark.parametrize("adaptive, uploads", [(True, [3, 5]), (False, [])])
+def test_importance_is_uploaded_every_delta_r_fl_rounds_only_with_adaptive_pruning(adaptive, uploads):
+    """rounds 5, ΔR = 2: round 1 prunes at one client, FL round = round − 1; importance is uploaded
+    (and the model reconfigured) when the FL round is a multiple of 2: rounds 3 and 5; never without
+    adaptive pruning."""
+    _, info = mlp_info()
+    cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["rounds=5", f"prunefl.adaptive={adaptive}"])
+    algorithm = build_algorithm(cfg, info)
+    assert [r for r in range(1, 6) if algorithm.is_ip_round(r)] == [1]
+    assert [r for r in range(1, 6) if algorithm.is_upload_round(r)] == uploads
 
 
 # ------------------------------------------------------------------------------ one client, in process
 def test_client_accumulates_importance_in_its_state_and_uploads_it_on_the_delta_r_round():
     from fedmpi.algorithms import ClientTask
-    from fedmpi.comm.codec import ModelUpdate
+    from fedmpi.update import ModelUpdate
 
     model, info = mlp_info()
     cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["prunefl.initial_pruning=false"])
@@ -219,6 +237,28 @@ def test_client_accumulates_importance_in_its_state_and_uploads_it_on_the_delta_
     assert second.state == {"importance": None, "uploaded": 2}   # reset after the upload
     alone = algorithm.local_update(ClientTask(2, 3, ModelUpdate(weights), {}, x, y, 12), trainer)
     np.testing.assert_array_equal(uploaded, stored + alone.update.values[IMPORTANCE])
+
+
+@pytest.mark.parametrize("steps, samples, processed", [(5, 40, 40 + 2 * 16), (5, 23, 2 * 23 + 16), (7, 16, 7 * 16),
+                                                       (3, 7, 3 * 7), (0, 23, 2 * 23)])
+def test_processed_weight_is_the_trainers_count_known_before_training(steps, samples, processed):
+    """``aggregation_weight: processed``: the merge weighs a client by ``partial_sum_weight``, known
+    before training, and it is the count the trainer returns (batch 16: steps run on into the next
+    pass after a pass's short batch; 0 steps: local.epochs = 2 passes)."""
+    from fedmpi.algorithms import ClientTask
+    from fedmpi.update import ModelUpdate
+
+    model, info = mlp_info()
+    overrides = [f"prunefl.local_steps={steps}", "local.epochs=2", "prunefl.initial_pruning=false"]
+    cfg = load_config(None, extra=copy.deepcopy(PF), overrides=overrides + ["prunefl.aggregation_weight=processed"])
+    algorithm = build_algorithm(cfg, info)
+    weights = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
+    x, y = torch.randn(samples, 60), torch.randint(0, 10, (samples,))
+    task = ClientTask(2, 3, ModelUpdate(weights), {}, x, y, 5)
+    _, _, counted = algorithm.train(task, LocalTrainer(model, cfg["local"]))
+    assert algorithm.partial_sum_weight(3, samples) == counted == processed
+    by_samples = build_algorithm(load_config(None, extra=copy.deepcopy(PF), overrides=overrides), info)
+    assert by_samples.partial_sum_weight(3, samples) == samples
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -248,6 +288,7 @@ def runs(work):
     return get
 
 
+@pytest.mark.slow
 def test_initial_pruning_round_one_client_counted_bytes(runs):
     _, res = runs("prunefl")
     rounds, clients = res["rounds"], res["clients"]
@@ -273,6 +314,7 @@ def test_initial_pruning_round_one_client_counted_bytes(runs):
     assert np.all(rounds["ip_iterations"][1:] == -1)
 
 
+@pytest.mark.slow
 def test_importance_upload_is_exactly_4n_bytes_per_client(runs):
     _, res = runs("prunefl")
     rounds, clients = res["rounds"], res["clients"]
@@ -292,6 +334,7 @@ def test_importance_upload_is_exactly_4n_bytes_per_client(runs):
     assert np.all(np.isfinite(rounds["objective"][rounds["reconfigured"] == 1]))
 
 
+@pytest.mark.slow
 def test_download_carries_the_mask_only_when_the_clients_copy_is_older(runs):
     _, res = runs("prunefl")
     rounds, clients = res["rounds"], res["clients"]
@@ -315,6 +358,7 @@ def test_download_carries_the_mask_only_when_the_clients_copy_is_older(runs):
     ("snip", ("algorithm=snip", "snip.density=0.3"), (3,)),
     ("imp", ("algorithm=imp", "imp.density=0.3", "imp.prunes=3", "imp.every=2"), (3,)),
 ])
+@pytest.mark.slow
 def test_identical_metrics_for_1_2_4_ranks(runs, name, sets, rank_counts):
     _, base = runs(name, 1, sets)
     assert np.all(np.isfinite(base["rounds"]["test_accuracy"]))
@@ -323,6 +367,7 @@ def test_identical_metrics_for_1_2_4_ranks(runs, name, sets, rank_counts):
         assert_all_columns_identical(base, other, f"{name} P=1 vs P={ranks}")
 
 
+@pytest.mark.slow
 def test_without_initial_pruning_fl_starts_dense(runs):
     _, res = runs("prunefl_no_ip", 1, ("prunefl.initial_pruning=false",))
     rounds, clients = res["rounds"], res["clients"]
@@ -331,6 +376,7 @@ def test_without_initial_pruning_fl_starts_dense(runs):
     np.testing.assert_array_equal(rounds["reconfigured"], [0, 1, 0, 1, 0, 1, 0])
 
 
+@pytest.mark.slow
 def test_snip_prunes_once_after_the_dense_first_round(runs):
     _, res = runs("snip", 1, ("algorithm=snip", "snip.density=0.3"))
     density = res["rounds"]["density"]
@@ -339,6 +385,7 @@ def test_snip_prunes_once_after_the_dense_first_round(runs):
     assert np.all(res["clients"]["upload_bytes"][:4] == 4 * n_params(mlp_info()[1]))
 
 
+@pytest.mark.slow
 def test_imp_prunes_a_fixed_fraction_every_few_rounds(runs):
     _, res = runs("imp", 1, ("algorithm=imp", "imp.density=0.3", "imp.prunes=3", "imp.every=2"))
     density = res["rounds"]["density"]
@@ -347,23 +394,20 @@ def test_imp_prunes_a_fixed_fraction_every_few_rounds(runs):
     np.testing.assert_allclose(density, expected, atol=2e-3)
 
 
-def test_density_from_reads_the_final_density_of_a_finished_run(runs, work):
-    path, res = runs("prunefl")
-    template = str(path).replace("_p1.h5", "_p{seed}.h5")          # seed 1 → .._p1.h5
-    cfg = load_config(None, extra=copy.deepcopy(PF),
-                      overrides=["algorithm=snip", "seed=1", f"snip.density_from={template}"])
-    from fedmpi.algorithms.pruning_baselines import target_density
-
-    assert target_density(cfg, "snip") == res["rounds"]["density"][-1]
-    cfg["snip"]["density_from"] = str(work / "missing_{seed}.h5")
-    with pytest.raises(ConfigError, match="snip.density_from"):
-        target_density(cfg, "snip")
+@pytest.mark.parametrize("section", ["snip", "imp"])
+def test_density_from_is_gone_the_campaign_passes_the_density(section):
+    """PruneFL's final density reaches SNIP / IMP as a number: a campaign's from_run
+    (tests/test_sweep.py), not a file the algorithm reads."""
+    with pytest.raises(ConfigError, match=f"{section}.density_from"):
+        load_config(None, extra=copy.deepcopy(PF),
+                    overrides=[f"algorithm={section}", f"{section}.density_from=x_{{seed}}.h5"])
 
 
 # ------------------------------------------------------------------------------ SIGKILL + resume
 RESUME = ["--set", "checkpoint.every=1", "--set", "prunefl.local_steps=40", "--set", "eval.every=2"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(runs, work):
     path = work / "resume.yaml"
     path.write_text(yaml.safe_dump(PF))
@@ -396,7 +440,7 @@ def fake_run(algorithm, seed, accuracy, cum_sim, sections=None, active=None, upl
 
 
 def test_time_to_target_table_and_figures(tmp_path):
-    from fedmpi.plots_prunefl import draw_prunefl, model_size, time_to_target_table
+    from fedmpi.figures.prunefl import draw, model_size, time_to_target_table
     from fedmpi.results import group_runs
 
     nan = float("nan")
@@ -426,7 +470,7 @@ def test_time_to_target_table_and_figures(tmp_path):
     assert rows["fedavg_like_dense"][4] == "not reached"
     np.testing.assert_array_equal(model_size(runs[-1]), [100.0] * 5)   # no column: upload / 4
     colors = {g.label: "C0" for g in groups}
-    written = draw_prunefl("toy-prunefl", groups, colors, tmp_path, "toy")
+    written = draw("toy-prunefl", groups, colors, tmp_path, "toy")
     names = sorted(p.name for p in written)
     assert names == ["toy_prunefl_accuracy_vs_round.png", "toy_prunefl_accuracy_vs_time.png",
                      "toy_prunefl_model_size.png", "toy_prunefl_time_to_target.md"]

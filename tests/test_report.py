@@ -13,7 +13,7 @@ import pytest
 
 from fake_results import MIB, make_config, make_rounds, write_fake_run, write_run_with_writer
 from fedmpi.errors import DataError
-from fedmpi.plotting import draw_all
+from fedmpi.figures import draw_all
 from fedmpi.results import (
     ROUND_FIELDS,
     ResultsWriter,
@@ -206,6 +206,60 @@ def test_draw_all_writes_figures_and_tables(results, tmp_path, capsys):
     assert "feddst S=0.8" in (plots / "summary.md").read_text()
     out = capsys.readouterr().out
     assert all(f"wrote {plots / name}" in out for name in expected)
+
+
+def legend_texts(fig) -> set[str]:
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes)]
+    return {text.get_text() for legend in legends if legend is not None for text in legend.get_texts()}
+
+
+def test_upload_figure_draws_every_algorithm_group_plug_ins_included(tmp_path, monkeypatch):
+    """The FedDST paper's figure (accuracy vs cumulative upload) shows every group of the
+    experiment: a method that is not installed here (an out-of-tree plug-in's results) beside
+    FedDST, in the legend and in its companion budget table."""
+    from matplotlib.figure import Figure
+
+    from fedmpi.algorithms import ALGORITHMS
+    from fedmpi.figures import figure_modules
+
+    assert "elsewhere_topk" not in ALGORITHMS
+    directory = tmp_path / "results"
+    directory.mkdir()
+    write_fake_run(directory / "topk.h5", make_config("elsewhere_topk", seed=0, experiment="upload"),
+                   make_rounds(FEDAVGM_SEED0, DENSE_UPLOAD_PER_ROUND // 2))
+    write_fake_run(directory / "feddst.h5", make_config("feddst", seed=0, sparsity=0.8, experiment="upload"),
+                   make_rounds(FEDDST_SEED0, SPARSE_UPLOAD_PER_ROUND, density=0.2))
+    saved = {}
+    savefig = Figure.savefig
+
+    def record(fig, path, *args, **kwargs):
+        saved[Path(path).name] = legend_texts(fig)
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    written = draw_all(directory, tmp_path / "plots")
+    assert tmp_path / "plots" / "upload_accuracy_vs_upload.png" in written
+    legend = saved["upload_accuracy_vs_upload.png"]
+    assert {"elsewhere_topk (1 seed)", "feddst S=0.8 (1 seed)"} <= legend, legend
+    table = (tmp_path / "plots" / "upload_budget_table.md").read_text()
+    assert _table_row(table, "elsewhere_topk") and _table_row(table, "feddst S=0.8")
+    # the unregistered method gets the common figures only, and adds no method-specific ones
+    groups = group_runs(read_runs(directory))
+    assert figure_modules(groups) == []
+
+
+def test_method_figures_come_from_the_algorithm_classes():
+    from types import SimpleNamespace
+
+    from fedmpi.figures import figure_modules
+
+    def groups(*algorithms):
+        return [SimpleNamespace(algorithm=a) for a in algorithms]
+
+    assert figure_modules(groups("fedavg", "snip", "topk_fedavg", "lotteryfl")) == ["prunefl"]
+    assert figure_modules(groups("fedavg", "hypemefed", "heterofl")) == ["heterogeneous"]
+    assert figure_modules(groups("imp", "scalefl")) == ["prunefl", "heterogeneous"]
+    assert figure_modules(groups("fedavgm", "feddst", "topk_fedavg")) == []
 
 
 def test_draw_all_without_results_prints_hint(tmp_path, capsys):

@@ -9,41 +9,19 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import queue
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
-import threading
 import time
-from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-PY = sys.executable
-_LOCAL_MPIEXEC = Path(PY).parent / "mpiexec"
-MPIEXEC = str(_LOCAL_MPIEXEC) if _LOCAL_MPIEXEC.exists() else shutil.which("mpiexec")
-needs_mpiexec = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec found")
-
-TINY = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 3,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "algorithm": "fedavg",
-    "eval": {"every": 1},
-}
-
-# per-round metrics that must agree bit for bit whatever the rank count
-ROUND_METRICS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
-                 "cum_upload_bytes", "cum_download_bytes", "density", "header_bytes", "train_flops"]
-CLIENT_METRICS = ["round", "client_id", "num_samples", "train_loss", "upload_bytes", "download_bytes"]
+from helpers import (BATCH_SCRIPT, TINY, Streaming, assert_same_metrics, fedmpi, mlp_parameter_count,
+                     needs_mpiexec, read_results, same_bits, selected_clients, write_config)
 
 CONTRACT_ROUNDS = ["round", "test_accuracy", "client_accuracy", "test_loss", "upload_bytes", "download_bytes",
                    "cum_upload_bytes", "density", "wall_seconds", "sim_seconds"]
@@ -52,87 +30,6 @@ EXTRA_ROUNDS = ["cum_download_bytes", "header_bytes", "compute_seconds", "cum_wa
 CONTRACT_CLIENTS = ["round", "client_id", "rank", "num_samples", "upload_bytes", "download_bytes", "train_loss",
                     "compute_seconds"]
 CONTRACT_ATTRS = ["config", "fedmpi_version", "git_commit", "mpi_size", "started"]
-
-
-# ------------------------------------------------------------------------------ helpers
-def env() -> dict:
-    e = dict(os.environ)
-    e["OMP_NUM_THREADS"] = "1"
-    e["MPLBACKEND"] = "Agg"
-    e["PYTHONPATH"] = str(REPO) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e.pop("SLURM_JOB_ID", None)
-    return e
-
-
-def command(args: list[str], ranks: int = 1, module: bool = True) -> list[str]:
-    base = [PY, "-m", "fedmpi", *args] if module else [PY, *args]
-    if ranks == 1:
-        return base
-    return [MPIEXEC, "-n", str(ranks), *base]
-
-
-def fedmpi(args: list[str], ranks: int = 1, timeout: float = 120, module: bool = True):
-    """Run to completion; returns (CompletedProcess, seconds)."""
-    started = time.monotonic()
-    proc = subprocess.run(command(args, ranks, module), cwd=REPO, env=env(), capture_output=True, text=True,
-                          timeout=timeout)
-    return proc, time.monotonic() - started
-
-
-def write_config(path: Path, **changes) -> Path:
-    import yaml
-
-    cfg = json.loads(json.dumps(TINY))
-    cfg.update(changes)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def read_results(path: Path) -> dict:
-    """Everything in a results file. SWMR first: a killed writer leaves the file flagged as open."""
-    try:
-        f = h5py.File(path, "r", swmr=True)
-    except OSError:
-        f = h5py.File(path, "r")
-    with f:
-        return {"attrs": {k: f.attrs[k] for k in f.attrs},
-                "rounds": {k: f["rounds"][k][:] for k in f["rounds"]},
-                "clients": {k: f["clients"][k][:] for k in f["clients"]}}
-
-
-def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    return a.tobytes() == b.tobytes()
-
-
-def assert_same_metrics(a: dict, b: dict, rounds=None, what=""):
-    for name in ROUND_METRICS:
-        x, y = a["rounds"][name], b["rounds"][name]
-        if rounds is not None:
-            x, y = x[:rounds], y[:rounds]
-        assert same_bits(x, y), f"{what}rounds/{name}: {x} != {y}"
-    for name in CLIENT_METRICS:
-        x, y = a["clients"][name], b["clients"][name]
-        assert same_bits(x, y), f"{what}clients/{name}: {x} != {y}"
-
-
-def selected_clients(seed: int, round_: int, total: int, per_round: int) -> list[int]:
-    """The server's client sampling, recomputed from (seed, round) as fedmpi.rng defines it."""
-    from fedmpi import rng
-
-    return sorted(int(c) for c in rng.generator(seed, rng.SAMPLING, round_).choice(total, size=per_round,
-                                                                                   replace=False))
-
-
-def mlp_parameter_count() -> int:
-    from fedmpi.config import DEFAULTS
-    from fedmpi.models import build_model
-
-    syn = DEFAULTS["data"]["synthetic"]
-    model = build_model("mlp", (syn["dim"],), syn["classes"])
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.fixture(scope="module")
@@ -146,26 +43,16 @@ def tiny_cfg(work):
 
 
 @pytest.fixture(scope="module")
-def runs(work, tiny_cfg):
-    """Results of the tiny config per (algorithm, ranks), each run at most once per module."""
-    cache: dict = {}
-
-    def get(algorithm: str, ranks: int):
-        key = (algorithm, ranks)
-        if key not in cache:
-            out = work / f"{algorithm}_p{ranks}.h5"
-            proc, seconds = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet",
-                                    "--set", f"algorithm={algorithm}"], ranks, timeout=180)
-            assert proc.returncode == 0, f"{algorithm} P={ranks} failed:\n{proc.stderr[-3000:]}"
-            cache[key] = (out, read_results(out), proc)
-        return cache[key]
-
-    return get
+def runs(tiny_runs):
+    """``runs(algorithm, ranks)``: the tiny config's (results path, results, process), from the
+    session's shared runs (conftest.py)."""
+    return lambda algorithm, ranks: tiny_runs(f"algorithm={algorithm}", ranks=ranks, timeout=180)
 
 
 # ------------------------------------------------------------------------------ rank-count independence
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.slow
 def test_mpi_payload_bytes_count_what_crossed_between_ranks(runs, ranks):
     """Dense FedAvg: rank 0 broadcasts one download to P−1 ranks and gathers every upload (no
     client runs on rank 0 when P > 1); with P = 1 nothing crosses MPI."""
@@ -182,6 +69,7 @@ def test_mpi_payload_bytes_count_what_crossed_between_ranks(runs, ranks):
 
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm, ranks", [("fedavg", [1, 2, 4]), ("fedavgm", [1, 4]), ("fedprox", [1, 4])])
+@pytest.mark.slow
 def test_same_metrics_whatever_the_rank_count(runs, algorithm, ranks):
     base_path, base, _ = runs(algorithm, ranks[0])
     assert int(base["attrs"]["mpi_size"]) == ranks[0]
@@ -199,6 +87,7 @@ def test_same_metrics_whatever_the_rank_count(runs, algorithm, ranks):
 
 @needs_mpiexec
 @pytest.mark.parametrize("algorithm", ["fedavgm", "fedprox"])
+@pytest.mark.slow
 def test_algorithm_setting_changes_the_metrics(runs, algorithm):
     """Guards the comparison above: the algorithm really is applied (otherwise all runs coincide)."""
     _, fedavg, _ = runs("fedavg", 1)
@@ -208,8 +97,9 @@ def test_algorithm_setting_changes_the_metrics(runs, algorithm):
 
 
 # ------------------------------------------------------------------------------ results file
+@pytest.mark.slow
 def test_results_file_schema_and_byte_counts(runs, tiny_cfg):
-    from fedmpi.config import DEFAULTS, load_config
+    from fedmpi.config import load_config
 
     path, res, proc = runs("fedavg", 1)
     attrs, rounds, clients = res["attrs"], res["rounds"], res["clients"]
@@ -256,11 +146,11 @@ def test_results_file_schema_and_byte_counts(runs, tiny_cfg):
     resolved = load_config(tiny_cfg, ["algorithm=fedavg"])
     resolved["output"]["progress"] = False          # --quiet
     assert stored == resolved
-    assert stored["fedavgm"]["momentum"] == DEFAULTS["fedavgm"]["momentum"]
-    assert stored["fedprox"]["mu"] == DEFAULTS["fedprox"]["mu"]
+    assert stored["fedavgm"]["momentum"] == 0.9 and stored["fedprox"]["mu"] == 0.01   # the declared defaults
     assert "results in" in proc.stderr
 
 
+@pytest.mark.slow
 def test_info_prints_algorithm_and_accuracy(runs):
     path, res, _ = runs("fedavg", 1)
     proc, _ = fedmpi(["info", str(path)], timeout=60)
@@ -272,24 +162,6 @@ def test_info_prints_algorithm_and_accuracy(runs):
 
 
 # ------------------------------------------------------------------------------ bad configs
-# Many short CLI invocations share one interpreter (each would otherwise pay the torch import):
-# the script calls fedmpi.cli.main -- what ``python -m fedmpi`` runs -- once per argv.
-BATCH_SCRIPT = textwrap.dedent("""
-    import contextlib, io, json, sys
-    from fedmpi.cli import main
-
-    results = []
-    for argv in json.loads(open(sys.argv[1]).read()):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            try:
-                rc = main(argv)
-            except SystemExit as exc:
-                rc = exc.code
-        results.append({"rc": rc, "stderr": err.getvalue()})
-    print(json.dumps(results))
-""")
-
 BAD = [
     # (id, extra args, texts stderr must contain)
     ("unknown_key", ["--set", "data.alhpa=1"], ["data.alhpa", "data.alpha"]),
@@ -338,6 +210,7 @@ def cli_batch(work, tiny_cfg, runs):
 
 
 @pytest.mark.parametrize("case", [b[0] for b in BAD] + ["missing_data", "broken_yaml"])
+@pytest.mark.slow
 def test_bad_config_exits_2_naming_the_key(cli_batch, work, case):
     res, needles = cli_batch[case]
     assert res["rc"] == 2, res["stderr"]
@@ -348,6 +221,7 @@ def test_bad_config_exits_2_naming_the_key(cli_batch, work, case):
     assert not out.exists() and not out.with_suffix(".ckpt").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_exit_status_of_the_real_command(work, tiny_cfg):
     out = work / "bad_real.h5"
     proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "data.alhpa=1"], timeout=60)
@@ -356,6 +230,7 @@ def test_bad_config_exit_status_of_the_real_command(work, tiny_cfg):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_existing_out_without_force_is_refused(cli_batch):
     res, needles = cli_batch["existing_out"]
     assert res["rc"] == 2
@@ -364,6 +239,7 @@ def test_existing_out_without_force_is_refused(cli_batch):
     assert cli_batch["_unchanged"]
 
 
+@pytest.mark.slow
 def test_unwritable_out_exits_2_before_training(cli_batch):
     res, needles = cli_batch["unwritable_out"]
     assert res["rc"] == 2, res["stderr"]
@@ -372,6 +248,7 @@ def test_unwritable_out_exits_2_before_training(cli_batch):
     assert "Traceback" not in res["stderr"]
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_does_nothing(cli_batch):
     res, needles = cli_batch["resume_finished"]
     assert res["rc"] == 0 and needles[0] in res["stderr"]
@@ -383,6 +260,7 @@ def test_resume_of_a_finished_run_does_nothing(cli_batch):
     ("unknown_key", ["--set", "data.alhpa=1"], "data.alhpa"),          # fails while parsing, every rank
     ("unknown_dataset", ["--set", "data.name=imagenet"], "data.name"),  # fails in setup, gathered
 ], ids=["unknown_key", "unknown_dataset"])
+@pytest.mark.slow
 def test_bad_config_under_mpiexec_exits_2_reported_once(work, tiny_cfg, case, args, needle):
     out = work / f"bad_mpi_{case}.h5"
     proc, seconds = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", *args], ranks=2, timeout=90)
@@ -411,6 +289,7 @@ DIVERGE = re.compile(r"training diverged at round (\d+), client (\d+)")
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_divergence_under_mpiexec_ends_every_rank_promptly(work, tiny_cfg):
     out = work / "diverge.h5"
     # lr = 20 makes the loss NaN a round or two in (1e30 would do too, written as 1.0e+30)
@@ -436,6 +315,7 @@ def test_divergence_under_mpiexec_ends_every_rank_promptly(work, tiny_cfg):
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_aborted_run_file_opens_as_swmr_reader(work, tiny_cfg):
     """A killed SWMR writer leaves HDF5's write flag set: the file opens with swmr=True (what
     fedmpi's readers use, documented in the README), every completed round intact."""
@@ -453,14 +333,15 @@ def test_aborted_run_file_opens_as_swmr_reader(work, tiny_cfg):
 FAILING_SCRIPT = textwrap.dedent("""
     import sys
     from mpi4py import MPI
-    import fedmpi.algorithms as algorithms
     from fedmpi.algorithms.fedavg import FedAvg
     from fedmpi.cli import main
 
     FAIL_CLIENT = int(sys.argv[1])
 
     class FailingFedAvg(FedAvg):
-        name = "fedavg"
+        name = "failing_fedavg"
+        label = "FedAvg failing at one client"
+        doc = "tests/test_run.py"
 
         def local_update(self, task, trainer):
             if task.client_id == FAIL_CLIENT:
@@ -468,12 +349,12 @@ FAILING_SCRIPT = textwrap.dedent("""
                                    f"on rank {MPI.COMM_WORLD.Get_rank()}")
             return super().local_update(task, trainer)
 
-    algorithms.ALGORITHMS["fedavg"] = FailingFedAvg
     sys.exit(main(sys.argv[2:]))
 """)
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_exception_on_one_worker_ends_every_rank_with_its_message(work, tiny_cfg):
     fail_client = 2
     first = next((r for r in range(1, TINY["rounds"] + 1) if fail_client in selected_clients(0, r, 8, 4)), None)
@@ -481,8 +362,8 @@ def test_exception_on_one_worker_ends_every_rank_with_its_message(work, tiny_cfg
     script = work / "failing_worker.py"
     script.write_text(FAILING_SCRIPT)
     out = work / "worker_failure.h5"
-    proc, seconds = fedmpi([str(script), str(fail_client), "run", str(tiny_cfg), "--out", str(out), "--quiet"],
-                           ranks=3, timeout=120, module=False)
+    proc, seconds = fedmpi([str(script), str(fail_client), "run", str(tiny_cfg), "--out", str(out), "--quiet",
+                            "--set", "algorithm=__main__:FailingFedAvg"], ranks=3, timeout=120, module=False)
     assert proc.returncode != 0
     assert seconds < 30, f"took {seconds:.1f}s"
     match = re.search(r"fedmpi: rank (\d+): RuntimeError: injected failure of client 2 in round (\d+) on rank (\d+)",
@@ -499,78 +380,6 @@ def test_exception_on_one_worker_ends_every_rank_with_its_message(work, tiny_cfg
 RESUME_ARGS = ["--set", "rounds=6", "--set", "local.epochs=4", "--set", "eval.every=2",
                "--set", "checkpoint.every=1"]
 NO_CHECKPOINTS = RESUME_ARGS[:-2]
-
-
-class Streaming:
-    """A run in the background whose stderr lines arrive on a queue (readline would block)."""
-
-    def __init__(self, args, ranks: int = 1):
-        self.proc = subprocess.Popen(command(args, ranks), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stderr:
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def wait_for_line(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                self.kill()
-                pytest.fail(f"no line matching {pattern!r} within {timeout}s: {''.join(self.seen)}")
-            if line is None:
-                pytest.fail(f"run ended (rc={self.proc.wait()}) before {pattern!r}: {''.join(self.seen)}")
-            self.seen.append(line)
-            if re.search(pattern, line):
-                return line
-
-    def finish(self, timeout: float) -> tuple[int, str]:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"run did not end within {timeout}s")
-        while True:
-            try:
-                line = self.lines.get(timeout=5)
-            except queue.Empty:
-                break
-            if line is None:
-                break
-            self.seen.append(line)
-        return rc, "".join(self.seen)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def sigkill_and_resume(config, work, args, kill_after: str) -> tuple[dict, dict]:
-    """Run ``config`` once uninterrupted and once SIGKILLed when ``kill_after`` (a progress-line
-    pattern) is printed, then resumed; returns (uninterrupted results, resumed results)."""
-    reference = work / "resume_reference.h5"
-    proc, _ = fedmpi(["run", str(config), "--out", str(reference), "--quiet", *args], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    killed = work / "resume_killed.h5"
-    run = Streaming(["run", str(config), "--out", str(killed), "--progress", *args])
-    run.wait_for_line(kill_after, timeout=240)
-    if run.proc.poll() is not None:
-        pytest.fail("the run finished before it could be killed")
-    os.kill(run.proc.pid, signal.SIGKILL)
-    rc, _ = run.finish(timeout=30)
-    assert rc == -signal.SIGKILL
-    proc, _ = fedmpi(["run", str(config), "--out", str(killed), "--quiet", "--resume", *args], timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = read_results(killed)
-    assert "finished" in resumed["attrs"] and "resumed" in resumed["attrs"]
-    return read_results(reference), resumed
 
 
 @pytest.fixture(scope="module")
@@ -602,6 +411,7 @@ def killed(work, tiny_cfg):
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_a_readable_partial_file_and_a_checkpoint(killed, uninterrupted):
     ckpt = killed.with_suffix(".ckpt")
     assert ckpt.exists()
@@ -622,6 +432,7 @@ def test_sigkill_leaves_a_readable_partial_file_and_a_checkpoint(killed, uninter
     assert info.returncode == 0 and "NOT finished" in info.stdout, info.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(killed, tiny_cfg, uninterrupted):
     proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(killed), "--quiet", "--resume", *RESUME_ARGS],
                      timeout=180)
@@ -632,6 +443,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(killed, tiny_cfg, unin
     assert_same_metrics(resumed, uninterrupted, what="resumed after SIGKILL: ")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_exits_75_and_resume_matches(work, tiny_cfg, uninterrupted):
     out = work / "terminated.h5"
     ckpt = out.with_suffix(".ckpt")
@@ -665,6 +477,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(work, tiny_cfg, uninter
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.slow
 def test_corrupt_checkpoint_given_to_resume_exits_2_naming_it(work, tiny_cfg, damage):
     out = work / f"corrupt_{damage}.h5"
     proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "rounds=2"], timeout=120)
@@ -682,6 +495,7 @@ def test_corrupt_checkpoint_given_to_resume_exits_2_naming_it(work, tiny_cfg, da
 
 
 @needs_mpiexec
+@pytest.mark.slow
 def test_results_directory_removed_mid_run_ends_every_rank_naming_the_file(work, tiny_cfg):
     """HDF5 would keep writing into the unlinked file: the writer notices and the job ends."""
     directory = work / "doomed"
@@ -697,6 +511,7 @@ def test_results_directory_removed_mid_run_ends_every_rank_naming_the_file(work,
     assert f"{out}: the results file was removed while the run was writing it" in stderr, stderr
 
 
+@pytest.mark.slow
 def test_full_disk_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(work, tiny_cfg):
     mount = work / "small_disk"
     mount.mkdir()

@@ -1,4 +1,4 @@
-"""The scale run of issue 11 at test size: 1,000 clients per round on 8 ranks (oversubscribed)
+"""``make bench-scale``'s scale run at test size: 1,000 clients per round on 8 ranks (oversubscribed)
 with the fixed-point sums on the workers (``aggregation.where: workers``).
 
 Each client is tiny (3 samples of LEAF Synthetic with 2 features, one local step; the MLP has
@@ -26,7 +26,9 @@ import signal
 import numpy as np
 import pytest
 
-from test_run import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, write_config
+from helpers import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, write_config
+
+pytestmark = pytest.mark.slow     # one module fixture: four runs of 1,000 clients, up to 8 ranks
 
 RANKS = 8
 CLIENTS = 1000

@@ -7,6 +7,7 @@ skips with the reason. Run alone with ``pytest -m slurm -s`` to see the timings.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,39 @@ def test_cancelled_task_stays_cancelled(cluster, tmp_path):
     assert not queue.strip(), queue
     assert run_status(run.result) == "partial"
     assert run.result.with_suffix(".ckpt").exists()
+
+
+def test_dependent_array_job_waits_for_its_producers_and_takes_their_final_density(cluster,
+                                                                                 tmp_path):
+    """IMP takes SNIP's final density (from_run): a second array job, --dependency=afterok on the
+    SNIP tasks; each IMP task reads the value of its seed when it starts. A producer that fails
+    (snip.density 0: exit 2) gets its dependents cancelled (--kill-on-invalid-dep)."""
+    spec = yaml.safe_load(TINY_CAMPAIGN.read_text())
+    del spec["grid"]
+    take = {"from_run": "algorithm=snip_snip.density=0.3", "column": "density"}
+    spec.update(name="depends", results_dir="results", seeds=[0, 1], runs=[
+        {"algorithm": "imp", "imp.prunes": 1, "imp.every": 1, "imp.density": take},
+        {"algorithm": "snip", "snip.density": 0.3}])
+    campaign_file = tmp_path / "campaign.yaml"
+    campaign_file.write_text(yaml.safe_dump(spec))
+    campaign = load_campaign(campaign_file)
+
+    done = sweep(cluster, campaign_file, "--slurm", "--wait")
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "results" / "slurm").glob("*.out")))
+    assert done.returncode == 0, f"{done.stderr}\n{logs}\n{cluster.logs()}"
+    assert "(2 tasks, after 2 producer task(s) succeed)" in done.stdout
+    assert all(run_status(run.result) == "finished" for run in campaign.runs), logs
+    for seed in (0, 1):
+        with h5py.File(tmp_path / "results" / f"algorithm=snip_snip.density=0.3_seed={seed}.h5") as f:
+            density = float(f["rounds/density"][-1])
+        with h5py.File(tmp_path / "results" / f"algorithm=imp_imp.every=1_imp.prunes=1_seed={seed}.h5") as f:
+            assert json.loads(f.attrs["config"])["imp"]["density"] == density
+
+    spec.update(name="depends-failed", results_dir="failed", seeds=[0], runs=[
+        {"algorithm": "imp", "imp.density": {**take, "from_run": "algorithm=snip_snip.density=0"}},
+        {"algorithm": "snip", "snip.density": 0}])
+    campaign_file.write_text(yaml.safe_dump(spec))
+    failed = sweep(cluster, campaign_file, "--slurm", "--wait")
+    assert failed.returncode == 1, failed.stdout
+    assert not (tmp_path / "failed" / "algorithm=imp_seed=0.h5").exists()
+    assert len(list((tmp_path / "failed" / "slurm").glob("*.out"))) == 1   # the IMP task never ran

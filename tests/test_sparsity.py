@@ -1,23 +1,21 @@
-"""Tests of the sparse-training toolkit (fedmpi/sparsity.py)."""
+"""Tests of the sparse-training toolkit (fedmpi/sparsity.py) and of FedDST's readjustment
+(fedmpi/algorithms/feddst_readjustment.py)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fedmpi.errors import ConfigError
-from fedmpi.sparsity import (
-    apply_masks_torch,
+from fedmpi.algorithms.feddst_readjustment import (
     cosine_readjust_fraction,
-    kept_counts,
-    layer_densities,
-    magnitude_masks,
     prune_and_grow,
     readjustment_round,
     reprune_public,
     resolve_r_end,
     schedule_round,
 )
+from fedmpi.errors import ConfigError
+from fedmpi.sparsity import apply_masks_torch, kept_counts, layer_densities, magnitude_masks
 
 # Maskable weights of FedDST's CNNs (fedmpi/models/nets.py), in model order.
 CIFAR10NET = {

@@ -3,6 +3,7 @@ SLURM job files (the real scheduler is in test_slurm.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -247,6 +248,7 @@ def test_local_stops_at_a_preempted_run_with_its_exit_status(tmp_path, monkeypat
     assert "seed=0: pre-empted" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_local_runs_missing_runs_then_nothing(tmp_path, capsys):
     path = write_campaign(tmp_path, ranks=2, seeds=[0])
     assert sweep(str(path), "--local") == 0
@@ -276,3 +278,255 @@ def test_local_jobs_run_concurrently_and_all_finish(tmp_path, monkeypatch, capsy
     assert (tmp_path / "log").read_text().count("start") == 4
     assert "4 runs finished" in capsys.readouterr().out
     assert sweep(str(path), "--local", "--jobs", "0") == 2     # bad input
+
+
+# -- runs that take a value from another run (from_run) ------------------------------------------
+
+FROM_PRUNEFL = {"from_run": "algorithm=prunefl", "column": "density"}
+
+FAKE_MPIEXEC = '''#!{python}
+"""Stands in for mpiexec: logs the run's start (with its --set values) and end, then writes a
+finished results file whose per-round density ends at 0.1234567891 + seed / 7, or exits 1 for
+the run named in $FAKE_FAIL."""
+import json, os, sys, time
+from pathlib import Path
+
+import h5py
+
+argv = sys.argv
+out = Path(argv[argv.index("--out") + 1])
+sets = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+log = Path(os.environ["FAKE_LOG"])
+
+def note(event):
+    with log.open("a") as f:
+        f.write(json.dumps([event, out.stem, sets]) + "\\n")
+
+note("start")
+time.sleep(0.6 if "algorithm=prunefl" in sets else 0.1)
+if out.stem == os.environ.get("FAKE_FAIL"):
+    note("failed")
+    sys.exit(1)
+seed = int(next(s for s in sets if s.startswith("seed=")).split("=")[1])
+with h5py.File(out, "w") as f:
+    f.attrs["config"] = json.dumps({{"seed": seed}})
+    f.create_dataset("rounds/density", data=[1.0, 0.5, 0.1234567891 + seed / 7])
+    f.attrs["finished"] = "now"
+note("end")
+'''
+
+
+@pytest.fixture
+def fake_mpiexec(tmp_path, monkeypatch):
+    """MPIEXEC replaced by FAKE_MPIEXEC; returns the log's events as (event, run, sets)."""
+    script = tmp_path / "fake-mpiexec"
+    script.write_text(FAKE_MPIEXEC.format(python=sys.executable))
+    script.chmod(0o755)
+    log = tmp_path / "log"
+    monkeypatch.setenv("MPIEXEC", str(script))
+    monkeypatch.setenv("FAKE_LOG", str(log))
+
+    def events():
+        return [tuple(json.loads(line)) for line in log.read_text().splitlines()] if log.exists() else []
+    return events
+
+
+def dependent_campaign(tmp_path, **spec) -> Path:
+    """SNIP (listed first) takes PruneFL's final density; FedAvg is independent."""
+    runs = [{"algorithm": "snip", "snip.density": FROM_PRUNEFL}, {"algorithm": "fedavg"},
+            {"algorithm": "prunefl"}]
+    return write_campaign(tmp_path, **{"seeds": [0, 1], "runs": runs, **spec})
+
+
+def final_density(path: Path) -> float:
+    with h5py.File(path, "r") as f:
+        return float(f["rounds/density"][-1])
+
+
+def test_from_run_links_the_same_seed_and_stays_out_of_the_name(tmp_path, capsys):
+    campaign = load_campaign(dependent_campaign(tmp_path))
+    snip = {run.name: run for run in campaign.runs}["algorithm=snip_seed=1"]
+    assert snip.overrides == {"algorithm": "snip", "seed": 1}
+    (source,) = snip.inputs
+    assert (source.key, source.run, source.column) == ("snip.density", "algorithm=prunefl_seed=1",
+                                                       "density")
+    assert source.result == tmp_path / "results" / "algorithm=prunefl_seed=1.h5"
+    assert sweep(str(tmp_path / "campaign.yaml"), "--list") == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("algorithm=snip_seed=1"))
+    assert line.endswith("  algorithm=snip seed=1 snip.density=<final density of algorithm=prunefl_seed=1>")
+
+
+def test_local_runs_producers_first_and_passes_their_final_density(tmp_path, fake_mpiexec, capsys):
+    path = dependent_campaign(tmp_path)
+    assert sweep(str(path), "--local", "--jobs", "2") == 0
+    events = fake_mpiexec()
+    order = [(event, run) for event, run, _ in events]
+    # the producers start first, together (--jobs 2), though SNIP comes first in the file
+    assert {run for event, run in order[:2]} == {"algorithm=prunefl_seed=0", "algorithm=prunefl_seed=1"}
+    assert all(event == "start" for event, _ in order[:2])
+    results = tmp_path / "results"
+    for seed in (0, 1):
+        # each SNIP run starts only after its PruneFL run has ended ...
+        assert order.index(("start", f"algorithm=snip_seed={seed}")) > \
+            order.index(("end", f"algorithm=prunefl_seed={seed}"))
+        # ... with the final density of that run's results file, read here independently
+        sets = next(s for e, run, s in events if e == "start" and run == f"algorithm=snip_seed={seed}")
+        density = final_density(results / f"algorithm=prunefl_seed={seed}.h5")
+        assert density == pytest.approx(0.1234567891 + seed / 7, abs=0)
+        assert sets[-1] == f"snip.density={yaml_value(density)}"
+        assert yaml.safe_load(sets[-1].split("=", 1)[1]) == density
+    assert "6 runs finished" in capsys.readouterr().out
+    # a producer finished earlier: its dependent starts at once, with the same value
+    (results / "algorithm=snip_seed=1.h5").unlink()
+    assert sweep(str(path), "--local") == 0
+    assert fake_mpiexec()[len(events):] == [
+        ("start", "algorithm=snip_seed=1", sets), ("end", "algorithm=snip_seed=1", sets)]
+
+
+def test_a_failed_producer_leaves_its_dependent_not_run(tmp_path, fake_mpiexec, monkeypatch, capsys):
+    monkeypatch.setenv("FAKE_FAIL", "algorithm=prunefl_seed=1")
+    assert sweep(str(dependent_campaign(tmp_path)), "--local", "--jobs", "2") == 1
+    started = [run for event, run, _ in fake_mpiexec() if event == "start"]
+    assert "algorithm=snip_seed=0" in started and "algorithm=snip_seed=1" not in started
+    assert len(started) == 5
+    err = capsys.readouterr().err
+    assert "algorithm=snip_seed=1: not run: it takes snip.density from algorithm=prunefl_seed=1, " \
+           "which failed" in err
+    assert "1 of 6 runs failed: algorithm=prunefl_seed=1; 1 of 6 runs not run: algorithm=snip_seed=1" in err
+
+
+@pytest.mark.parametrize("spec, key, message", [
+    ({"runs": [{"algorithm": "snip", "snip.density": {"from_run": "algorithm=prunefI",
+                                                      "column": "density"}}]},
+     "snip.density.from_run", "run algorithm=snip_seed=0: 'algorithm=prunefI' is no run"),
+    ({"runs": [{"algorithm": "snip", "snip.density": {"from_run": "algorithm=imp", "column": "density"}},
+               {"algorithm": "imp", "imp.density": {"from_run": "algorithm=snip", "column": "density"}}]},
+     "runs", "algorithm=snip_seed=0 -> algorithm=imp_seed=0 -> algorithm=snip_seed=0"),
+    ({"runs": [{"algorithm": "snip", "snip.density": {"from_run": "algorithm=snip", "column": "density"}}]},
+     "runs", "run algorithm=snip_seed=0 depends on itself"),
+    ({"seeds": None, "runs": [{"algorithm": "prunefl", "seed": 0},
+                              {"algorithm": "snip", "seed": 1, "snip.density": FROM_PRUNEFL}]},
+     "snip.density.from_run", "run algorithm=snip_seed=1: 'algorithm=prunefl' has no run with seed 1"),
+    ({"runs": [{"algorithm": "snip", "snip.density": {"from_run": "algorithm=prunefl"}}]},
+     "snip.density.column", "must be a non-empty string"),
+    ({"set": {"snip.density": FROM_PRUNEFL}}, "set", "goes in a `runs:` entry"),
+    ({"grid": {"snip.density": [FROM_PRUNEFL]}}, "grid", "goes in a `runs:` entry"),
+])
+def test_from_run_mistakes_exit_2_before_anything_runs(tmp_path, fake_mpiexec, capsys, spec, key,
+                                                       message):
+    path = write_campaign(tmp_path, **{"seeds": [0], **spec})
+    with pytest.raises(ConfigError) as error:
+        load_campaign(path)
+    assert error.value.key == key and message in error.value.problem
+    assert sweep(str(path), "--local") == 2
+    assert message in capsys.readouterr().err
+    assert fake_mpiexec() == []
+
+
+def test_slurm_submits_dependents_after_their_producers_tasks(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = dependent_campaign(tmp_path)
+    assert sweep(str(path), "--slurm", "--dry-run") == 0
+    out = capsys.readouterr().out
+    slurm, results = tmp_path / "results" / "slurm", tmp_path / "results"
+    (first,) = [t for t in slurm.glob("*.tasks") if "-dep" not in t.name]
+    second = first.with_name(first.stem + "-dep1.tasks")
+
+    def rows(table):
+        return [line.split("\t") for line in table.read_text().splitlines()
+                if not line.startswith("#")]
+    assert [row[0] for row in rows(first)] == [f"algorithm={a}_seed={s}" for a in ("fedavg", "prunefl")
+                                               for s in (0, 1)]
+    assert rows(second) == [[f"algorithm=snip_seed={s}", str(results / f"algorithm=snip_seed={s}.h5"),
+                             "algorithm=snip", f"seed={s}",
+                             f"snip.density=<final density of {results}/algorithm=prunefl_seed={s}.h5>"]
+                            for s in (0, 1)]
+    # the producers are tasks 2 and 3 of the first array job
+    assert f"job0=$(sbatch --parsable {first.with_suffix('.sbatch')})" in out
+    assert (f"job1=$(sbatch --parsable --dependency=afterok:${{job0}}_2:${{job0}}_3 "
+            f"--kill-on-invalid-dep=yes {second.with_suffix('.sbatch')})") in out
+    for script in (first.with_suffix(".sbatch"), second.with_suffix(".sbatch")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+    # a real submission passes the first job's id on (sbatch and squeue stand-ins on PATH)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/sbatch.log\n'
+                                    f'echo $((100 + $(wc -l < {tmp_path}/sbatch.log)))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert sweep(str(path), "--slurm", "--force") == 0
+    calls = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert len(calls) == 2 and "--dependency" not in calls[0]
+    assert calls[1].split()[:4] == ["--parsable", "--dependency=afterok:101_2:101_3",
+                                    "--kill-on-invalid-dep=yes", calls[1].split()[-1]]
+    assert "submitted array job 102 (2 tasks, after 2 producer task(s) succeed)" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_slurm_task_fills_in_the_producers_final_density(tmp_path, monkeypatch):
+    """The dependent job's script, outside SLURM: mpiexec is a recorder of its argv."""
+    recorder = tmp_path / "mpiexec"
+    recorder.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/argv\n')
+    recorder.chmod(0o755)
+    monkeypatch.setenv("MPIEXEC", str(recorder))
+    monkeypatch.chdir(tmp_path)
+    assert sweep(str(dependent_campaign(tmp_path)), "--slurm", "--dry-run") == 0
+    (script,) = (tmp_path / "results" / "slurm").glob("*-dep1.sbatch")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_ARRAY_TASK_ID="1", SLURM_NTASKS="2")
+
+    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert job.returncode == 2 and not (tmp_path / "argv").exists()     # PruneFL seed 1 not run
+    assert "cannot start this run" in job.stderr and "no such results file" in job.stderr
+
+    producer = tmp_path / "results" / "algorithm=prunefl_seed=1.h5"
+    with h5py.File(producer, "w") as f:
+        f.attrs["config"] = json.dumps({"seed": 1})
+        f.create_dataset("rounds/density", data=[1.0, 0.3, 0.271828182845])
+    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert job.returncode == 2 and "has not finished" in job.stderr
+
+    with h5py.File(producer, "a") as f:
+        f.attrs["finished"] = "now"
+    job = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert job.returncode == 0, job.stderr
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert argv[-2:] == ["--set", f"snip.density={yaml_value(final_density(producer))}"]
+    assert yaml.safe_load(argv[-1].split("=", 1)[1]) == final_density(producer) == 0.271828182845
+
+
+def test_a_finished_producer_puts_its_dependent_in_the_first_job(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = dependent_campaign(tmp_path, seeds=[0])
+    write_result(tmp_path / "results" / "algorithm=prunefl_seed=0.h5", finished=True)
+    assert sweep(str(path), "--slurm", "--dry-run") == 0
+    assert "--dependency" not in capsys.readouterr().out
+    (table,) = (tmp_path / "results" / "slurm").glob("*.tasks")
+    assert "snip.density=<final density of" in table.read_text()
+
+
+def test_slurm_template_without_the_resolve_step_is_refused(tmp_path, capsys):
+    template = tmp_path / "old.sbatch"
+    template.write_text("#!/bin/bash\n# >>> fedmpi settings\n# <<< fedmpi settings\n")
+    assert sweep(str(dependent_campaign(tmp_path)), "--slurm", "--dry-run",
+                 "--template", str(template)) == 2
+    assert "fedmpi.campaigns.resolve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_snip_run_prunes_to_the_density_its_prunefl_run_ended_with(tmp_path):
+    """End to end, with fedmpi itself: PruneFL, then SNIP to PruneFL's final density."""
+    config = {**TINY_CONFIG, "rounds": 3, "eval": {"every": 3},
+              "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10,
+                          "ip_max_iterations": 60, "ip_patience": 3, "time_constant": 0.05}}
+    path = write_campaign(tmp_path, config=config, seeds=[0], runs=[
+        {"algorithm": "snip", "snip.density": FROM_PRUNEFL}, {"algorithm": "prunefl"}])
+    assert sweep(str(path), "--local", "--ranks", "1") == 0
+    results = tmp_path / "results"
+    density = final_density(results / "algorithm=prunefl_seed=0.h5")
+    assert 0 < density < 1
+    with h5py.File(results / "algorithm=snip_seed=0.h5", "r") as f:
+        assert json.loads(f.attrs["config"])["snip"]["density"] == density
+        assert f["rounds/density"][-1] == pytest.approx(density, abs=1e-3)

@@ -18,9 +18,7 @@ from fedmpi.config import load_config
 from fedmpi.models import build_model, maskable_parameter_names
 from fedmpi.models.flops import layer_flops, scale_flops
 from fedmpi.timing import nnz_of_densities
-from fedmpi.timing.profiles import PROFILES
-from test_extensions import write_idx
-from test_run import fedmpi, read_results
+from helpers import fedmpi, read_results, write_idx
 
 ALGORITHMS = {"depthfl": DepthFL, "fedavg_s": FedAvgS, "heterofl": HeteroFL, "scalefl": ScaleFL,
               "hypemefed": HypeMeFed}
@@ -73,7 +71,7 @@ TIER_PROFILES = ["raspberry-pi-4", "jetson-nano", "laptop"]
 
 
 @pytest.fixture(scope="module")
-def tiered_runs(tmp_path_factory):
+def timed_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("tiered_time")
     cfg = {
         "seed": 1, "rounds": 1, "model": "multiexit_vgg_small",
@@ -100,38 +98,52 @@ def tiered_runs(tmp_path_factory):
     return get
 
 
-# Slowest tier first. Per client (20 samples, 2 epochs), compute + communication in seconds:
-#   depthfl  level 1 on the Pi 0.191 + 0.047, level 2 on the Nano 0.045 + 0.112, level 3 on the laptop
-#            0.029 + 0.165: the Pi is the straggler, then the laptop (its bigger upload), then the Nano;
+# Forward FLOPs of one sample (2 × MACs of the convs and exit linears) of each tier's submodel of
+# multiexit_vgg_small on 1x28x28 (channels 8/16/32/64; 3x3 convs keep the side, pools halve it:
+# 28, 14, 7, 3; a conv's MACs = c_out·c_in·9·side², an exit's = c·side²·10), worked out by hand:
+#   block 0 (1→8, 28²):   8·1·9·784 + 8·8·9·784    =  56,448 + 451,584
+#   block 1 (8→16, 14²):  16·8·9·196 + 16·16·9·196 = 225,792 + 451,584;  exit 1: 16·49·10 = 7,840
+#   block 2 (16→32, 7²):  32·16·9·49 + 32·32·9·49  = 225,792 + 451,584;  exit 2: 32·9·10  = 2,880
+#   block 3 (32→64, 3²):  64·32·9·9 + 64·64·9·9    = 165,888 + 331,776;  exit 3: 64·10    =   640
+#   level 1: 1,193,248 MACs; level 2: + 680,256 = 1,873,504; level 3: + 498,304 = 2,371,808
+# width p keeps ceil(p·c) channels: 0.25 → 2/4/8/16, 0.5 → 4/8/16/32 (every conv term is p² as
+# large, except block 0's conv1 and the exits, p):
+#   0.25: 14,112 + 28,224 + 14,112 + 28,224 + 1,960 + 14,112 + 28,224 + 720 + 10,368 + 20,736 + 160 = 160,952
+#   0.5:  28,224 + 112,896 + 56,448 + 112,896 + 3,920 + 56,448 + 112,896 + 1,440 + 41,472 + 82,944 + 320 = 609,904
+FORWARD_FLOPS = {("level", 1): 2 * 1_193_248, ("level", 2): 2 * 1_873_504, ("level", 3): 2 * 2_371_808,
+                 ("width", 0.25): 2 * 160_952, ("width", 0.5): 2 * 609_904, ("width", 1.0): 2 * 2_371_808}
+# tier t's device (TIER_PROFILES): FLOP/s, uplink and downlink bytes/s (Mbit/s × 1e6 / 8)
+DEVICES = {1: (1.5e9, 1.25e6, 6.25e6),        # raspberry-pi-4: 10 / 50 Mbit/s
+           2: (10e9, 1.25e6, 6.25e6),         # jetson-nano: 10 / 50 Mbit/s
+           3: (20e9, 2.5e6, 12.5e6)}          # laptop: 20 / 100 Mbit/s
+
+
+# Slowest tier first. Per client (20 samples, 2 epochs: 3 × 40 = 120 forward-pass equivalents),
+# compute + communication in seconds:
+#   depthfl  level 1 on the Pi 120·2,386,496/1.5e9 = 0.191 + 0.047, level 2 on the Nano 0.045 + 0.112,
+#            level 3 on the laptop 0.029 + 0.165: the Pi is the straggler, then the laptop (its bigger
+#            upload), then the Nano;
 #   heterofl width 0.25 on the Pi 0.026 + 0.030, 0.5 on the Nano 0.015 + 0.095, 1.0 on the laptop
-#            0.029 + 0.165: the laptop is the straggler. Charged the full model's FLOPs (as before),
-#            the Pi's client would take 0.41 s and be the straggler.
-@pytest.mark.parametrize("algorithm,variant,slowest_first", [("depthfl", "level", [1, 3, 2]),
-                                                             ("heterofl", "width", [3, 2, 1])])
-def test_each_tier_is_timed_on_its_device_with_its_submodel(tiered_runs, algorithm, variant, slowest_first):
-    res = tiered_runs(algorithm)
+#            0.029 + 0.165: the laptop is the straggler. Charged the full model's FLOPs
+#            (120·4,743,616/1.5e9 = 0.379), the Pi's client would take 0.41 s and be the straggler.
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm,variant,values,slowest_first", [
+    ("depthfl", "level", [1, 2, 3], [1, 3, 2]),
+    ("heterofl", "width", [0.25, 0.5, 1.0], [3, 2, 1]),
+])
+def test_each_tier_is_timed_on_its_device_with_its_submodel(timed_runs, algorithm, variant, values, slowest_first):
+    res = timed_runs(algorithm)
     clients, rounds = res["clients"], res["rounds"]
-    info = model_info("multiexit_vgg_small", (1, 28, 28), 6)
-    cfg = load_config(None, [f"algorithm={algorithm}", "model=multiexit_vgg_small", "clients.total=6",
-                             "clients.per_round=6"])
-    values = {"level": cfg["tiers"]["levels"], "width": cfg["tiers"]["widths"]}[variant]
     assert sorted(clients["tier"].tolist()) == [1, 1, 2, 2, 3, 3]
     assert set(clients["num_samples"].tolist()) == {20}             # iid: 120 samples / 6 clients
-    full = scale_flops(info.layer_flops)
     for row in range(len(clients["client_id"])):
         tier = int(clients["tier"][row])
-        model = build_model("multiexit_vgg_small", (1, 28, 28), 10, **{variant: values[tier - 1]})
-        forward = sum(layer_flops(model, (1, 28, 28)).values())
-        processed = 2 * 20                                          # local.epochs 2
-        assert clients["train_flops"][row] == processed * 3 * forward
-        profile = PROFILES[TIER_PROFILES[tier - 1]]
-        communication = (clients["upload_bytes"][row] / profile.uplink_bytes_per_second
-                         + clients["download_bytes"][row] / profile.downlink_bytes_per_second)
-        hand = processed * 3 * forward / profile.flops_per_second + communication
+        forward = FORWARD_FLOPS[variant, values[tier - 1]]
+        assert clients["train_flops"][row] == 3 * 40 * forward, (tier, row)
+        flops_per_second, uplink, downlink = DEVICES[tier]
+        communication = clients["upload_bytes"][row] / uplink + clients["download_bytes"][row] / downlink
+        hand = 3 * 40 * forward / flops_per_second + communication
         assert clients["sim_seconds"][row] == pytest.approx(hand, rel=1e-9), (tier, row)
-        if tier < 3:   # a submodel: cheaper than the full model on the same device
-            assert forward < full
-            assert clients["sim_seconds"][row] < processed * 3 * full / profile.flops_per_second + communication
     by_tier = {t: clients["sim_seconds"][clients["tier"] == t] for t in (1, 2, 3)}
     for slower, faster in zip(slowest_first, slowest_first[1:]):
         assert by_tier[slower].min() > by_tier[faster].max(), (slower, faster, by_tier)

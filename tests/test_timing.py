@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import yaml
 
-from test_run import BATCH_SCRIPT
+from helpers import BATCH_SCRIPT
 
 from fedmpi.algorithms import ModelInfo
 from fedmpi.config import DEFAULTS, load_config
 from fedmpi.errors import ConfigError
 from fedmpi.models import build_model, maskable_parameter_names
-from fedmpi.models.flops import layer_flops, scale_flops
+from fedmpi.models.flops import layer_flops
 from fedmpi.timing import (PROFILES, LayerLine, MeasuredLayer, MeasuredProfile, RunTiming, TimeModel,
-                           client_seconds, load_profile)
+                           load_profile)
 from fedmpi.timing.fits import break_even, build_profile, fit_line
 from fedmpi.timing.measure import LayerTimes
 from fedmpi.timing.profiles import profile_document
@@ -159,25 +159,34 @@ def test_round_seconds_for_a_hand_made_mask():
     assert tm.scaled(200).round_seconds(nnz) == pytest.approx(hand + compute, rel=1e-12)
 
 
-def test_modelled_client_seconds_equal_the_former_flop_formula():
-    """sim_seconds under the built-in profiles: same numbers as the single-FLOP-rate model (up
-    to float rounding), whatever the densities."""
-    info = model_info("femnist_cnn", (1, 28, 28), 10)
-    rng = np.random.default_rng(1)
-    for name, profile in PROFILES.items():
-        timing = RunTiming(info, profile)
-        for densities in (None, {n: float(rng.uniform(0.01, 1)) for n in info.maskable}):
-            if densities:   # densities of real masks: whole weights
-                densities = {n: round(d * math.prod(info.shapes[n])) / math.prod(info.shapes[n])
-                             for n, d in densities.items()}
-            flops = 137 * 3 * scale_flops(info.layer_flops, densities)
-            old = client_seconds(profile, flops, 123_456, 654_321)
-            new = timing.client_seconds(3, 137, densities, 123_456, 654_321)
-            assert new == pytest.approx(old, rel=1e-9), name
+def test_modelled_client_seconds_against_a_hand_computation():
+    """sim_seconds of a client under a built-in (modelled) profile: 3 × forward FLOPs of its live
+    weights for each sample processed at the profile's FLOP rate, plus its bytes over the links.
+
+    mnistnet, forward FLOPs of one sample (2 × MACs) and the live weights of a mask:
+      conv1 2·(10·24·24·1·25) =   288,000 for 250 weights; 100 live (0.4)    →   115,200
+      conv2 2·(20·18·18·10·25) = 3,240,000 for 5,000;    2,500 live (0.5)    → 1,620,000
+      fc1   2·5120·50 =            512,000 for 256,000; 25,600 live (0.1)    →    51,200
+      fc2   2·50·10 =                1,000 for 500;        all live (1.0)    →     1,000
+      dense 4,041,000; masked 1,787,400.
+    137 samples: 3·137 = 411 passes. Upload 123,456 B, download 654,321 B.
+      laptop: 20e9 FLOP/s, 20 Mbit/s = 2.5e6 B/s up, 100 Mbit/s = 12.5e6 B/s down:
+        links 123,456/2.5e6 + 654,321/12.5e6 = 0.0493824 + 0.05234568 = 0.10172808
+        dense 411·4,041,000/20e9 = 0.08304255 → 0.18477063; masked 411·1,787,400/20e9 = 0.03673107 → 0.13845915
+      raspberry-pi-4: 1.5e9 FLOP/s, 10 Mbit/s = 1.25e6 B/s up, 50 Mbit/s = 6.25e6 B/s down:
+        links 0.0987648 + 0.10469136 = 0.20345616
+        dense 1.107234 → 1.31069016; masked 0.4897476 → 0.69320376
+    """
+    info = model_info("mnistnet", (1, 28, 28), 10)
+    masked = {"conv1.weight": 0.4, "conv2.weight": 0.5, "fc1.weight": 0.1, "fc2.weight": 1.0}
+    for name, dense, sparse in (("laptop", 0.18477063, 0.13845915), ("raspberry-pi-4", 1.31069016, 0.69320376)):
+        timing = RunTiming(info, PROFILES[name])
+        assert timing.client_seconds(3, 137, None, 123_456, 654_321) == pytest.approx(dense, rel=1e-12), name
+        assert timing.client_seconds(3, 137, masked, 123_456, 654_321) == pytest.approx(sparse, rel=1e-12), name
 
 
 def test_tier_profiles_follow_the_tiers_of_the_tiered_algorithms():
-    from fedmpi.algorithms.heterogeneous import tier_of_clients
+    from fedmpi.tiers import tier_of_clients
 
     info = model_info(*MLP, num_clients=12)
     cfg = load_config(None, ["tiers.mix=[1, 1, 2]", "device.tier_profiles=[raspberry-pi-4, phone-lte, laptop]",
@@ -327,6 +336,7 @@ def _clients(path: Path) -> dict:
         return {k: f["clients"][k][:] for k in f["clients"]}, {k: f["rounds"][k][:] for k in f["rounds"]}
 
 
+@pytest.mark.slow
 def test_sim_seconds_of_a_run_follow_its_measured_profile(e2e):
     work, results, _ = e2e
     assert results["measured"]["rc"] == 0, results["measured"]["stderr"]
@@ -350,19 +360,24 @@ def test_sim_seconds_of_a_run_follow_its_measured_profile(e2e):
     np.testing.assert_allclose(base["sim_seconds"], flops_model, rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_sim_seconds_per_tier_profile(e2e):
-    from fedmpi.algorithms.heterogeneous import tier_of_clients
+    from fedmpi.tiers import tier_of_clients
 
     work, results, _ = e2e
     assert results["tiers"]["rc"] == 0, results["tiers"]["stderr"]
     clients, _ = _clients(work / "tiers.h5")
     tiers = tier_of_clients(8, [1, 1, 1], 0)
+    # per tier: FLOP/s, uplink and downlink bytes/s (10/50, 5/20, 20/100 Mbit/s)
+    rates = [(1.5e9, 1.25e6, 6.25e6), (5e9, 0.625e6, 2.5e6), (20e9, 2.5e6, 12.5e6)]
+    assert len({int(tiers[c]) for c in clients["client_id"]}) > 1   # the rows cover several tiers
     for c, flops, up, down, sim in zip(clients["client_id"], clients["train_flops"], clients["upload_bytes"],
                                        clients["download_bytes"], clients["sim_seconds"]):
-        profile = PROFILES[["raspberry-pi-4", "phone-lte", "laptop"][tiers[c]]]
-        assert sim == pytest.approx(client_seconds(profile, flops, up, down), rel=1e-9)
+        flop_rate, uplink, downlink = rates[tiers[c]]
+        assert sim == pytest.approx(flops / flop_rate + up / uplink + down / downlink, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_sparse_kernels_auto_runs_and_changes_no_metric_beyond_rounding(e2e):
     work, results, _ = e2e
     assert results["sparse_auto"]["rc"] == 0, results["sparse_auto"]["stderr"]
@@ -372,6 +387,7 @@ def test_sparse_kernels_auto_runs_and_changes_no_metric_beyond_rounding(e2e):
     assert ra["test_accuracy"].tobytes() == rb["test_accuracy"].tobytes()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "not_yaml", "layer_without_dense", "cnn"])
 def test_bad_profile_file_exits_2_naming_it(e2e, case):
     work, results, paths = e2e

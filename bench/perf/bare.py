@@ -3,8 +3,8 @@
 Same data, partition, model and initial weights, same sampled clients per round, same per-client
 batch orders (each client's generator seeded from (seed, round, client) as fedmpi's trainer does),
 same optimizer (a fresh ``torch.optim.SGD`` per client), same aggregation arithmetic (float64
-sums in client order), and for FedDST the same masks, readjustment (``fedmpi.sparsity``) and
-server re-prune. What it leaves out is fedmpi itself: no engine, messages, codec, results file or
+sums in client order), and for FedDST the same masks (``fedmpi.sparsity``), readjustment
+(``fedmpi.algorithms.feddst_readjustment``) and server re-prune. What it leaves out is fedmpi itself: no engine, messages, codec, results file or
 per-round bookkeeping.
 
 One process (``python bench/perf/bare.py ...``) trains every client in turn; under ``mpiexec -n Q``
@@ -44,11 +44,12 @@ def main() -> int:
 
     from fedmpi import rng
     from fedmpi.config import load_config
-    from fedmpi.data import load_dataset, partition_dataset
     from fedmpi.engine.messages import assign_clients
-    from fedmpi.models import build_model, maskable_parameter_names
-    from fedmpi.sparsity import (cosine_readjust_fraction, kept_counts, layer_densities, magnitude_masks,
-                                 prune_and_grow, readjustment_round, resolve_r_end, schedule_round)
+    from fedmpi.initial import build_initial
+    from fedmpi.models import maskable_parameter_names
+    from fedmpi.algorithms.feddst_readjustment import (cosine_readjust_fraction, prune_and_grow,
+                                                       readjustment_round, resolve_r_end, schedule_round)
+    from fedmpi.sparsity import kept_counts, layer_densities, magnitude_masks
     from workloads import fedmpi_config
 
     if args.mpi:
@@ -62,20 +63,15 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     cfg = load_config(None, extra=fedmpi_config(args.workload, args.algorithm, args.rounds))
     seed, local = cfg["seed"], cfg["local"]
-    dataset = load_dataset(cfg["data"]["name"], cfg["data"]["root"], seed=seed, num_clients=cfg["clients"]["total"])
-    data = cfg["data"]
-    partition = partition_dataset(dataset, data["partition"], cfg["clients"]["total"], seed=seed, alpha=data["alpha"],
-                                  shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
+    initial = build_initial(cfg)   # fedmpi's own data, partition and initial model
+    dataset, partition, model = initial.dataset, initial.partition, initial.model
     x_train, y_train = torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train)
     x_test, y_test = torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test)
     sizes = {c: len(idx) for c, idx in enumerate(partition.train_indices)}
 
-    model = build_model(cfg["model"], dataset.input_shape, dataset.num_classes)
-    torch.manual_seed(rng.torch_seed(seed, rng.INIT))
-    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
     params = dict(model.named_parameters())
     names = list(params)
-    weights = {n: p.detach().numpy().copy() for n, p in params.items()}
+    weights = {n: initial.weights[n] for n in names}
 
     sparse = args.algorithm == "feddst" and cfg["sparsity"] > 0
     dst = cfg["feddst"]

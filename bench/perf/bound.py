@@ -1,8 +1,8 @@
 """Where a client's local training goes, and what that bounds: the overhead workload's arithmetic floor.
 
 ``make bench-perf``'s overhead workload (bench/perf/workloads.py) trains a 199 k-parameter MLP
-on 60 samples per client, batch 32: two SGD steps of 32 and 28 rows. Issue 11 asked for fedmpi at
-≤ 0.5× the bare per-client loop there. Training several clients at once (``local.client_batch``)
+on 60 samples per client, batch 32: two SGD steps of 32 and 28 rows. The target there is fedmpi at
+≤ 0.5× the bare per-client loop. Training several clients at once (``local.client_batch``)
 can only remove what is not the clients' own arithmetic; this script measures how much that is.
 On one torch thread, median over ``--repeats`` interleaved passes of ``--clients`` clients each:
 

@@ -14,7 +14,7 @@ them (the float64 weighted sum over holders), for three payloads:
 
 Timed on rank 0: the path, from a barrier to the merged model, and the transport, the gatherv
 alone (from a barrier after encoding to the last byte on rank 0); reported: median, min and max
-over the repeats, and each sparse kind's medians relative to dense (issue 11's target: ≤ 0.35× at S = 0.8
+over the repeats, and each sparse kind's medians relative to dense (the target: ≤ 0.35× at S = 0.8
 on 8 ranks). Run it on an otherwise idle machine:
 
     mpiexec -n 8 python bench/perf/gather.py [--repeats 7] [--params 1000000] [--sparsity 0.8]
@@ -36,9 +36,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 
-from fedmpi.aggregate import average_over_holders
-from fedmpi.comm.codec import Encoded, MaskPositions, ModelUpdate, decode, encode
+from fedmpi.aggregation import average_over_holders
+from fedmpi.comm.codec import Encoded, MaskPositions, decode, encode
 from fedmpi.comm.transport import Communicator
+from fedmpi.update import ModelUpdate
 
 KINDS = ("dense", "bitmap", "values")
 
@@ -69,7 +70,7 @@ def one_gather(comm: Communicator, kind: str, updates: list[ModelUpdate], masks:
     arrived = time.perf_counter()
     if comm.is_server:
         # what the server does with a round's uploads (engine/server.py): decode each without
-        # densifying, then the float64 merge in client order (aggregate.average_over_holders)
+        # densifying, then the float64 merge in client order (aggregation.average_over_holders)
         positions, decoded = MaskPositions(), []
         for rank_layouts, buffer in zip(layouts, buffers):
             offset = 0

@@ -26,7 +26,7 @@ with the one-process bare loop's (FedAvg: identical at P = 1; FedDST: close).
                              [--algorithms fedavg feddst] [--ranks 1 3 5] [--out results/perf]
 
 Writes ``OUT/<workload>.json`` and ``OUT/startup.json`` (``--quick``: ``*-quick.json``); ``make
-plots`` draws them (fedmpi/plots_perf.py).
+plots`` draws them (fedmpi/figures/perf.py).
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 
 from workloads import ALGORITHMS, WORKLOADS, fedmpi_config  # noqa: E402
 
-from fedmpi.plots_perf import STARTUP_MEMORY  # noqa: E402
+from fedmpi.figures.perf import STARTUP_MEMORY  # noqa: E402
 
 
 def mpiexec() -> str:

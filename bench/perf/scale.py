@@ -1,4 +1,4 @@
-"""``make bench-scale``: the scale run of issue 11 (docs/performance.md, "Scale run").
+"""``make bench-scale``: 1,000 clients per round on up to 8 ranks (docs/performance.md, "Scale run").
 
 The ``overhead1000`` workload (bench/perf/workloads.py: MLP 784-200-200-10, Fashion-MNIST iid over
 1,000 clients of 60 images, all 1,000 per round) with FedAvg, under ``mpiexec -n P`` with one torch

@@ -11,7 +11,8 @@ just before it started the command. Each rank does what ``python -m fedmpi run``
     data         reading and normalising the dataset (``load_dataset``; for P > 1 once per node
                  into shared memory, as ``mpi.share_data: true`` does, unless --no-share-data)
     partition    the federated partition (``partition_dataset``)
-    model        model, initial weights, trainer and algorithm (the rest of ``build_context``)
+    model        model, initial weights, trainer and algorithm (the rest of ``build_context``,
+                 which this script calls as ``Run.setup`` does, marking the stages above inside)
     lazy imports what round 1 pays on first use, measured as one local step of a two-sample
                  client through fedmpi's trainer (a ``torch.optim`` optimizer's first step would
                  import ``torch._dynamo`` here, seconds; fedmpi's own SGD does not)
@@ -32,7 +33,6 @@ T_SCRIPT = time.time()
 T_LAUNCH = float(os.environ.get("FEDMPI_PERF_T0", T_SCRIPT))
 
 import json  # noqa: E402
-import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def main() -> int:
     marks = [("launch", T_SCRIPT)]
 
     import numpy  # noqa: F401
-    import torch
+    import torch  # noqa: F401
 
     import fedmpi.cli  # noqa: F401
     import fedmpi.engine  # noqa: F401
@@ -70,45 +70,20 @@ def main() -> int:
     comm.Barrier()
     marks.append(("mpi", time.time()))
 
-    from functools import partial
-
-    from fedmpi import rng
-    from fedmpi.algorithms import ModelInfo, build_algorithm
     from fedmpi.config import load_config
-    from fedmpi.data import load_dataset, partition_dataset
-    from fedmpi.models import build_model, maskable_parameter_names
-    from fedmpi.models.flops import layer_flops
-    from fedmpi.training import LocalTrainer
+    from fedmpi.engine.context import build_context
     from workloads import fedmpi_config
 
-    torch.set_num_threads(1)
     cfg = load_config(None, extra=fedmpi_config(workload, "fedavg", 1))
-    data = cfg["data"]
-    load = partial(load_dataset, data["name"], data["root"], seed=cfg["seed"], num_clients=cfg["clients"]["total"])
     fedmpi_comm = Communicator(comm)
-    dataset = fedmpi_comm.load_once_per_node(load) if comm.Get_size() > 1 and share_data else load()
-    marks.append(("data", time.time()))
-    partition = partition_dataset(dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
-                                  alpha=data["alpha"], shard_size=data["shard_size"],
-                                  shards_per_client=data["shards_per_client"])
-    marks.append(("partition", time.time()))
-    builder = partial(build_model, cfg["model"], dataset.input_shape, dataset.num_classes)
-    model = builder()
-    torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
-    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, dataset.input_shape),
-                     num_clients=partition.num_clients, model=cfg["model"], input_shape=tuple(dataset.input_shape),
-                     num_classes=dataset.num_classes)
-    trainer = LocalTrainer(model, cfg["local"], "cpu", build_variant=builder)
-    build_algorithm(cfg, info)
+    load_once = fedmpi_comm.load_once_per_node if comm.Get_size() > 1 and share_data else None
+    # as ``Run.setup`` does; the data and partition stages end inside (``initial.build_initial``)
+    ctx = build_context(cfg, load_once, mark=lambda stage: marks.append((stage, time.time())))
     marks.append(("model", time.time()))
     # round 1's first-use costs: one client of two samples through the trainer (a torch.optim
     # optimizer would import torch._dynamo here; fedmpi's own SGD does not)
-    weights = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # shared data, as fedmpi
-    x, y = torch.from_numpy(dataset.x_train[:2]), torch.from_numpy(dataset.y_train[:2])
-    trainer.train(weights, x, y, seed=0, round_=1, client_id=0)
+    x, y = ctx.train[0][:2], ctx.train[1][:2]
+    ctx.trainer.train(ctx.initial_weights, x, y, seed=0, round_=1, client_id=0)
     marks.append(("lazy imports", time.time()))
 
     durations = {name: end - (marks[i - 1][1] if i else T_LAUNCH) for i, (name, end) in enumerate(marks)}

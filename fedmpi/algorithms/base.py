@@ -6,10 +6,14 @@ Server side (rank 0):   ``init_server`` → each round: ``select_clients`` → `
                         → ``round_metrics``; on evaluation rounds ``evaluation_models`` →
                         (every rank evaluates a share) → ``evaluation_metrics``.
 Client side (any rank): ``local_update`` gets a ``ClientTask`` (the decoded download, the client's
-                        device-resident state, its data, its RNG seed) and returns a
+                        device-resident state, its data, its RNG seed; where the algorithm
+                        declares ``needs_local_test``/``needs_initial_weights``, its local test set
+                        and the run's initial model too) and returns a
                         ``ClientResult`` whose ``update`` is what the client uploads. It trains
                         through ``LocalTrainer.train``, choosing optimizer, objective, step hooks
-                        and model variant.
+                        and model variant. With ``local.client_batch`` the engine calls
+                        ``local_update_group`` for blocks of clients instead (one by one unless
+                        the algorithm defines the fast path ``local_update_together``).
 Merges that are sums:   an algorithm whose merge is Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k per element
                         sets ``partial_sums``, gives ``partial_sum_weight`` and merges through
                         ``merge_over_holders``; the engine may then sum the uploads on the worker
@@ -29,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregate import RoundSums, average_over_holders
-from ..comm.codec import ModelUpdate
+from ..aggregation import RoundSums, average_over_holders
 from ..training import LocalTrainer
+from ..update import ModelUpdate
 from .evaluation import EvalModel, EvalOutcome
 
 
@@ -58,6 +62,12 @@ class ClientTask:
     x: Any                            # torch tensors of the client's training data
     y: Any
     seed: int                         # derived from (seed, round, client): the only randomness allowed
+    # filled by the engine only for an algorithm that declares it needs them (from what every rank
+    # built before round 1; neither crosses MPI nor counts as traffic):
+    local_test: tuple | None = None   # ``needs_local_test``: (x, y) torch tensors of the client's
+                                      # local test set (the evaluator's, in partition order)
+    initial_weights: dict[str, np.ndarray] | None = None   # ``needs_initial_weights``: the run's
+                                      # initial global model θ₀ (read-only), a client's own copy
 
 
 @dataclass
@@ -74,10 +84,30 @@ class ClientResult:
 
 
 class Algorithm:
-    name = "base"
+    # ---- what a method declares about itself: fedmpi's config, ``fedmpi info``, the figures and
+    # the docs' key table read these, and no other list of methods or of their keys exists
+    name = ""                 # its ``algorithm:`` value
+    label = ""                # its name in tables and figure legends
+    doc = ""                  # its page for users (a path in the repository, or a URL for a plug-in)
+    section: str | None = None    # the config section it reads (``feddst``: ``feddst.alpha``, ...)
+    defaults: dict[str, Any] = {}  # that section's keys and defaults; a default's type is the key's type
+    union_types: dict[str, tuple] = {}   # keys of the section that take several types
+    tiered = False            # trains submodels of a multi-exit model (the ``tiers`` section)
+    figures: tuple[str, ...] = ()   # figure modules beyond the common ones (``fedmpi.figures.<name>``)
+    needs_local_test = False  # its clients get their local test set (``ClientTask.local_test``)
+    needs_initial_weights = False   # its clients get θ₀, the run's initial model (``ClientTask.initial_weights``)
     # True: ``aggregate`` merges through ``merge_over_holders`` with ``partial_sum_weight``, so
     # aggregation.sum may be fixed_point and aggregation.where workers (config validation reads it)
     partial_sums = False
+    # ``merge_over_holders``: an element no client holds becomes 0 ("zero") or keeps the server's
+    # value ("keep")
+    missing = "zero"
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Check (and complete) the keys of ``section`` in the merged, type-checked ``cfg``; raise
+        ``ConfigError`` naming the key. Runs for every registered section whatever the algorithm,
+        so a bad value is found even in a section the run does not use."""
 
     def __init__(self, cfg: dict, info: ModelInfo):
         self.cfg = cfg
@@ -122,20 +152,25 @@ class Algorithm:
         return weights
 
     def sum_reference(self) -> dict[str, np.ndarray]:
-        """What ``merge_over_holders`` averages into: every communicated tensor, float32 zeros."""
+        """What ``merge_over_holders`` averages into: every communicated tensor, float32 zeros, or
+        with ``missing = "keep"`` the server's weights (whose values the unheld elements keep)."""
+        if self.missing == "keep":
+            return self.weights
         return {name: np.zeros(shape, np.float32) for name, shape in self.info.shapes.items()}
 
     def merge_over_holders(self, results: list[ClientResult], sums: RoundSums | None = None,
                            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """Per element Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k (w_k = ``partial_sum_weight``; 0 where no
-        client holds the element) and the votes Σ_k w_k·m_k, as ``average_over_holders`` returns
-        them: from ``sums`` when the worker ranks summed the uploads, else from the decoded uploads
-        in ``results``, summed as ``aggregation.sum`` says (float64 in client order or fixed point)."""
+        """Per element Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k (w_k = ``partial_sum_weight``; where no client
+        holds the element, 0 or the server's value as ``missing`` says) and the votes Σ_k w_k·m_k,
+        as ``average_over_holders`` returns them: from ``sums`` when the worker ranks summed the
+        uploads, else from the decoded uploads in ``results``, summed as ``aggregation.sum`` says
+        (float64 in client order or fixed point)."""
         if sums is not None:
-            return sums.average(self.sum_reference(), missing="zero")
+            return sums.average(self.sum_reference(), missing=self.missing)
         weights = self.partial_sum_weights({r.client_id: r.num_samples for r in results})
         return average_over_holders([r.update for r in results], [weights[r.client_id] for r in results],
-                                    self.sum_reference(), missing="zero", sum_mode=self.cfg["aggregation"]["sum"])
+                                    self.sum_reference(), missing=self.missing,
+                                    sum_mode=self.cfg["aggregation"]["sum"])
 
     def global_weights(self) -> dict[str, np.ndarray]:
         """The model the suite evaluates."""
@@ -184,3 +219,24 @@ class Algorithm:
     # ---- client ------------------------------------------------------------------------
     def local_update(self, task: ClientTask, trainer: LocalTrainer) -> ClientResult:
         raise NotImplementedError
+
+    def local_update_group(self, tasks: list[ClientTask], trainer: LocalTrainer) -> list[ClientResult]:
+        """``local_update`` for each of ``tasks`` (a block of ``local.client_batch`` clients), results
+        in their order: together through ``local_update_together`` where ``trains_together``, else
+        one by one. The engine calls it for every block; override ``local_update_together``."""
+        if len(tasks) > 1 and self.trains_together():
+            return self.local_update_together(tasks, trainer)
+        return [self.local_update(task, trainer) for task in tasks]
+
+    def local_update_together(self, tasks: list[ClientTask], trainer: LocalTrainer) -> list[ClientResult]:
+        """The fast path of ``local_update_group``: several clients trained at once
+        (fedmpi/training/multi_client.py), the results of ``local_update`` bit for bit. It stands
+        for the ``local_update`` of the class that defines it, and no other (``trains_together``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def trains_together(cls) -> bool:
+        """Whether ``local_update_together`` applies: some class defines it, and no subclass of
+        that class has its own ``local_update`` (which then trains one by one)."""
+        owner = next(c for c in cls.__mro__ if "local_update_together" in vars(c))
+        return owner is not Algorithm and cls.local_update is owner.local_update

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..comm.codec import ModelUpdate
+from ..errors import require
+from ..update import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
 
 
@@ -11,6 +12,8 @@ class FedAvg(Algorithm):
     """Clients run local SGD from the global model; the server takes the sample-weighted mean."""
 
     name = "fedavg"
+    label = "FedAvg"
+    doc = "docs/methods/fedavg.md"
     prox_mu = 0.0
     partial_sums = True
 
@@ -20,12 +23,9 @@ class FedAvg(Algorithm):
             client_id=task.client_id, prox_mu=self.prox_mu)
         return ClientResult(task.client_id, len(task.y), ModelUpdate(weights), loss, processed)
 
-    def local_update_group(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
+    def local_update_together(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
         """``local_update`` for several clients at once (``local.client_batch``): the same results,
-        bit for bit (fedmpi/training/multi_client.py). A subclass with its own ``local_update``
-        trains one by one."""
-        if type(self).local_update is not FedAvg.local_update:
-            return [self.local_update(task, trainer) for task in tasks]
+        bit for bit (fedmpi/training/multi_client.py)."""
         from ..training.multi_client import Member, train_group
 
         trained = train_group(trainer, [Member(t.client_id, t.received.values, t.x, t.y, t.seed) for t in tasks],
@@ -44,6 +44,14 @@ class FedProx(FedAvg):
     """FedAvg plus μ/2·‖θ − θ_global‖² in every client's local objective."""
 
     name = "fedprox"
+    label = "FedProx"
+    doc = "docs/methods/fedavg.md"
+    section = "fedprox"
+    defaults = {"mu": 0.01}
+
+    @classmethod
+    def check_config(cls, cfg):
+        require(cfg["fedprox"]["mu"] >= 0, "fedprox.mu", "must be >= 0")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -65,6 +73,15 @@ class FedAvgM(FedAvg):
     """FedAvg whose server applies momentum to the round's pseudo-gradient."""
 
     name = "fedavgm"
+    label = "FedAvgM"
+    doc = "docs/methods/fedavg.md"
+    section = "fedavgm"
+    defaults = {"momentum": 0.9, "server_lr": 0.1}   # effective step η/(1−β) = 1, as FedAvg
+
+    @classmethod
+    def check_config(cls, cfg):
+        require(0 <= cfg["fedavgm"]["momentum"] < 1, "fedavgm.momentum", "must be in [0, 1)")
+        require(cfg["fedavgm"]["server_lr"] > 0, "fedavgm.server_lr", "must be > 0")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

@@ -34,11 +34,11 @@ the results file's config lists each key):
 - ``readjust_rule: public``: readjustment rounds counted as dst.py does, ``(server_round − 1) %
   ΔR == 0`` on its 0-based counter (fedmpi's round r is its server_round r − 1) while the cosine
   factor is > 0 (server_round < R_end); the cosine schedule also runs on r − 1
-  (sparsity.readjustment_round).
+  (feddst_readjustment.readjustment_round).
 - ``server_reprune: public``: the server re-prunes only when the union of the client masks holds
   more than the target, and then drops the n − c smallest |w| over the whole tensor, zeros
   included, so the mask can fall below the target until clients regrow it
-  (sparsity.reprune_public; clients grow a short layer back to its count).
+  (feddst_readjustment.reprune_public; clients grow a short layer back to its count).
 
 ``regrow_pruned: false`` (default true) is a variant the spec leaves open, not a public-code
 behaviour: growth may not pick a weight pruned in the same readjustment. The public code grows
@@ -59,24 +59,92 @@ from collections import Counter
 
 import numpy as np
 
-from ..comm.codec import ModelUpdate
+from ..errors import require
 from ..rng import REGROWTH, torch_seed
-from ..sparsity import (cosine_readjust_fraction, kept_counts, layer_densities, magnitude_masks,
-                        prune_and_grow, readjustment_round, reprune_public, resolve_r_end,
-                        schedule_round)
-from .base import Algorithm, ClientResult, ClientTask
+from ..sparsity import DISTRIBUTIONS, kept_counts, layer_densities, magnitude_masks
+from ..update import ModelUpdate
+from .base import ClientResult, ClientTask
 from .fedavg import server_momentum_step
+from .feddst_readjustment import (READJUST_RULES, cosine_readjust_fraction, prune_and_grow, readjustment_round,
+                                  reprune_public, resolve_r_end, schedule_round)
+from .masked_fedavg import MaskedFedAvg
 
 
-class FedDST(Algorithm):
+class FedDST(MaskedFedAvg):
+    """Masked FedAvg whose clients readjust their masks (``after_training``) and whose server
+    re-prunes the merge back to the layer densities; an element no client holds becomes 0."""
+
     name = "feddst"
+    label = "FedDST"
+    doc = "docs/methods/feddst.md"
+    section = "feddst"      # RandomMask reads it too
+    defaults = {
+        "alpha": 0.05,             # initial readjustment fraction
+        "readjust_every": 5,       # ΔR; with the default 20 rounds (R_end 10) round 5 readjusts
+        "r_end": -1,               # readjustment only before this round; -1 means rounds // 2
+        "distribution": "erk",     # erk | uniform | erk_public
+        "prox_mu": 0.0,            # >0: FedDST+FedProx
+        "server_momentum": 0.0,    # >0: FedDST with FedAvgM server momentum
+        "server_lr": 1.0,
+        "grad_batches": 1,         # local batches used for the regrowth gradient
+        "regrow_pruned": True,     # false: growth may not pick a weight pruned in the same readjustment
+        # deviations of the public code (bibikar/feddst), off by default (module docstring);
+        # public_code: true sets every one of them (check_config writes them out, so the resolved
+        # config shows each key)
+        "public_code": False,
+        "constant_alpha": False,             # readjust the constant α until R_end
+        "grow_over_all": False,              # grow the top-|g| over all positions
+        "aggregation_weight": "samples",     # samples | batches2 (2 × number of local batches)
+        "sample_with_replacement": False,    # draw clients with replacement
+        "detached_prox": False,              # inert proximal term: prox_mu has no effect
+        "readjust_rule": "paper",            # paper: r % ΔR == 0 | public: (s − 1) % ΔR == 0, s = r − 1
+        "server_reprune": "paper",           # paper | public: n − c smallest |w| over the whole tensor
+    }
+    union_types = {"r_end": (int,)}
     readjusts = True
     partial_sums = True
+    missing = "zero"
+
+    @classmethod
+    def check_config(cls, cfg):
+        dst = cfg["feddst"]
+        if dst["public_code"]:   # every deviation of the public code at once, written out key by key
+            dst.update({"distribution": "erk_public", "constant_alpha": True, "grow_over_all": True,
+                        "aggregation_weight": "batches2", "sample_with_replacement": True,
+                        "detached_prox": True, "readjust_rule": "public", "server_reprune": "public"})
+        require(0 <= dst["alpha"] <= 1, "feddst.alpha", "must be in [0, 1]")
+        require(dst["readjust_every"] >= 1, "feddst.readjust_every", "must be at least 1")
+        require(dst["r_end"] >= -1, "feddst.r_end", "must be -1 (rounds // 2) or a round number")
+        require(dst["grad_batches"] >= 1, "feddst.grad_batches", "must be at least 1")
+        require(dst["distribution"] in DISTRIBUTIONS, "feddst.distribution",
+                f"unknown distribution '{dst['distribution']}'; choose one of {', '.join(DISTRIBUTIONS)}")
+        require(dst["prox_mu"] >= 0, "feddst.prox_mu", "must be >= 0")
+        require(0 <= dst["server_momentum"] < 1, "feddst.server_momentum", "must be in [0, 1)")
+        require(dst["server_lr"] > 0, "feddst.server_lr", "must be > 0")
+        require(dst["aggregation_weight"] in ("samples", "batches2"), "feddst.aggregation_weight",
+                "must be 'samples' (the paper) or 'batches2' (the public code: 2 × local batches)")
+        for key in ("readjust_rule", "server_reprune"):
+            require(dst[key] in READJUST_RULES, f"feddst.{key}", "must be 'paper' or 'public'")
+        require(dst["regrow_pruned"] or not dst["grow_over_all"], "feddst.regrow_pruned",
+                "false has no effect with feddst.grow_over_all: true (growth ranks every position)")
+        if cfg["algorithm"] == cls.name and cfg["sparsity"] > 0:
+            # a FedDST run whose masks never move is RandomMask under another name
+            r_end = resolve_r_end(dst["r_end"], cfg["rounds"])
+            test = ("(r - 2) % ΔR == 0 and r <= R_end" if dst["readjust_rule"] == "public"
+                    else "r % ΔR == 0 and r < R_end")
+            require(any(readjustment_round(r, dst["readjust_every"], r_end, dst["readjust_rule"])
+                        for r in range(1, min(cfg["rounds"], r_end) + 1)),
+                    "feddst.r_end" if r_end <= 1 else "feddst.readjust_every",
+                    f"no round readjusts the mask: with rounds {cfg['rounds']}, feddst.readjust_every "
+                    f"ΔR = {dst['readjust_every']} and feddst.r_end R_end = {r_end}, {test} never holds. "
+                    f"Lower feddst.readjust_every or raise feddst.r_end (or use algorithm: randommask "
+                    f"for a static mask)")
 
     def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        self.settings = cfg["feddst"]
+        super().__init__(cfg, info)   # self.settings: the feddst section
         self.sparsity = cfg["sparsity"]
+        # detached_prox: the public code's proximal term has no gradient, so it trains as μ = 0
+        self.prox_mu = 0.0 if self.settings["detached_prox"] else self.settings["prox_mu"]
         self.r_end = resolve_r_end(self.settings["r_end"], cfg["rounds"])
         maskable_shapes = {n: info.shapes[n] for n in info.maskable}
         self.densities = layer_densities(maskable_shapes, self.sparsity, self.settings["distribution"])
@@ -127,9 +195,6 @@ class FedDST(Algorithm):
             weight = num_samples
         return weight * self.drawn.get(client_id, 1)
 
-    def aggregation_weight(self, result: ClientResult) -> int:
-        return self.partial_sum_weight(result.client_id, result.num_samples)
-
     def is_readjustment_round(self, round_: int) -> bool:
         return (self.readjusts and self.sparsity > 0
                 and readjustment_round(round_, self.settings["readjust_every"], self.r_end,
@@ -179,29 +244,17 @@ class FedDST(Algorithm):
         return cosine_readjust_fraction(alpha, schedule_round(round_, self.settings["readjust_rule"]),
                                         self.r_end)
 
-    def local_update(self, task: ClientTask, trainer) -> ClientResult:
-        weights, loss, processed = trainer.train(
-            task.received.values, task.x, task.y, seed=task.seed, round_=task.round,
-            client_id=task.client_id, masks=task.received.masks, prox_mu=self._prox_mu())
-        return self._readjust(task, trainer, weights, loss, processed)
-
-    def local_update_group(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
+    def local_update_together(self, tasks: list[ClientTask], trainer) -> list[ClientResult]:
         """``local_update`` for several clients at once (``local.client_batch``): their masked
         training steps together (fedmpi/training/multi_client.py, the same results bit for bit),
         then each client's readjustment on its own."""
-        if type(self).local_update is not FedDST.local_update:
-            return [self.local_update(task, trainer) for task in tasks]
         from ..training.multi_client import Member, train_group
 
         members = [Member(t.client_id, t.received.values, t.x, t.y, t.seed, t.received.masks) for t in tasks]
-        trained = train_group(trainer, members, round_=tasks[0].round, prox_mu=self._prox_mu())
-        return [self._readjust(t, trainer, *out) for t, out in zip(tasks, trained)]
+        trained = train_group(trainer, members, round_=tasks[0].round, prox_mu=self.prox_mu)
+        return [self.after_training(t, trainer, *out) for t, out in zip(tasks, trained)]
 
-    def _prox_mu(self) -> float:
-        # detached_prox: the public code's proximal term has no gradient, so it trains as μ = 0
-        return 0.0 if self.settings["detached_prox"] else self.settings["prox_mu"]
-
-    def _readjust(self, task: ClientTask, trainer, weights, loss, processed) -> ClientResult:
+    def after_training(self, task: ClientTask, trainer, weights, loss, processed) -> ClientResult:
         """After local training: on readjustment rounds prune and regrow the client's mask."""
         masks = task.received.masks
         if self.is_readjustment_round(task.round):
@@ -227,4 +280,6 @@ class RandomMask(FedDST):
     (``--readjustment-ratio 0``)."""
 
     name = "randommask"
+    label = "RandomMask"
+    doc = "docs/methods/feddst.md"
     readjusts = False

@@ -26,28 +26,21 @@ import math
 
 import numpy as np
 
-from .. import rng
-from ..aggregate import average_over_holders
-from ..comm.codec import ModelUpdate
+from ..aggregation import average_over_holders
 from ..models import build_model
+from ..tiers import tier_of_clients
 from ..training import weighted_exits
+from ..update import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
 from .evaluation import EvalModel
 
 
-def tier_of_clients(num_clients: int, mix: list[float], seed: int) -> np.ndarray:
-    """Tier (0-based) of every client: a seeded permutation cut in proportion to ``mix``."""
-    shares = np.asarray(mix, dtype=np.float64) / float(np.sum(mix))
-    bounds = np.floor(np.cumsum(shares) * num_clients + 1e-9).astype(int)
-    tiers = np.searchsorted(bounds, np.arange(num_clients), side="right")
-    order = rng.generator(seed, rng.TIERS).permutation(num_clients)
-    out = np.empty(num_clients, dtype=np.int64)
-    out[order] = tiers
-    return out
 
 
 class TieredAlgorithm(Algorithm):
     """Tiers, tier-balanced sampling, per-tier submodels, aggregation over holders, tier metrics."""
+
+    tiered = True
 
     objective = None   # None: the trainer's default (joint cross-entropy over the exits held)
 
@@ -149,6 +142,9 @@ class TieredAlgorithm(Algorithm):
 
 class DepthFL(TieredAlgorithm):
     name = "depthfl"
+    label = "depth-wise averaging"
+    doc = "docs/methods/hypemefed.md"
+    figures = ("heterogeneous",)
 
     def variant(self, tier):
         return {"level": int(self.cfg["tiers"]["levels"][tier])}
@@ -158,6 +154,9 @@ class FedAvgS(DepthFL):
     """Every client at the smallest depth the tiers name (the lower bound)."""
 
     name = "fedavg_s"
+    label = "FedAvg-S"
+    doc = "docs/methods/hypemefed.md"
+    figures = ("heterogeneous",)
 
     def variant(self, tier):
         return {"level": int(min(self.cfg["tiers"]["levels"]))}
@@ -165,6 +164,9 @@ class FedAvgS(DepthFL):
 
 class HeteroFL(TieredAlgorithm):
     name = "heterofl"
+    label = "HeteroFL"
+    doc = "docs/methods/hypemefed.md"
+    figures = ("heterogeneous",)
     objective = staticmethod(weighted_exits([0.0, 0.0, 1.0]))   # width only: the full-depth exit
 
     def variant(self, tier):

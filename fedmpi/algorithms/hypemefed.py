@@ -28,7 +28,7 @@ still spent) but every tensor a client did not train counts as the current globa
 average, which damps the deeper layers instead of generating them. Off by default.
 
 Server work (hypernetwork training and generation) runs on rank 0 with one thread, seeded from
-(seed, rng.HYPERNET, round, pair): every metric is identical for any rank count. Its measured time
+(seed, HYPERNET, round, pair): every metric is identical for any rank count. Its measured time
 is the round column ``server_seconds``; ``hypernet_loss`` is the mean over this round's trained
 hypernetworks of their last-epoch MSE; ``hypernet_params`` / ``hypernet_bytes`` (constant per run)
 are the hypernetworks' parameter count and float32 parameter memory (training holds about 4× that:
@@ -40,8 +40,9 @@ import time
 
 import numpy as np
 
-from ..aggregate import average_over_holders
-from ..comm.codec import ModelUpdate
+from ..aggregation import average_over_holders
+from ..update import ModelUpdate
+from ..errors import require
 from .heterogeneous import DepthFL
 from .hypernetworks import HyperNetworks, single_thread
 
@@ -50,6 +51,33 @@ AGGREGATIONS = ("samples", "uniform")
 
 class HypeMeFed(DepthFL):
     name = "hypemefed"
+    label = "HypeMeFed"
+    doc = "docs/methods/hypemefed.md"
+    figures = ("heterogeneous",)
+    section = "hypemefed"
+    defaults = {
+        "hypernetwork": "lrf",     # lrf (low-rank, the paper) | naive (flatten → MLP → flatten)
+        "rank": 100,               # SVD rank r, clipped to min(out·k, in·k); 0 = full rank
+        "hidden": 512,             # hidden width of the two LRF MLPs
+        "naive_hidden": 64,        # hidden width of the naive MLP (the public code's NaiveHyperNetwork)
+        "epochs": 25,              # server training epochs per round
+        "lr": 0.0005,              # server Adam learning rate
+        "aggregation": "samples",  # samples | uniform (the public code's equal weights)
+        # the public code's effective behaviour: generated weights are discarded and a client's
+        # untrained tensors count as the global values it was sent
+        "public_generation": False,
+    }
+
+    @classmethod
+    def check_config(cls, cfg):
+        hype = cfg["hypemefed"]
+        require(hype["hypernetwork"] in ("lrf", "naive"), "hypemefed.hypernetwork", "must be 'lrf' or 'naive'")
+        require(hype["rank"] >= 0, "hypemefed.rank", "must be >= 0 (0: full rank)")
+        for key in ("hidden", "naive_hidden", "epochs"):
+            require(hype[key] >= 1, f"hypemefed.{key}", "must be at least 1")
+        require(hype["lr"] > 0, "hypemefed.lr", "must be > 0")
+        require(hype["aggregation"] in ("samples", "uniform"), "hypemefed.aggregation",
+                "must be 'samples' (the paper) or 'uniform' (the public code)")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

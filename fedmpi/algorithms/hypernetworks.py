@@ -11,7 +11,7 @@ weights of conv k in block i to the weights of conv k in block i+1 (i = 1, 2; k 
 
 ``HyperNetworks`` holds one per conv pair, trains them on (source, target) pairs with MSE and Adam,
 generates, and saves/loads them as numpy arrays (checkpoints). Everything runs on the CPU with one
-thread, seeded from (seed, ``rng.HYPERNET``, round, pair): results do not depend on the rank count.
+thread, seeded from (seed, ``HYPERNET``, round, pair): results do not depend on the rank count.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import rng
+
+HYPERNET = 11   # the rng purpose of HypeMeFed's hypernetworks: initialisation and per-round shuffles
 
 HYPERNETWORKS = ("lrf", "naive")
 SOURCE_BLOCKS = (1, 2)        # conv k of block i → conv k of block i+1
@@ -125,7 +127,7 @@ class HyperNetworks:
         self.hidden = hidden if kind == "lrf" else naive_hidden
         # seeded initialisation that leaves torch's global generator as it was
         with torch.random.fork_rng(devices=[]), single_thread():
-            torch.manual_seed(rng.torch_seed(seed, rng.HYPERNET))
+            torch.manual_seed(rng.torch_seed(seed, HYPERNET))
             self.nets = [LRFHyperNetwork(shapes[s], shapes[t], rank, hidden) if kind == "lrf"
                          else NaiveHyperNetwork(shapes[s], shapes[t], naive_hidden)
                          for s, t, _ in self.pairs]
@@ -144,7 +146,7 @@ class HyperNetworks:
         net = self.nets[index]
         inputs = [net.prepare(torch.from_numpy(np.asarray(s, np.float32))) for s, _ in samples]
         targets = [torch.from_numpy(np.asarray(t, np.float32)) for _, t in samples]
-        order = torch.Generator().manual_seed(rng.torch_seed(self.seed, rng.HYPERNET, round_, index))
+        order = torch.Generator().manual_seed(rng.torch_seed(self.seed, HYPERNET, round_, index))
         optimizer = torch.optim.Adam(net.parameters(), lr=lr)
         net.train()
         mean = float("nan")

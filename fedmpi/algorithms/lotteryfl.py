@@ -1,5 +1,5 @@
 """LotteryFL (Li et al., arXiv 2008.03371, 2020; SEC 2021): personalised sparse sub-networks.
-Spec: the last section of shared/spec/prunefl.md; doc: docs/methods/lotteryfl.md.
+Doc: docs/methods/lotteryfl.md.
 
 Each client k keeps its own mask M_k and nominal density d_k as device state (``ClientResult.state``,
 handed back as ``ClientTask.state``; the mask travels packed, n/8 bytes, and is not network
@@ -23,9 +23,10 @@ Server: per maskable element the sample-weighted mean over the clients of the ro
 (``average_over_holders``, ``missing="keep"``: an element no client holds keeps its value); dense
 tensors the mean over all of them (``aggregation: uniform``: unweighted, the public code).
 
-θ₀ is regenerated on every rank from the seed exactly as the run's setup builds it (the init is
-a shared seed, so a client needs no download for it); the server checks the copy against the
-real init once.
+θ₀ is the run's initial global model, the one the server starts from: every client keeps its own
+copy (it starts from the same shared init), so it is no download. The engine hands it to the
+client as ``ClientTask.initial_weights`` (``needs_initial_weights``) from what every rank built
+before round 1; it never crosses MPI and counts as no traffic.
 
 Evaluation (every evaluation round): ``test_accuracy`` / ``test_loss`` / ``client_accuracy`` of
 the global model θ as for every method, and the personalised accuracy ``personal_accuracy``:
@@ -34,12 +35,11 @@ per client whose mask is not full (a full-mask client's personalised model is th
 ``personal_accuracy_best`` is the mean over clients of each client's best personalised accuracy
 so far, the public code's reported "test accuracy".
 
-Where the local test set comes from on the client: the ``ClientTask`` carries the training data
-only; when it gains a ``local_test`` attribute (x, y) it is used, otherwise the client side
-rebuilds the run's partition from the config (as the run's setup does, deterministic) and keeps
-the local test sets in memory once per rank. ``check_samples`` > 0 uses a fixed subset of that
-many samples per client (drawn from (seed, client)) for the pre-training check, a cost knob; the
-public code checks at most 80 shuffled samples.
+The local test set of the pre-training check is the client's own data: the engine hands it over
+as ``ClientTask.local_test`` (``needs_local_test``), the evaluator's samples of that client from
+the partition every rank holds. ``check_samples`` > 0 uses a fixed subset of that many samples
+per client (drawn from (seed, client)) for the pre-training check, a cost knob; the public code
+checks at most 80 shuffled samples.
 
 Not copied from the public code (charleslipku/LotteryFL): the 90/10 train/validation split that
 is never used, the value-based freeze of weights with |w| < 1e-6, the fixed momentum 0.5, the
@@ -47,16 +47,16 @@ unseeded sampling (see docs/methods/lotteryfl.md).
 """
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import torch
 
 from .. import rng
-from ..aggregate import average_over_holders
-from ..comm.codec import ModelUpdate
+from ..aggregation import average_over_holders
+from ..errors import require
 from ..sparsity import apply_masks_torch, magnitude_masks
+from ..update import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
 from .evaluation import EvalModel
 
@@ -70,56 +70,41 @@ def unpack(packed: dict[str, tuple]) -> dict[str, np.ndarray]:
             for n, (shape, bits) in packed.items()}
 
 
-# --------------------------------------------------------------------------- per-rank caches
-
-_INIT_CACHE: dict[str, dict[str, np.ndarray]] = {}
-_LOCAL_TEST_CACHE: dict[str, tuple] = {}
-
-
-def initial_weights(cfg: dict, info) -> dict[str, np.ndarray]:
-    """θ₀ as ``engine.context.build_context`` makes it: the model built, then every module's
-    ``reset_parameters`` under ``torch.manual_seed(torch_seed(seed, INIT))``."""
-    key = json.dumps([cfg["seed"], info.model, list(info.input_shape), info.num_classes])
-    if key not in _INIT_CACHE:
-        from ..models import build_model
-
-        with torch.random.fork_rng(devices=[]):
-            model = build_model(info.model, info.input_shape, info.num_classes)
-            torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
-            model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-        state = model.state_dict()
-        _INIT_CACHE[key] = {n: state[n].detach().numpy().copy() for n in info.shapes}
-    return _INIT_CACHE[key]
-
-
-def local_test_sets(cfg: dict):
-    """(x, y, per-client index arrays into them): every client's local test set, rebuilt from
-    the config as the run's setup builds data and partition (once per rank)."""
-    data = cfg["data"]
-    key = json.dumps([data, cfg["seed"], cfg["clients"]["total"]], sort_keys=True)
-    if key not in _LOCAL_TEST_CACHE:
-        from ..data import hold_out_local_test, load_dataset, partition_dataset
-
-        dataset = load_dataset(data["name"], data["root"], seed=cfg["seed"],
-                               num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
-        partition = partition_dataset(
-            dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"], alpha=data["alpha"],
-            shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
-        if data["local_test_fraction"] > 0:
-            partition = hold_out_local_test(partition, data["local_test_fraction"], cfg["seed"])
-        x, y = ((dataset.x_train, dataset.y_train) if partition.local_test_in_train
-                else (dataset.x_test, dataset.y_test))
-        union = np.unique(np.concatenate([np.asarray(i, np.int64) for i in partition.test_indices]))
-        per_client = [np.searchsorted(union, np.asarray(i, np.int64)) for i in partition.test_indices]
-        _LOCAL_TEST_CACHE[key] = (torch.from_numpy(np.ascontiguousarray(x[union])),
-                                  torch.from_numpy(np.ascontiguousarray(y[union])), per_client)
-    return _LOCAL_TEST_CACHE[key]
-
-
 # --------------------------------------------------------------------------- the algorithm
 
 class LotteryFL(Algorithm):
     name = "lotteryfl"
+    label = "LotteryFL"
+    doc = "docs/methods/lotteryfl.md"
+    figures = ("prunefl",)
+    needs_local_test = True        # the pre-training accuracy check
+    needs_initial_weights = True   # θ₀, the rewind target
+    section = "lotteryfl"
+    defaults = {
+        "prune_step": 0.2,           # fraction of a client's remaining weights pruned per layer
+        "acc_threshold": 0.5,        # prune when the personalised accuracy before training exceeds this
+        "target_density": 0.1,       # ... and the client's density is above this
+        "local_steps": 0,            # local iterations per round (0: local.epochs)
+        "check_samples": 0,          # >0: the pre-training check uses a fixed subset of this many samples
+        # deviations of the public code (charleslipku/LotteryFL); public_code: true sets them all
+        "public_code": False,
+        "overshoot": False,          # the last prune step may go below the target density
+        "aggregation": "samples",    # samples | uniform (public)
+        "rewind_biases": False,      # rewinding also resets the biases to their initial values
+    }
+
+    @classmethod
+    def check_config(cls, cfg):
+        lf = cfg["lotteryfl"]
+        if lf["public_code"]:   # every deviation of the public code at once, written out key by key
+            lf.update({"overshoot": True, "aggregation": "uniform", "rewind_biases": True})
+        require(0 < lf["prune_step"] < 1, "lotteryfl.prune_step", "must be in (0, 1)")
+        require(0 <= lf["acc_threshold"] <= 1, "lotteryfl.acc_threshold", "must be in [0, 1]")
+        require(0 < lf["target_density"] <= 1, "lotteryfl.target_density", "must be in (0, 1]")
+        require(lf["local_steps"] >= 0, "lotteryfl.local_steps", "must be >= 0")
+        require(lf["check_samples"] >= 0, "lotteryfl.check_samples", "must be >= 0 (0: the whole local test set)")
+        require(lf["aggregation"] in ("samples", "uniform"), "lotteryfl.aggregation",
+                "must be 'samples' or 'uniform'")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -169,11 +154,6 @@ class LotteryFL(Algorithm):
     # ---- server --------------------------------------------------------------------------
     def init_server(self, weights, rng_) -> None:
         self.weights = dict(weights)
-        if self.info.model:
-            regenerated = initial_weights(self.cfg, self.info)
-            if any(not np.array_equal(regenerated[n], weights[n]) for n in weights):
-                raise RuntimeError("lotteryfl: the regenerated initial weights differ from the run's "
-                                   "(engine.context.build_context changed how it initialises)")
 
     def download(self, round_, client_id):
         masks = self.masks_of(client_id)
@@ -227,17 +207,16 @@ class LotteryFL(Algorithm):
 
     # ---- client --------------------------------------------------------------------------
     def _local_test(self, task: ClientTask):
-        provided = getattr(task, "local_test", None)
-        if provided is not None:
-            return provided
-        x, y, per_client = local_test_sets(self.cfg)
-        index = per_client[task.client_id]
+        """The samples of the pre-training check: the client's local test set (``task.local_test``,
+        in partition order, which is ascending sample index), or with ``check_samples`` a fixed
+        subset of it, in the same order."""
+        x, y = task.local_test
         samples = int(self.settings["check_samples"])
-        if 0 < samples < len(index):
-            order = rng.generator(self.cfg["seed"], rng.EVAL, 0, task.client_id).permutation(len(index))
-            index = np.sort(index[order[:samples]])
-        index = torch.from_numpy(index)
-        return x[index], y[index]
+        if 0 < samples < len(y):
+            order = rng.generator(self.cfg["seed"], rng.EVAL, 0, task.client_id).permutation(len(y))
+            index = torch.from_numpy(np.sort(order[:samples]))
+            x, y = x[index], y[index]
+        return x, y
 
     @torch.no_grad()
     def _accuracy(self, trainer, weights, masks, x, y) -> float:
@@ -279,7 +258,7 @@ class LotteryFL(Algorithm):
                 counts[name] = active - int(math.floor(step * active + 0.5))
             masks = magnitude_masks({n: weights[n] for n in masks}, counts, within=masks)
             density *= 1.0 - step
-            init = initial_weights(self.cfg, self.info)
+            init = task.initial_weights
             for name in weights:
                 if name in masks:
                     weights[name] = np.where(masks[name], init[name], np.zeros_like(init[name]))

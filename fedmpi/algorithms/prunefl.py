@@ -1,5 +1,5 @@
 """PruneFL (Jiang et al., "Model Pruning Enables Efficient Federated Learning on Edge Devices",
-IEEE TNNLS 2022). Spec: shared/spec/prunefl.md; doc: docs/methods/prunefl.md.
+IEEE TNNLS 2022). Doc: docs/methods/prunefl.md.
 
 The model size adapts during FL to maximise Γ = (approximate empirical-risk reduction) / (round
 time), with the round time T(m) = c₀ + Σ_l t_l · nnz_l(m) of the per-layer time model
@@ -62,7 +62,7 @@ Deviations of the public code (jiangyuang/PruneFL), each a ``prunefl.`` key, all
   trained). Default: 0. fedmpi's server knows only its own copy, so a position pruned during
   initial pruning resumes its init value.
 - ``aggregation_weight: processed``: weights by samples processed in the round (equal for all
-  clients with a fixed number of steps) instead of the client's sample count.
+  clients with a fixed number of steps; ``samples_per_round``) instead of the sample count.
 
 c₀ decides how small the model gets (with c₀ ≈ 0 nothing stops Γ from shrinking it): the built-in
 modelled profiles have almost none (no latency, no fixed compute), so ``prunefl.time_constant``
@@ -85,8 +85,9 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from ..comm.codec import ModelUpdate
+from ..errors import require
 from ..training.hooks import SummedGradientSquared
+from ..update import ModelUpdate
 from .base import ClientResult, ClientTask
 from .masked_fedavg import MaskedFedAvg
 from .prunefl_initial_pruning import run_initial_pruning
@@ -137,7 +138,64 @@ def split_importance(vector: np.ndarray, names: list[str], shapes: Mapping[str, 
 
 class PruneFL(MaskedFedAvg):
     name = "prunefl"
+    label = "PruneFL"
+    doc = "docs/methods/prunefl.md"
+    figures = ("prunefl",)
     section = "prunefl"
+    # initial pruning at one client (round 1), then masked FedAvg with dense importance uploads and
+    # a reconfiguration every ΔR FL rounds. The paper's scale: reconfigure_every 50, ip_interval
+    # 500, ip_max_iterations 10000.
+    defaults = {
+        "local_steps": 5,            # local iterations per round (0: local.epochs)
+        "initial_pruning": True,     # false: the public code's --no-init-pruning
+        "adaptive": True,            # false: --no-adaptive (initial pruning only)
+        "reconfigure_every": 5,      # ΔR, in FL rounds
+        "max_drop": 0.3,             # d_0: at most this fraction of the active weights is dropped
+        "half_life": -1,             # d_r = d_0 · 0.5^(r / half_life), in FL rounds; -1: rounds
+        "max_density": 1.0,          # density cap (--max-density); 1: none
+        "target_density": -1.0,      # cap falls linearly to this over the run (--target-density); -1: off
+        "ip_interval": 50,           # initial pruning: local iterations between reconfigurations
+        "ip_threshold": 0.1,         # ... stable when the density changed by at most this (relative)
+        "ip_patience": 5,            # ... stop after this many stable reconfigurations in a row
+        "ip_max_iterations": 1000,   # ... or after this many iterations
+        "time_constant": -1.0,       # c_0 in seconds; -1: from the device profile's time model
+        # deviations of the public code (jiangyuang/PruneFL), off by default; public_code: true
+        # sets every one of them (module docstring)
+        "public_code": False,
+        "ip_accuracy_factor": 0.0,   # public 1.5: reconfigure once train accuracy >= factor / classes
+        "ip_data_batches": 0,        # public 10: initial pruning on a fixed subset of this many batches
+        "regrow_value": "zero",      # zero | last (public: a re-activated weight resumes its last value)
+        "aggregation_weight": "samples",   # samples | processed (public: samples processed in the round)
+    }
+
+    @classmethod
+    def check_config(cls, cfg):
+        pf = cfg["prunefl"]
+        if pf["public_code"]:   # every deviation of the public code at once, written out key by key
+            pf.update({"ip_accuracy_factor": 1.5, "ip_data_batches": 10, "regrow_value": "last",
+                       "aggregation_weight": "processed"})
+        for key in ("local_steps", "ip_data_batches"):
+            require(pf[key] >= 0, f"prunefl.{key}", "must be >= 0")
+        for key in ("reconfigure_every", "ip_interval", "ip_patience", "ip_max_iterations"):
+            require(pf[key] >= 1, f"prunefl.{key}", "must be at least 1")
+        require(0 <= pf["max_drop"] <= 1, "prunefl.max_drop", "must be in [0, 1]")
+        require(pf["half_life"] == -1 or pf["half_life"] >= 1, "prunefl.half_life", "must be -1 (rounds) or >= 1")
+        require(0 < pf["max_density"] <= 1, "prunefl.max_density", "must be in (0, 1] (1: no cap)")
+        require(pf["target_density"] == -1 or 0 < pf["target_density"] <= pf["max_density"],
+                "prunefl.target_density", "must be -1 (off) or in (0, prunefl.max_density]")
+        require(pf["ip_threshold"] >= 0, "prunefl.ip_threshold", "must be >= 0")
+        require(pf["ip_accuracy_factor"] >= 0, "prunefl.ip_accuracy_factor", "must be >= 0 (0: off)")
+        require(pf["time_constant"] == -1 or pf["time_constant"] >= 0, "prunefl.time_constant",
+                "must be -1 (the device profile's) or >= 0 seconds")
+        require(pf["regrow_value"] in ("zero", "last"), "prunefl.regrow_value", "must be 'zero' or 'last'")
+        require(pf["aggregation_weight"] in ("samples", "processed"), "prunefl.aggregation_weight",
+                "must be 'samples' or 'processed' (the public code: samples processed in the round)")
+        if cfg["algorithm"] == cls.name and pf["adaptive"]:
+            fl_rounds = cfg["rounds"] - (1 if pf["initial_pruning"] else 0)
+            require(fl_rounds >= pf["reconfigure_every"], "prunefl.reconfigure_every",
+                    f"no FL round reconfigures: {fl_rounds} FL rounds"
+                    f"{' after the initial-pruning round 1' if pf['initial_pruning'] else ''} and "
+                    f"ΔR = {pf['reconfigure_every']}; lower it or set prunefl.adaptive: false")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -182,10 +240,10 @@ class PruneFL(MaskedFedAvg):
             return None
         return int(math.floor(cap * self.maskable_size))
 
-    def aggregation_weight(self, result):
-        if self.settings["aggregation_weight"] == "processed":
-            return result.samples_processed
-        return result.num_samples
+    def partial_sum_weight(self, client_id, num_samples):
+        if self.settings["aggregation_weight"] == "processed":   # public code: samples processed
+            return self.samples_per_round(num_samples)
+        return num_samples
 
     # ---- results columns -----------------------------------------------------------------
     def round_columns(self):

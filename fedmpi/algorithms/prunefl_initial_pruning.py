@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..comm.codec import ModelUpdate
 from ..training.hooks import SquaredGradientAccumulator
 from ..training.objectives import cross_entropy
+from ..update import ModelUpdate
 from .base import ClientResult, ClientTask
 from .prunefl_reconfiguration import apply_new_masks, reconfigure, round_time_model
 

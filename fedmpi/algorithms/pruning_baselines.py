@@ -15,11 +15,11 @@ FedAvg with one global mask and ``<section>.local_steps`` local iterations, like
   the run. No rewinding. The code counts rounds from 0 and prunes after round idx > 0 with
   idx % interval == 0; fedmpi prunes after round r with r % every == 0.
 
-The target density is ``<section>.density`` or, with ``<section>.density_from`` (a results file
-path; ``{seed}`` is replaced by the run's seed), the final ``density`` of that finished run:
-"SNIP / IMP to the density PruneFL ends with", as the paper (and the code, which reads PruneFL's
-saved model) compares them. The path is read on every rank when the run starts; a missing or
-unfinished file is a config error (exit 2).
+The target density is ``<section>.density``. "SNIP / IMP to the density PruneFL ends with", as
+the paper (and the code, which reads PruneFL's saved model) compares them, is a campaign's
+business: a ``runs:`` entry ``snip.density: {from_run: <the PruneFL run>, column: density}``
+makes ``fedmpi sweep`` start the run after that PruneFL run (same seed) has finished, with its
+final density as the number (fedmpi/campaigns/depends.py).
 """
 from __future__ import annotations
 
@@ -27,43 +27,34 @@ import math
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import require
 from ..sparsity import magnitude_masks
 from .masked_fedavg import MaskedFedAvg
 
 
-def target_density(cfg: dict, section: str) -> float:
-    settings = cfg[section]
-    source = settings.get("density_from")
-    if not source:
-        return float(settings["density"])
-    from pathlib import Path
-
-    from ..results import read_run
-
-    path = Path(str(source).replace("{seed}", str(cfg["seed"])))
-    key = f"{section}.density_from"
-    if not path.exists():
-        raise ConfigError(key, f"{path} does not exist (run the method whose final density it names first)")
-    try:
-        run = read_run(path)
-    except Exception as exc:   # noqa: BLE001 - any unreadable file is the same config problem
-        raise ConfigError(key, f"cannot read {path}: {exc}") from None
-    if not run.finished:
-        raise ConfigError(key, f"{path} is not a finished run; its final density is not known yet")
-    density = run.final("density")
-    if not 0 < density <= 1:
-        raise ConfigError(key, f"{path} ends at density {density}, expected a value in (0, 1]")
-    return float(density)
+def check_density_section(cfg: dict, section: str) -> None:
+    """What the snip and imp sections share."""
+    sec = cfg[section]
+    require(0 < sec["density"] <= 1, f"{section}.density", "must be in (0, 1]")
+    require(sec["local_steps"] >= 0, f"{section}.local_steps", "must be >= 0")
 
 
 class SNIP(MaskedFedAvg):
     name = "snip"
+    label = "SNIP"
+    doc = "docs/methods/prunefl.md"
+    figures = ("prunefl",)
     section = "snip"
+    # SNIP after a dense round 1 (PruneFL's final density: a campaign's from_run, not a key here)
+    defaults = {"density": 0.1, "local_steps": 5}
+
+    @classmethod
+    def check_config(cls, cfg):
+        check_density_section(cfg, cls.section)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
-        self.target = target_density(cfg, self.section)
+        self.target = float(self.settings["density"])
 
     def aggregate(self, round_, results):
         before = self.weights
@@ -90,11 +81,22 @@ def global_top(scores: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
 
 class IterativeMagnitudePruning(MaskedFedAvg):
     name = "imp"
+    label = "IMP"
+    doc = "docs/methods/prunefl.md"
+    figures = ("prunefl",)
     section = "imp"
+    defaults = {"density": 0.1, "prunes": 20, "every": -1, "local_steps": 5}
+
+    @classmethod
+    def check_config(cls, cfg):
+        check_density_section(cfg, cls.section)
+        require(cfg["imp"]["prunes"] >= 1, "imp.prunes", "must be at least 1")
+        require(cfg["imp"]["every"] == -1 or cfg["imp"]["every"] >= 1, "imp.every",
+                "must be -1 (rounds / (2 · prunes)) or at least 1")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
-        self.target = target_density(cfg, self.section)
+        self.target = float(self.settings["density"])
         self.prunes = int(self.settings["prunes"])
         every = int(self.settings["every"])
         self.every = every if every > 0 else max(1, cfg["rounds"] // (2 * self.prunes))

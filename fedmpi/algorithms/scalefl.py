@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..errors import require
 from ..training import exit_outputs
 from .heterogeneous import TieredAlgorithm
 
@@ -47,6 +48,23 @@ def self_distillation(gamma: float, temperature: float):
 
 class ScaleFL(TieredAlgorithm):
     name = "scalefl"
+    label = "ScaleFL"
+    doc = "docs/methods/hypemefed.md"
+    figures = ("heterogeneous",)
+    section = "scalefl"
+    # tier t trains depth tiers.levels[t] at width widths[t]
+    defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.05, "kd_temperature": 3.0, "kd_after": 0.25}
+
+    @classmethod
+    def check_config(cls, cfg):
+        scale, tiers = cfg["scalefl"], cfg["tiers"]
+        require(len(scale["widths"]) == len(tiers["mix"]) or cfg["algorithm"] != cls.name, "scalefl.widths",
+                f"needs one entry per tier: tiers.mix has {len(tiers['mix'])}")
+        require(all(isinstance(v, (int, float)) and 0 < v <= 1 for v in scale["widths"]), "scalefl.widths",
+                "entries must be width rates in (0, 1]")
+        require(scale["kd_gamma"] >= 0, "scalefl.kd_gamma", "must be >= 0")
+        require(scale["kd_temperature"] > 0, "scalefl.kd_temperature", "must be > 0")
+        require(0 <= scale["kd_after"] <= 1, "scalefl.kd_after", "must be a fraction of the rounds in [0, 1]")
 
     def __init__(self, cfg, info):
         self.settings = cfg["scalefl"]

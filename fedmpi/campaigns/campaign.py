@@ -12,11 +12,16 @@ A campaign file (YAML; paths in it are relative to the file)::
       algorithm: [fedavg, fedavgm]
     runs:                      # and/or an explicit list of override mappings
       - {algorithm: feddst, sparsity: 0.8}
+      - {algorithm: prunefl, rounds: 31}
+      # a value taken from another run of the same seed (its name without the seed part): the
+      # final `density` of its per-round table; this run starts after that one finished
+      - {algorithm: snip, snip.density: {from_run: "algorithm=prunefl_rounds=31", column: density}}
     slurm: {partition: debug, time: "01:00:00", ...}   # see SlurmSettings
 
 Every run is (one grid point or one entry of ``runs``) x (one seed). Its name lists its own
-overrides sorted by key, seed last: ``algorithm=fedavgm_seed=1``. A run is finished when its
-results file carries the ``finished`` attribute; finished runs are never started again.
+overrides sorted by key, seed last: ``algorithm=fedavgm_seed=1`` (a ``from_run`` value is not
+part of it: :mod:`.depends`). A run is finished when its results file carries the ``finished``
+attribute; finished runs are never started again.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from fedmpi.campaigns.depends import Input, has_reference, link, split_references
 from fedmpi.config import flatten
 from fedmpi.errors import ConfigError
 
@@ -66,10 +72,18 @@ class Run:
     name: str
     overrides: dict
     result: Path
+    inputs: tuple[Input, ...] = ()   # values it takes from other runs (`from_run`), if any
 
     def set_args(self) -> list[str]:
         """The overrides as ``key=value`` strings, values written as YAML scalars."""
         return [f"{key}={yaml_value(value)}" for key, value in self.overrides.items()]
+
+    def input_args(self, values: dict | None = None, files: bool = False) -> list[str]:
+        """The values taken from other runs: ``key=value`` from ``values`` (key -> value), else
+        placeholders ``key=<final COLUMN of RUN>`` (of its results file with ``files``)."""
+        if values is None:
+            return [i.placeholder(files) for i in self.inputs]
+        return [f"{i.key}={yaml_value(values[i.key])}" for i in self.inputs]
 
 
 @dataclass
@@ -94,13 +108,16 @@ class Campaign:
         path.write_text(yaml.safe_dump(self.inline_config, sort_keys=False))
         return path
 
-    def set_args(self, run: Run) -> list[str]:
-        """All ``--set`` values of ``run``: the common ones, then the run's own."""
-        return [f"{k}={yaml_value(v)}" for k, v in self.common.items()] + run.set_args()
+    def set_args(self, run: Run, values: dict | None = None) -> list[str]:
+        """All ``--set`` values of ``run``: the common ones, the run's own, then those it takes
+        from other runs (``values``: key -> value; without it, placeholders naming the files)."""
+        return ([f"{k}={yaml_value(v)}" for k, v in self.common.items()] + run.set_args()
+                + run.input_args(values, files=True))
 
-    def run_args(self, run: Run, config: Path) -> list[str]:
-        """Arguments after ``python -m fedmpi``: run the experiment, resuming a checkpoint."""
-        sets = [arg for item in self.set_args(run) for arg in ("--set", item)]
+    def run_args(self, run: Run, config: Path, values: dict | None = None) -> list[str]:
+        """Arguments after ``python -m fedmpi``: run the experiment, resuming a checkpoint;
+        ``values`` are those the run takes from other runs."""
+        sets = [arg for item in self.set_args(run, values) for arg in ("--set", item)]
         return ["run", str(config), *sets, "--out", str(run.result), "--resume"]
 
 
@@ -242,6 +259,10 @@ def load_campaign(path, results_dir=None) -> Campaign:
     common = spec.get("set") or {}
     if not isinstance(common, dict):
         raise ConfigError("set", "must be a mapping of dotted key -> value")
+    for block in ("set", "grid"):
+        if has_reference(spec.get(block)):
+            raise ConfigError(block, "a value from another run (from_run) goes in a `runs:` "
+                                     "entry: the run that takes it")
 
     if results_dir is not None:
         results = Path(results_dir).resolve()
@@ -250,14 +271,20 @@ def load_campaign(path, results_dir=None) -> Campaign:
     else:
         results = (Path.cwd() / "results" / name).resolve()
 
-    runs, overrides_by_name = [], {}
+    runs, overrides_by_name, references, point_names, seeds = [], {}, {}, {}, {}
     for overrides in expand_overrides(spec.get("grid"), spec.get("runs"), spec.get("seeds")):
-        run_id = run_name(overrides)
+        own, refs = split_references(overrides)
+        run_id = run_name(own)
         if run_id in overrides_by_name:
             raise ConfigError("runs", f"{overrides_by_name[run_id]} and {overrides} both get the "
                                       f"name {run_id!r}; make them differ in a named value")
         overrides_by_name[run_id] = overrides
-        runs.append(Run(run_id, overrides, results / f"{run_id}.h5"))
+        references[run_id] = refs
+        point_names[run_id] = run_name({k: v for k, v in own.items() if k != "seed"})
+        seeds[run_id] = own.get("seed")
+        runs.append(Run(run_id, own, results / f"{run_id}.h5"))
+    inputs = link(runs, references, point_names, seeds)
+    runs = [Run(run.name, run.overrides, run.result, inputs.get(run.name, ())) for run in runs]
 
     return Campaign(name=name, base=base, inline_config=inline,
                     common=flatten(common), ranks=positive_int(spec.get("ranks", 1), "ranks"),

@@ -16,15 +16,19 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "sweep", help="list, run or submit the runs of a campaign file",
         description="Expand a campaign file into runs; list them, run the missing ones here, or "
-                    "submit them as one SLURM array job. Finished runs are always skipped.")
+                    "submit them as SLURM array jobs. Finished runs are always skipped. A run "
+                    "that takes a value from another run (from_run) starts after that one.")
     parser.add_argument("campaign", help="campaign YAML file")
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--list", action="store_true",
-                        help="show every run's name, status (finished/partial/missing), overrides")
+                        help="show every run's name, status (finished/partial/missing), overrides "
+                             "(a value from another run as key=<final COLUMN of RUN>)")
     action.add_argument("--local", action="store_true",
-                        help="run the missing runs one after another under mpiexec")
+                        help="run the missing runs under mpiexec (--jobs at a time), the runs "
+                             "others take a value from first")
     action.add_argument("--slurm", action="store_true",
-                        help="submit the missing runs as one SLURM array job")
+                        help="submit the missing runs as a SLURM array job (plus one with "
+                             "--dependency=afterok for runs taking a value from another run)")
     parser.add_argument("--results-dir", help="where result files go (default: the campaign's "
                                               "results_dir, else results/<name>)")
     parser.add_argument("--ranks", type=int, help="MPI ranks per run (overrides the campaign)")
@@ -36,9 +40,9 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     slurm.add_argument("--time", help="time limit per run, e.g. 02:00:00")
     slurm.add_argument("--template", help="sbatch template (default jobs/fedmpi-array.sbatch)")
     slurm.add_argument("--wait", action="store_true",
-                       help="block until the array job has ended; exit 0 if every run finished")
+                       help="block until the array job(s) have ended; exit 0 if every run finished")
     slurm.add_argument("--dry-run", action="store_true",
-                       help="write the task table and sbatch script but do not submit")
+                       help="write the task table(s) and sbatch script(s) but do not submit")
     slurm.add_argument("--force", action="store_true",
                        help="submit even if a job of this campaign is still queued")
     parser.set_defaults(func=sweep_main)

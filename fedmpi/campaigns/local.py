@@ -1,4 +1,5 @@
-"""Running a campaign's runs here, one after another under ``mpiexec``, and listing their status."""
+"""Running a campaign's runs here under ``mpiexec`` (several at a time with ``jobs``, a run that
+takes a value from another run after that one), and listing their status."""
 from __future__ import annotations
 
 import os
@@ -11,7 +12,8 @@ import time
 from pathlib import Path
 
 from fedmpi.campaigns.campaign import PACKAGE_ROOT, Campaign, Run
-from fedmpi.errors import PreemptedError
+from fedmpi.campaigns.depends import resolve
+from fedmpi.errors import DataError, PreemptedError
 from fedmpi.results import run_status
 
 
@@ -36,13 +38,14 @@ def run_env() -> dict:
 
 
 def list_runs(campaign: Campaign) -> int:
-    """Print every run: name, status and overrides; then a count per status."""
+    """Print every run: name, status and overrides (a value from another run as
+    ``key=<final COLUMN of RUN>``); then a count per status."""
     counts = {"finished": 0, "partial": 0, "missing": 0}
     width = max(len(run.name) for run in campaign.runs)
     for run in campaign.runs:
         status = run_status(run.result)
         counts[status] += 1
-        print(f"{run.name:<{width}}  {status:<8}  {' '.join(run.set_args())}")
+        print(f"{run.name:<{width}}  {status:<8}  {' '.join(run.set_args() + run.input_args())}")
     print(f"{len(campaign.runs)} runs in {campaign.results_dir}: "
           + ", ".join(f"{n} {status}" for status, n in counts.items()))
     return 0
@@ -54,14 +57,39 @@ def missing_runs(campaign: Campaign) -> list[Run]:
 
 
 def run_local(campaign: Campaign, runs: list[Run], jobs: int = 1) -> int:
-    """Run ``runs`` under mpiexec, ``jobs`` at a time (each with ``campaign.ranks`` ranks), in
-    campaign order; stop launching at a pre-emption (exit 75, ``PreemptedError.exit_code``).
-    Several jobs fill the cores when runs are small (e.g. ``--ranks 1 --jobs 2`` on 2 cores)."""
+    """Run ``runs`` under mpiexec, ``jobs`` at a time (each with ``campaign.ranks`` ranks);
+    stop launching at a pre-emption (exit 75, ``PreemptedError.exit_code``). Several jobs fill
+    the cores when runs are small (e.g. ``--ranks 1 --jobs 2`` on 2 cores).
+
+    Runs that others take a value from (``from_run``) start first, the rest in campaign order.
+    A run that takes a value starts once its producers have finished, with the value read from
+    their results and passed as ``--set key=value``; if a producer failed (or its value cannot be
+    read) the run is not started, and reported with the reason.
+    """
     campaign.results_dir.mkdir(parents=True, exist_ok=True)
     env = run_env()
     config = campaign.config_path()
-    failed, running, preempted = [], {}, False
-    pending = list(enumerate(runs, 1))
+    failed, not_run, running, preempted = [], {}, {}, False
+    todo = {run.name for run in runs}
+    producers = {i.run for run in runs for i in run.inputs if i.run in todo}
+    pending = sorted(runs, key=lambda run: run.name not in producers)   # stable: campaign order
+    succeeded, launched = set(), 0
+
+    def waiting(run: Run) -> bool:
+        return any(i.run in todo and i.run not in succeeded for i in run.inputs)
+
+    def drop_orphans() -> None:   # runs whose producer failed or was not run, transitively
+        lost = True
+        while lost:
+            lost = False
+            for run in list(pending):
+                gone = next((i for i in run.inputs if i.run in not_run
+                             or i.run in failed), None)
+                if gone is not None:
+                    pending.remove(run)
+                    why = "failed" if gone.run in failed else "was not run"
+                    not_run[run.name] = f"it takes {gone.key} from {gone.run}, which {why}"
+                    lost = True
 
     def forward_sigterm(*_):   # each run checkpoints and exits 75 instead of being orphaned
         for child in running:
@@ -70,29 +98,51 @@ def run_local(campaign: Campaign, runs: list[Run], jobs: int = 1) -> int:
     previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         while pending or running:
-            while pending and len(running) < jobs and not preempted:
-                index, run = pending.pop(0)
+            drop_orphans()
+            while len(running) < jobs and not preempted:
+                run = next((run for run in pending if not waiting(run)), None)
+                if run is None:
+                    break
+                pending.remove(run)
+                try:
+                    values = resolve(run.inputs)
+                except DataError as err:
+                    not_run[run.name] = f"its value from another run cannot be read: {err}"
+                    drop_orphans()
+                    continue
+                launched += 1
                 command = [mpiexec_path(), "-n", str(campaign.ranks), sys.executable, "-m", "fedmpi",
-                           *campaign.run_args(run, config)]
-                print(f"[{index}/{len(runs)}] {run.name}: {shlex.join(command)}", flush=True)
+                           *campaign.run_args(run, config, values)]
+                taken = "".join(f" ({arg}: final {i.column} of {i.run})"
+                                for i, arg in zip(run.inputs, run.input_args(values)))
+                print(f"[{launched}/{len(runs)}] {run.name}{taken}: {shlex.join(command)}",
+                      flush=True)
                 running[subprocess.Popen(command, env=env)] = run
             if not running:
                 break
             child = _wait_any(running)
             run, status = running.pop(child), child.returncode
-            if status == PreemptedError.exit_code:
+            if status == 0:
+                succeeded.add(run.name)
+            elif status == PreemptedError.exit_code:
                 preempted = True
                 print(f"{run.name}: pre-empted, checkpoint written; run the sweep again to resume",
                       file=sys.stderr)
-            elif status != 0:
+            else:
                 print(f"{run.name}: failed with exit status {status}", file=sys.stderr)
                 failed.append(run.name)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if preempted:
         return PreemptedError.exit_code
-    if failed:
-        print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    for run in pending:      # cannot happen (producers run first), but never drop a run silently
+        not_run.setdefault(run.name, "its producer did not finish")
+    for name, why in not_run.items():
+        print(f"{name}: not run: {why}", file=sys.stderr)
+    if failed or not_run:
+        problems = [f"{len(names)} of {len(runs)} runs {what}: {', '.join(names)}"
+                    for what, names in (("failed", failed), ("not run", list(not_run))) if names]
+        print("; ".join(problems), file=sys.stderr)
         return 1
     print(f"{len(runs)} runs finished")
     return 0

@@ -1,5 +1,10 @@
-"""Submitting a campaign's runs as one SLURM array job: the task table, the sbatch script
-rendered from a template, and waiting for the job to leave the queue."""
+"""Submitting a campaign's runs as SLURM array jobs: the task table, the sbatch script rendered
+from a template, and waiting for the jobs to leave the queue.
+
+One array job holds every run that can start now. Runs that take a value from a run still to do
+(``from_run``, :mod:`.depends`) go into a later array job, submitted with
+``--dependency=afterok:`` on the producers' array tasks (and ``--kill-on-invalid-dep=yes``, so a
+failed producer cancels it instead of leaving it pending); chains give one more job per step."""
 from __future__ import annotations
 
 import shlex
@@ -10,11 +15,14 @@ import time
 from pathlib import Path
 
 from fedmpi.campaigns.campaign import PACKAGE_ROOT, Campaign, Run
+from fedmpi.campaigns.depends import levels
 from fedmpi.campaigns.local import missing_runs, mpiexec_path
 from fedmpi.errors import ConfigError
 
 SETTINGS_BEGIN = "# >>> fedmpi settings"
 SETTINGS_END = "# <<< fedmpi settings"
+# The template's step that fills in a value from another run (python -m fedmpi.campaigns.resolve)
+RESOLVE_STEP = "fedmpi.campaigns.resolve"
 
 
 def render_sbatch(template: str, directives: list[str], settings: dict) -> str:
@@ -62,7 +70,8 @@ def _queued_jobs(job_name: str) -> list[str]:
 
 def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
                  force: bool) -> int:
-    """Write the task table and sbatch script for ``runs`` and submit them as one array job."""
+    """Write the task tables and sbatch scripts for ``runs`` and submit them as array jobs: one
+    for the runs that can start now, then one per step of ``from_run`` dependencies."""
     settings = campaign.slurm
     job_name = f"fedmpi-{campaign.name}"
     if not dry_run and not force:
@@ -72,19 +81,90 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
                   "submitting now would start their runs twice. Wait for them, or pass --force.",
                   file=sys.stderr)
             return 1
+    try:
+        template = settings.template.read_text()
+    except OSError as err:
+        raise ConfigError("slurm.template", f"cannot read {settings.template}: "
+                                            f"{err.strerror}") from err
+    if any(run.inputs for run in runs) and RESOLVE_STEP not in template:
+        raise ConfigError("slurm.template", f"{settings.template} cannot start a run that takes a "
+                                            f"value from another run (from_run): it lacks the "
+                                            f"step of jobs/fedmpi-array.sbatch calling python -m "
+                                            f"{RESOLVE_STEP}")
 
+    level = levels(runs)
+    groups = [[run for run in runs if level[run.name] == k] for k in range(max(level.values()) + 1)]
+    where = {run.name: (k, i) for k, group in enumerate(groups) for i, run in enumerate(group)}
     job_dir = campaign.results_dir / "slurm"
     job_dir.mkdir(parents=True, exist_ok=True)
     stem = _unused_stem(job_dir)
-    table, script = job_dir / f"{stem}.tasks", job_dir / f"{stem}.sbatch"
+    jobs = []      # (runs, script, producer tasks as (job, task))
+    for k, group in enumerate(groups):
+        name = stem if k == 0 else f"{stem}-dep{k}"
+        table, script = job_dir / f"{name}.tasks", job_dir / f"{name}.sbatch"
+        _write_table(campaign, group, table)
+        _write_script(campaign, template, script, table, len(group), job_name, job_dir)
+        after = sorted({where[i.run] for run in group for i in run.inputs if i.run in where})
+        jobs.append((group, script, after))
+
+    tables = ", ".join(str(script.with_suffix(".tasks")) for _, script, _ in jobs)
+    print(f"{len(runs)} runs to submit" + (f" as {len(jobs)} array jobs (runs taking a value "
+                                            f"from another run wait for it)" if len(jobs) > 1
+                                            else "") + f"; task table{'s' * (len(jobs) > 1)} "
+          f"{tables}")
+    if dry_run:
+        if len(jobs) == 1:
+            print(f"dry run, not submitted: {shlex.join(_sbatch_command(jobs[0][1], []))}")
+            return 0
+        print("dry run, not submitted; in a shell it would be:")
+        for k, (_, script, after) in enumerate(jobs):
+            ids = [f"${{job{j}}}" for j in range(k)]
+            command = " ".join(shlex.quote(arg) if not arg.startswith("--dependency=") else arg
+                               for arg in _sbatch_command(script, after, ids))
+            print(f"  job{k}=$({command})")
+        return 0
+    if not shutil.which("sbatch"):
+        print("sbatch not found: is SLURM installed here? (--dry-run writes the job without it)",
+              file=sys.stderr)
+        return 1
+    job_ids: list[str] = []
+    for group, script, after in jobs:
+        sbatch = subprocess.run(_sbatch_command(script, after, job_ids), stdout=subprocess.PIPE,
+                                text=True)
+        job_id = sbatch.stdout.strip().split(";")[0]
+        if sbatch.returncode != 0 or not job_id:
+            print(f"sbatch failed with exit status {sbatch.returncode}" + (
+                f" (array job(s) {', '.join(job_ids)} submitted before it)" if job_ids else ""),
+                file=sys.stderr)
+            return sbatch.returncode or 1
+        job_ids.append(job_id)
+        waits = f", after {len(after)} producer task(s) succeed" if after else ""
+        print(f"submitted array job {job_id} ({len(group)} tasks{waits}); logs in {job_dir}",
+              flush=True)
+    if not wait:
+        return 0
+    if not all(wait_for_job(job_id) for job_id in job_ids):
+        return 1
+    left = missing_runs(campaign)
+    print(f"job(s) {', '.join(job_ids)} ended; {len(campaign.runs) - len(left)} of "
+          f"{len(campaign.runs)} runs finished")
+    return 0 if not left else 1
+
+
+def _write_table(campaign: Campaign, runs: list[Run], table: Path) -> None:
     with table.open("w") as out:
-        out.write("# run name\tresults file\toverrides (key=value, one per field); "
+        out.write("# run name\tresults file\toverrides (key=value, one per field; "
+                  "key=<final COLUMN of FILE>: filled in when the task starts); "
                   "array task i runs line i (counting from 0, comments skipped)\n")
         for run in runs:
             out.write("\t".join([run.name, str(run.result), *campaign.set_args(run)]) + "\n")
 
+
+def _write_script(campaign: Campaign, template: str, script: Path, table: Path, tasks: int,
+                  job_name: str, job_dir: Path) -> None:
+    settings = campaign.slurm
     throttle = f"%{settings.max_parallel}" if settings.max_parallel else ""
-    directives = [f"--job-name={job_name}", f"--array=0-{len(runs) - 1}{throttle}",
+    directives = [f"--job-name={job_name}", f"--array=0-{tasks - 1}{throttle}",
                   f"--ntasks={campaign.ranks}", f"--cpus-per-task={settings.cpus_per_task}",
                   f"--time={settings.time}", f"--output={job_dir}/%A_%a.out",
                   f"--chdir={Path.cwd()}"]
@@ -95,11 +175,6 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
     if settings.gpus_per_task:
         directives.append(f"--gpus-per-task={settings.gpus_per_task}")
     directives += settings.extra_sbatch
-    try:
-        template = settings.template.read_text()
-    except OSError as err:
-        raise ConfigError("slurm.template", f"cannot read {settings.template}: "
-                                            f"{err.strerror}") from err
     script.write_text(render_sbatch(template, directives, {
         "FEDMPI_TASKS": table,
         "FEDMPI_CONFIG": campaign.config_path(),
@@ -111,29 +186,15 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
         "FEDMPI_MODULES": " ".join(settings.modules),
     }))
 
-    command = ["sbatch", "--parsable", str(script)]
-    print(f"{len(runs)} runs to submit; task table {table}")
-    if dry_run:
-        print(f"dry run, not submitted: {shlex.join(command)}")
-        return 0
-    if not shutil.which("sbatch"):
-        print("sbatch not found: is SLURM installed here? (--dry-run writes the job without it)",
-              file=sys.stderr)
-        return 1
-    sbatch = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    job_id = sbatch.stdout.strip().split(";")[0]
-    if sbatch.returncode != 0 or not job_id:
-        print(f"sbatch failed with exit status {sbatch.returncode}", file=sys.stderr)
-        return sbatch.returncode or 1
-    print(f"submitted array job {job_id} ({len(runs)} tasks); logs in {job_dir}", flush=True)
-    if not wait:
-        return 0
-    if not wait_for_job(job_id):
-        return 1
-    left = missing_runs(campaign)
-    print(f"job {job_id} ended; {len(campaign.runs) - len(left)} of {len(campaign.runs)} runs "
-          "finished")
-    return 0 if not left else 1
+
+def _sbatch_command(script: Path, after: list[tuple[int, int]], job_ids=()) -> list[str]:
+    """``sbatch --parsable SCRIPT``, after the array tasks ``(job, task)`` (job: an index into
+    ``job_ids``) have succeeded."""
+    command = ["sbatch", "--parsable"]
+    if after:
+        tasks = ":".join(f"{job_ids[job]}_{task}" for job, task in after)
+        command += [f"--dependency=afterok:{tasks}", "--kill-on-invalid-dep=yes"]
+    return [*command, str(script)]
 
 
 def wait_for_job(job_id: str) -> bool:

@@ -1,28 +1,80 @@
 """Config: defaults, YAML loading, ``--set`` overrides and validation.
 
-A config is a nested dict. Every key that may appear is in ``DEFAULTS`` (``defaults.py``); the
-type of the default is the type the key must have (``None`` defaults accept a string or null).
+A config is a nested dict. Its keys are fedmpi's own (``DEFAULTS`` in ``defaults.py``) plus the
+section each method declares (``Algorithm.section`` and ``defaults``): ``defaults()`` joins them.
+The type of a default is the type the key must have (``None`` defaults accept a string or null).
 Dotted keys, merging and ``--set`` parsing: ``keys.py``; the checks: ``validation.py``.
 Validation runs on every rank before any data is loaded or any MPI message is exchanged, so a bad
 config exits with status 2 everywhere at once.
 """
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import yaml
 
+from ..algorithms import ALGORITHMS
 from ..errors import ConfigError
-from .defaults import ALGORITHMS, DEFAULTS, OPTIMIZERS, PARTITIONS, TIERED
+from .defaults import DEFAULTS, PARTITIONS, defaults
 from .keys import flatten, get_dotted, merge, parse_override, set_dotted
 from .validation import validate
 
 
+def _chosen(sources: list[dict], overrides: list[tuple[str, object]], key: str):
+    """The value of dotted ``key`` that the sources give, last one winning, or None (before
+    merging: it decides which plug-in, and so which config section, the merge needs)."""
+    value = None
+    for source in sources:
+        node = source
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        value = node if node is not None else value
+    for name, override in overrides:
+        if name == key:
+            value = override
+    return value
+
+
+def _resolve_plugins(sources: list[dict], overrides: list[tuple[str, object]]) -> dict[str, str]:
+    """``algorithm``, ``model`` and ``data.name`` as registered names: an import path among them is
+    loaded and registered (its declared name returned); an unknown name is a ConfigError."""
+    names = {}
+    for key, registry in _registries():
+        value = _chosen(sources, overrides, key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be str, got {type(value).__name__} {value!r}")
+        names[key] = registry.resolve(value)
+    return names
+
+
+def _registries():
+    from ..data import DATASETS
+    from ..models import MODELS
+
+    return (("algorithm", ALGORITHMS), ("model", MODELS), ("data.name", DATASETS))
+
+
+def plugin_provenance(cfg: dict) -> dict[str, dict]:
+    """For each of ``algorithm``, ``model`` and ``data.name`` that a plug-in provides: its name and
+    where it came from (entry point or import path, its package and version). {} when the run
+    uses only fedmpi's own."""
+    used = {}
+    for key, registry in _registries():
+        name = get_dotted(cfg, key)
+        origin = registry.origin(name)
+        if origin.source != "builtin":
+            used[key] = {"name": name, **origin.as_dict()}
+    return used
+
+
 def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: dict | None = None) -> dict:
-    """Defaults ← YAML file ← ``extra`` mapping ← ``--set`` overrides, then validated."""
-    cfg = copy.deepcopy(DEFAULTS)
+    """Defaults ← YAML file ← ``extra`` mapping ← ``--set`` overrides, then validated. An
+    ``algorithm``, ``model`` or ``data.name`` given as an import path (``my_package.my_module:MyMethod``)
+    is loaded and registered first, so that its section is known; the resolved config names it by
+    its declared ``name``."""
+    loaded = {}
     if path is not None:
         path = Path(path)
         try:
@@ -35,18 +87,18 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: di
             raise ConfigError(str(path), f"not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(str(path), "must be a YAML mapping of config keys")
-        merge(cfg, loaded)
+    parsed = [parse_override(text) for text in overrides]
+    names = _resolve_plugins([DEFAULTS, loaded, extra or {}], parsed)
+    cfg = defaults(names["algorithm"])
+    merge(cfg, loaded)
     if extra:
         merge(cfg, extra)
-    for text in overrides:
-        key, value = parse_override(text)
+    for key, value in parsed:
         set_dotted(cfg, key, value)
-    return validate(cfg)
+    for key, name in names.items():
+        set_dotted(cfg, key, name)
+    return validate(cfg, defaults(names["algorithm"]))
 
 
-def to_json(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)
-
-
-__all__ = ["ALGORITHMS", "DEFAULTS", "OPTIMIZERS", "PARTITIONS", "TIERED", "flatten", "get_dotted", "load_config",
-           "parse_override", "set_dotted", "to_json", "validate"]
+__all__ = ["DEFAULTS", "PARTITIONS", "defaults", "flatten", "get_dotted", "load_config", "parse_override",
+           "plugin_provenance", "set_dotted", "validate"]

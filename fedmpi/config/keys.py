@@ -9,7 +9,6 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from .defaults import DEFAULTS
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -24,28 +23,28 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-DEFAULT_FLAT = flatten(DEFAULTS)
-_SECTIONS = {k.rsplit(".", 1)[0] for k in DEFAULT_FLAT if "." in k}
-
-
-def _unknown_key(key: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(DEFAULT_FLAT) + sorted(_SECTIONS), n=1)
+def _unknown_key(key: str, tree: dict) -> ConfigError:
+    """``key`` is not in ``tree`` (the whole config): the error, with the closest known key."""
+    flat = flatten(tree)
+    sections = {k.rsplit(".", 1)[0] for k in flat if "." in k}
+    close = difflib.get_close_matches(key, list(flat) + sorted(sections), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(key, f"unknown key{hint}")
 
 
-def merge(base: dict, override: dict, prefix: str = "") -> None:
+def merge(base: dict, override: dict, prefix: str = "", root: dict | None = None) -> None:
     """Write ``override`` into ``base`` key by key; every key must exist in ``base``."""
+    root = base if root is None else root
     for key, value in override.items():
         name = f"{prefix}{key}"
         if not isinstance(key, str):
             raise ConfigError(name, "keys must be strings")
         if key not in base:
-            raise _unknown_key(name)
+            raise _unknown_key(name, root)
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(name, f"must be a mapping of settings, got {value!r}")
-            merge(base[key], value, name + ".")
+            merge(base[key], value, name + ".", root)
         else:
             base[key] = value
 
@@ -55,10 +54,10 @@ def set_dotted(cfg: dict, dotted: str, value: Any) -> None:
     node = cfg
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
-            raise _unknown_key(".".join(parts[: i + 1]))
+            raise _unknown_key(".".join(parts[: i + 1]), cfg)
         node = node[part]
     if parts[-1] not in node:
-        raise _unknown_key(dotted)
+        raise _unknown_key(dotted, cfg)
     if isinstance(node[parts[-1]], dict):
         raise ConfigError(dotted, "is a section; set one of its keys")
     node[parts[-1]] = value

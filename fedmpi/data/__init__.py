@@ -10,67 +10,85 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.errors import ConfigError
+from fedmpi.errors import ConfigError, require
+from fedmpi.plugins import Registry
 
 from . import readers
 from .partition import SCHEMES, hold_out_local_test, partition_dataset
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
-from .types import Dataset, Partition
+from .types import Dataset, DatasetSpec, Partition
 
-__all__ = ["Dataset", "Partition", "DATASETS", "DEFAULT_ROOTS", "SCHEMES",
-           "SYNTHETIC_DEFAULTS", "hold_out_local_test", "load_dataset", "partition_dataset"]
-
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "stl10", "unimib_shar", "unimib_shar_adl",
-            "unimib_shar_fall", "femnist", "synthetic")
-
-DEFAULT_ROOTS = {
-    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
-    "mnist": None,
-    "cifar10": None,
-    "cifar100": None,
-    "svhn": None,
-    "stl10": None,
-    "unimib_shar": None,
-    "unimib_shar_adl": None,
-    "unimib_shar_fall": None,
-    "femnist": None,    # LEAF's femnist data/ (train/*.json, test/*.json): fedmpi/data/femnist.py
-    "synthetic": None,  # generated, needs no files
-}
+__all__ = ["Dataset", "DatasetSpec", "Partition", "DATASETS", "SCHEMES", "SYNTHETIC_DEFAULTS",
+           "check_dataset_spec", "hold_out_local_test", "load_dataset", "partition_dataset"]
 
 
-def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int,
-                 synthetic: dict | None = None) -> Dataset:
-    """Load dataset ``name`` from ``root`` (or its default location), normalised.
+def _file_reader(name: str):
+    """A data set in its standard files: the four arrays from ``readers``, images normalised."""
+    def read(root, *, seed, num_clients, synthetic) -> Dataset:
+        x_train, y_train, x_test, y_test = readers.READERS[name](root)
+        if x_train.dtype == np.uint8:   # images; signals (UniMiB-SHAR) come back standardised
+            x_train, x_test = readers.normalise(x_train, name), readers.normalise(x_test, name)
+        return Dataset(name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
+                       num_classes=readers.NUM_CLASSES[name], input_shape=tuple(x_train.shape[1:]))
+    return read
 
-    ``seed``, ``num_clients`` and ``synthetic`` (settings, see SYNTHETIC_DEFAULTS) matter only
-    for the generated ``synthetic`` dataset, which has one LEAF user per client.
-    Raises ConfigError for an unknown name or missing root, DataError for a bad file.
-    """
-    if name not in DATASETS:
-        raise ConfigError("data.name", f"unknown dataset {name!r}; choose one of "
-                                       f"{', '.join(DATASETS)}")
-    if name == "synthetic":
-        return make_synthetic(seed, num_clients, synthetic)
-    if name == "femnist":   # LEAF JSON with its natural per-writer partition
-        from .femnist import load_femnist
 
-        return load_femnist(root, num_clients)
-    if root is None:
-        root = DEFAULT_ROOTS[name]
-    if root is None:
-        raise ConfigError("data.root", f"dataset {name!r} has no default location; set "
-                                       f"data.root to the directory holding "
-                                       f"{readers.EXPECTED_FILES[name]}")
-    root = Path(root).expanduser()
-    x_train, y_train, x_test, y_test = readers.READERS[name](root)
-    if x_train.dtype == np.uint8:   # images; signals (UniMiB-SHAR) come back standardised
-        x_train, x_test = readers.normalise(x_train, name), readers.normalise(x_test, name)
-    return Dataset(
-        name=name,
-        x_train=x_train,
-        y_train=y_train,
-        x_test=x_test,
-        y_test=y_test,
-        num_classes=readers.NUM_CLASSES[name],
-        input_shape=tuple(x_train.shape[1:]),
-    )
+def _read_femnist(root, *, seed, num_clients, synthetic) -> Dataset:
+    from .femnist import load_femnist    # LEAF JSON with its natural per-writer partition
+
+    return load_femnist(root, num_clients)
+
+
+def _read_synthetic(root, *, seed, num_clients, synthetic) -> Dataset:
+    return make_synthetic(seed, num_clients, synthetic)
+
+
+_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+           "svhn": (3, 32, 32), "stl10": (3, 96, 96), "unimib_shar": (3, 151), "unimib_shar_adl": (3, 151),
+           "unimib_shar_fall": (3, 151)}
+
+
+def _builtin_datasets() -> dict[str, DatasetSpec]:
+    from .femnist import EXPECTED as FEMNIST_FILES, NUM_CLASSES as FEMNIST_CLASSES, SIDE
+
+    specs = [DatasetSpec(name, _file_reader(name), readers.EXPECTED_FILES[name], shape, readers.NUM_CLASSES[name],
+                         "/usr/share/datasets/fashion-mnist" if name == "fashion_mnist" else None)
+             for name, shape in _SHAPES.items()]
+    specs.append(DatasetSpec("femnist", _read_femnist, FEMNIST_FILES, (1, SIDE, SIDE), FEMNIST_CLASSES))
+    specs.append(DatasetSpec("synthetic", _read_synthetic, "", (SYNTHETIC_DEFAULTS["dim"],),
+                             SYNTHETIC_DEFAULTS["classes"]))
+    return {spec.name: spec for spec in specs}
+
+
+def check_dataset_spec(name: str, spec) -> None:
+    """Everything fedmpi reads from a data set's spec is there and well formed (ConfigError if not)."""
+    def need(condition: bool, problem: str) -> None:
+        require(condition, "data.name", problem)
+
+    need(isinstance(spec, DatasetSpec), f"{spec!r} is not a fedmpi.data.DatasetSpec")
+    need(spec.name == name, f"the spec declares name {spec.name!r}, registered as {name!r}")
+    need(callable(spec.read), "read must be callable")
+    need(isinstance(spec.files, str), "files must be a string (what data.root must hold; '' for none)")
+    need(isinstance(spec.input_shape, tuple) and spec.input_shape and all(isinstance(d, int) and d > 0
+                                                                           for d in spec.input_shape),
+         "input_shape must be a tuple of positive ints")
+    need(isinstance(spec.num_classes, int) and spec.num_classes >= 1, "num_classes must be a positive int")
+
+
+DATASETS = Registry("fedmpi.datasets", "dataset", "data.name", _builtin_datasets, check_dataset_spec)
+
+
+def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int, synthetic: dict | None = None
+                 ) -> Dataset:
+    """Load dataset ``name`` (a registered name or an import path) from ``root`` (or its default
+    location), normalised. ``seed``, ``num_clients`` and ``synthetic`` (``data.synthetic``, see
+    SYNTHETIC_DEFAULTS) matter for the generated ``synthetic`` data set, which has one LEAF user
+    per client. Raises ConfigError for an unknown name or missing root, DataError for a bad file."""
+    spec = DATASETS[DATASETS.resolve(name)]
+    if spec.files and spec.name != "femnist":
+        root = spec.default_root if root is None else root
+        if root is None:
+            raise ConfigError("data.root", f"dataset {name!r} has no default location; set data.root to the "
+                                           f"directory holding {spec.files}")
+    path = None if root is None else Path(root).expanduser()
+    return spec.read(path, seed=seed, num_clients=num_clients, synthetic=synthetic)

@@ -49,3 +49,20 @@ class Dataset:
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, train={len(self.y_train)}, test={len(self.y_test)}, "
                 f"classes={self.num_classes}, input_shape={self.input_shape})")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set as fedmpi knows it: ``data.name`` → how to read it and what it needs.
+
+    ``read(root, *, seed, num_clients, synthetic)`` returns the normalised ``Dataset``; ``root`` is
+    ``data.root`` (or ``default_root``) as a Path, None for a data set that needs no files;
+    ``synthetic`` is ``data.synthetic`` (only the generated LEAF Synthetic reads it). Problems with a file raise ``DataError`` naming
+    it. ``files`` says what ``data.root`` must hold ("" for a generated data set)."""
+
+    name: str
+    read: object
+    files: str
+    input_shape: tuple
+    num_classes: int
+    default_root: str | None = None

@@ -1,22 +1,20 @@
-"""What every rank builds before round 1 from the config alone: data and partition, the model and
-its schema, the local trainer, the algorithm. Identical on every rank. The only MPI here is
-optional and passed in: ``load_once`` (``Communicator.load_once_per_node``) reads the dataset on
-one rank per node into shared memory."""
+"""What every rank builds before round 1 from the config alone: data, partition and initial model
+(``initial.build_initial``), the model's schema, the local trainer, the algorithm. Identical on
+every rank. The only MPI here is optional and passed in: ``load_once``
+(``Communicator.load_once_per_node``) reads the dataset on one rank per node into shared memory."""
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 
-from .. import rng
 from ..algorithms import Algorithm, ModelInfo, build_algorithm
 from ..errors import ConfigError
-from ..models import build_model, maskable_parameter_names
-from ..models.flops import layer_flops
+from ..models import maskable_parameter_names
+from ..models.flops import model_layer_flops
 from ..timing import RunTiming
 from ..training import LocalTrainer
 
@@ -48,34 +46,16 @@ def torch_device(cfg: dict) -> str:
     return f"cuda:{local_rank % torch.cuda.device_count()}"
 
 
-def build_context(cfg: dict, load_once=None) -> RunContext:
-    """``load_once(load)``, when given, runs ``load`` (the dataset) once per node and shares it."""
-    from ..data import hold_out_local_test, load_dataset, partition_dataset
+def build_context(cfg: dict, load_once=None, mark=None) -> RunContext:
+    """``load_once(load)``, when given, runs ``load`` (the dataset) once per node and shares it;
+    ``mark(stage)`` is called as the data and partition stages end (``initial.build_initial``)."""
+    from ..initial import build_initial
 
     torch.set_num_threads(1)
-    data = cfg["data"]
-
-    def load():
-        return load_dataset(data["name"], data["root"], seed=cfg["seed"],
-                            num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
-
-    dataset = load_once(load) if load_once is not None else load()
-    partition = partition_dataset(
-        dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
-        alpha=data["alpha"], shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
-    if data["local_test_fraction"] > 0:
-        partition = hold_out_local_test(partition, data["local_test_fraction"], cfg["seed"])
-    empty = [c for c, idx in enumerate(partition.train_indices) if len(idx) == 0]
-    if empty:
-        raise ConfigError("data.partition", f"clients {empty[:5]} have no training data; "
-                          "use fewer clients.total or a larger data.alpha")
-    builder = partial(build_model, cfg["model"], dataset.input_shape, dataset.num_classes)
-    model = builder()
-    torch.manual_seed(rng.torch_seed(cfg["seed"], rng.INIT))
-    model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    state = model.state_dict()
-    shapes = {n: tuple(t.shape) for n, t in state.items() if t.is_floating_point()}
-    info = ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, dataset.input_shape),
+    initial = build_initial(cfg, load_once, mark)
+    dataset, partition, model = initial.dataset, initial.partition, initial.model
+    shapes = {n: tuple(w.shape) for n, w in initial.weights.items()}
+    info = ModelInfo(shapes, maskable_parameter_names(model), model_layer_flops(cfg["model"], model, dataset.input_shape),
                      num_clients=partition.num_clients, model=cfg["model"],
                      input_shape=tuple(dataset.input_shape), num_classes=dataset.num_classes,
                      local_test_sizes=tuple(len(i) for i in partition.test_indices))
@@ -89,8 +69,8 @@ def build_context(cfg: dict, load_once=None) -> RunContext:
         cfg=cfg, partition=partition,
         sizes={c: len(idx) for c, idx in enumerate(partition.train_indices)},
         info=info,
-        initial_weights={n: state[n].detach().numpy().copy() for n in shapes},
-        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=builder,
+        initial_weights=initial.weights,
+        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=initial.builder,
                              sparse_kernels=timing.kernel_policy()),
         algorithm=build_algorithm(cfg, info),
         train=train,

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from ..algorithms.evaluation import EvalModel, EvalOutcome
-from ..comm.codec import Encoded, ModelUpdate, decode, encode
+from ..comm.codec import Encoded, decode, encode
 from ..sparsity import apply_masks_torch
 from ..training import exit_outputs
+from ..update import ModelUpdate
 from .messages import pack_masks, unpack_masks
 
 

@@ -94,19 +94,48 @@ class Server:
 
     # -- one round ------------------------------------------------------------------------------
     def round(self, round_: int, state: ServerState):
-        ctx, comm, algorithm = self.ctx, self.comm, self.algorithm
+        """One round; returns (its results row, its clients' rows, whether a rank was asked to stop)."""
         started = time.perf_counter()
-        traffic_before = (comm.traffic.payload_bytes, comm.traffic.control_bytes)
-        clients = algorithm.select_clients(round_, rng.generator(ctx.cfg["seed"], rng.SAMPLING, round_))
-        assignment = assign_clients(clients, ctx.sizes, comm.worker_ranks, ctx.cfg["local"]["client_batch"])
-        rank_of = {c: r for r, cs in assignment.items() for c in cs}
-        evaluate = evaluation_due(ctx.cfg, round_)
+        traffic_before = (self.comm.traffic.payload_bytes, self.comm.traffic.control_bytes)
+        clients, assignment = self._select_and_assign(round_)
+        evaluate = evaluation_due(self.ctx.cfg, round_)
+        tasks, payloads, sent_masks = self._prepare_downloads(round_, clients, assignment, state)
+        own_task, buffer = self._send(round_, tasks, payloads, evaluate)
+        own_reports, own_uploads = self._train_own_clients(round_, own_task, buffer)
+        rank_reports = self._gather_reports(own_reports)
+        sums, uploads = self._collect_uploads(own_task, own_uploads, rank_reports)
+        results, client_rows = self._client_results(round_, rank_reports, assignment, sent_masks, sums, uploads, state)
+        metrics = self._merge(round_, results, sums)
+        if evaluate:
+            metrics.update(self._evaluate(round_))
+        round_row = self._round_row(round_, state, client_rows, metrics, time.perf_counter() - started, traffic_before)
+        return round_row, client_rows, any(r.terminate_requested for r in rank_reports)
 
-        # the weights come before training: the worker ranks apply them to their own clients
-        weights = algorithm.partial_sum_weights({c: ctx.sizes[c] for c in clients}) if self.sums_on_workers else None
-        tasks, payloads, sent_masks = self._encode_downloads(round_, clients, assignment, state, weights)
-        broadcast = len(payloads) == 1
+    # -- the round's steps, in order ------------------------------------------------------------
+    def _select_and_assign(self, round_: int) -> tuple[list[int], dict[int, list[int]]]:
+        """The round's clients (the algorithm's choice from (seed, round)) and the worker rank of
+        each, balanced by samples."""
+        cfg = self.ctx.cfg
+        clients = self.algorithm.select_clients(round_, rng.generator(cfg["seed"], rng.SAMPLING, round_))
+        return clients, assign_clients(clients, self.ctx.sizes, self.comm.worker_ranks, cfg["local"]["client_batch"])
+
+    def _prepare_downloads(self, round_: int, clients: list[int], assignment: dict[int, list[int]],
+                           state: ServerState):
+        """Per rank its task, the distinct payloads and the masks each client is sent
+        (``_encode_downloads``). With the sums on the workers the tasks carry each client's weight
+        in the round's sum: it is known before training, and the worker ranks apply it."""
+        weights = self.algorithm.partial_sum_weights({c: self.ctx.sizes[c] for c in clients}) \
+            if self.sums_on_workers else None
+        prepared = self._encode_downloads(round_, clients, assignment, state, weights)
         PHASES.mark("prepare")
+        return prepared
+
+    def _send(self, round_: int, tasks: list[RankTask], payloads: list[Encoded], evaluate: bool):
+        """The round's plan to every rank, each rank its task, and the payloads: one broadcast when
+        every client gets the same one, else each rank the payloads of its clients back to back.
+        Returns rank 0's own task and payload buffer."""
+        comm = self.comm
+        broadcast = len(payloads) == 1
         comm.bcast_object(RoundPlan(stop=False, round=round_, broadcast=broadcast, evaluate=evaluate))
         task = comm.scatter_objects(tasks)
         if broadcast:
@@ -116,64 +145,94 @@ class Server:
                 np.concatenate([payloads[i].data for i in t.layouts]) if t.layouts else np.zeros(0, np.uint8)
                 for t in tasks])
         PHASES.mark("send")
-        own_reports, own_uploads = train_clients(ctx, round_, task, buffer)   # P = 1: every client
+        return task, buffer
+
+    def _train_own_clients(self, round_: int, own_task: RankTask, buffer: np.ndarray):
+        """Rank 0's share of the clients (P = 1: every client), trained as a worker trains its own."""
+        own = train_clients(self.ctx, round_, own_task, buffer)
         PHASES.mark("train")
-        rank_reports: list[RankReport] = comm.gather_objects(RankReport(own_reports, self.run.terminate_requested))
+        return own
+
+    def _gather_reports(self, own_reports) -> list[RankReport]:
+        """Every rank's report on its clients (and whether it was asked to stop), in rank order."""
+        rank_reports = self.comm.gather_objects(RankReport(own_reports, self.run.terminate_requested))
         PHASES.mark("wait for reports")
-        stop_requested = any(r.terminate_requested for r in rank_reports)
-        reports = sorted((c for r in rank_reports for c in r.clients), key=lambda c: c.client_id)  # merge order
-        sums, uploads = None, {}   # uploads: client → its upload bytes
+        return rank_reports
+
+    def _collect_uploads(self, own_task: RankTask, own_uploads, rank_reports: list[RankReport]):
+        """(sums, uploads): with the sums on the workers, every rank's share of the round's
+        fixed-point sums (``worker.sum_uploads``) and no uploads; else no sums and each client's
+        upload bytes (client → bytes), gathered from the ranks in the order of their reports."""
+        comm = self.comm
         if self.sums_on_workers:
-            sums = sum_uploads(ctx, comm, own_uploads, task.sum_weights)
-        elif comm.size == 1:   # nothing crosses MPI: the uploads as encoded, not copied into one buffer
-            uploads = {u.client_id: u.encoded.data for u in own_uploads}
-        else:
-            buffers = comm.gather_buffers(concatenated(own_uploads))
-            PHASES.mark("receive uploads")
-            for rank, rank_report in enumerate(rank_reports):
-                offset = 0
-                for client in rank_report.clients:
-                    uploads[client.client_id] = buffers[rank][offset:offset + client.upload_bytes]
-                    offset += client.upload_bytes
+            return sum_uploads(self.ctx, comm, own_uploads, own_task.sum_weights), {}
+        if comm.size == 1:   # nothing crosses MPI: the uploads as encoded, not copied into one buffer
+            return None, {u.client_id: u.encoded.data for u in own_uploads}
+        buffers = comm.gather_buffers(concatenated(own_uploads))
+        PHASES.mark("receive uploads")
+        uploads = {}
+        for rank, rank_report in enumerate(rank_reports):
+            offset = 0
+            for client in rank_report.clients:
+                uploads[client.client_id] = buffers[rank][offset:offset + client.upload_bytes]
+                offset += client.upload_bytes
+        return None, uploads
+
+    def _client_results(self, round_: int, rank_reports: list[RankReport], assignment: dict[int, list[int]],
+                        sent_masks: dict[int, dict], sums, uploads: dict[int, np.ndarray], state: ServerState):
+        """Each client's ``ClientResult`` (its upload decoded, unless the ranks summed them) and
+        results row, in merge order (client id); remembers what each client now holds."""
+        rank_of = {c: r for r, cs in assignment.items() for c in cs}
+        reports = sorted((c for r in rank_reports for c in r.clients), key=lambda c: c.client_id)  # merge order
         results, client_rows = [], []
         positions = MaskPositions()   # each mask sent this round, scanned once for all its uploads
         for report in reports:
             c = report.client_id
-            if sums is None:
-                update = decode(Encoded(report.layout, uploads.pop(c)), sent_masks[c], densify=False,
-                                positions_cache=positions)
-                changed = update.masks
-            else:
-                if report.num_samples != ctx.sizes[c]:
-                    raise RuntimeError(f"{algorithm.name}: client {c} trained on {report.num_samples} samples, but its "
-                                       f"weight in the workers' sum assumed its {ctx.sizes[c]} training samples")
-                update, changed = None, unpack_masks(report.changed_masks or {})
+            update, changed = self._client_update(report, sent_masks[c], sums, uploads, positions)
             results.append(ClientResult(c, report.num_samples, update, report.train_loss, report.samples_processed,
                                         report.state, report.densities, report.metrics))
-            if report.state:
-                state.client_states[c] = report.state
-            held = {**sent_masks[c], **changed}
-            if held:
-                state.known_masks[c] = pack_masks(held)
+            self._remember_client(state, report, {**sent_masks[c], **changed})
             client_rows.append(self._client_row(round_, report, rank_of[c]))
-        if sums is None:
-            algorithm.aggregate(round_, results)
-        else:
-            algorithm.aggregate(round_, results, sums)
-        metrics = algorithm.round_metrics(round_)
-        PHASES.mark("merge")
-        if evaluate:
-            outcomes = self.evaluator.run(algorithm.evaluation_models(round_))
-            metrics.update(algorithm.evaluation_metrics(round_, outcomes))
-            PHASES.mark("evaluate")
-        wall = time.perf_counter() - started
-        round_row = self._round_row(round_, state, client_rows, metrics, wall)
-        round_row["mpi_payload_bytes"] = comm.traffic.payload_bytes - traffic_before[0]
-        round_row["mpi_control_bytes"] = comm.traffic.control_bytes - traffic_before[1]
-        # machine state, not a result: what rank 0 needed, gather or reductions, decoding, evaluation
-        round_row["server_peak_rss_bytes"] = peak_rss_bytes()
-        return round_row, client_rows, stop_requested
+        return results, client_rows
 
+    def _client_update(self, report, sent: dict, sums, uploads: dict[int, np.ndarray], positions: MaskPositions):
+        """(the client's decoded upload, the masks it changed); with the sums on the workers (no
+        upload here) (None, the changed masks its report carries)."""
+        c = report.client_id
+        if sums is None:
+            update = decode(Encoded(report.layout, uploads.pop(c)), sent, densify=False, positions_cache=positions)
+            return update, update.masks
+        if report.num_samples != self.ctx.sizes[c]:
+            raise RuntimeError(f"{self.algorithm.name}: client {c} trained on {report.num_samples} samples, but its "
+                               f"weight in the workers' sum assumed its {self.ctx.sizes[c]} training samples")
+        return None, unpack_masks(report.changed_masks or {})
+
+    @staticmethod
+    def _remember_client(state: ServerState, report, held: dict) -> None:
+        """What the client holds after the round, for its next task: its device state and masks."""
+        if report.state:
+            state.client_states[report.client_id] = report.state
+        if held:
+            state.known_masks[report.client_id] = pack_masks(held)
+
+    def _merge(self, round_: int, results: list[ClientResult], sums) -> dict:
+        """``algorithm.aggregate`` (with the ranks' sums when they summed); the round's metrics."""
+        if sums is None:
+            self.algorithm.aggregate(round_, results)
+        else:
+            self.algorithm.aggregate(round_, results, sums)
+        metrics = self.algorithm.round_metrics(round_)
+        PHASES.mark("merge")
+        return metrics
+
+    def _evaluate(self, round_: int) -> dict:
+        """The algorithm's models evaluated by every rank; their metrics."""
+        outcomes = self.evaluator.run(self.algorithm.evaluation_models(round_))
+        metrics = self.algorithm.evaluation_metrics(round_, outcomes)
+        PHASES.mark("evaluate")
+        return metrics
+
+    # -- results rows ---------------------------------------------------------------------------
     def _client_row(self, round_: int, report, rank: int) -> dict:
         ctx = self.ctx
         flops = report.samples_processed * 3 * scale_flops(ctx.info.layer_flops, report.densities)
@@ -187,7 +246,9 @@ class Server:
             **report.metrics,
         }
 
-    def _round_row(self, round_: int, state: ServerState, client_rows: list[dict], metrics: dict, wall: float):
+    def _round_row(self, round_: int, state: ServerState, client_rows: list[dict], metrics: dict, wall: float,
+                   traffic_before: tuple[int, int]) -> dict:
+        """The round's row (its totals added to the run's) from its clients' rows and metrics."""
         totals = state.totals
         upload = sum(r["upload_bytes"] for r in client_rows)
         download = sum(r["download_bytes"] for r in client_rows)
@@ -211,6 +272,10 @@ class Server:
             "compute_seconds": sum(r["compute_seconds"] for r in client_rows),
             "sim_seconds": sim, "cum_sim_seconds": totals.sim_seconds,
             "train_flops": flops, "cum_train_flops": totals.train_flops,
+            "mpi_payload_bytes": self.comm.traffic.payload_bytes - traffic_before[0],
+            "mpi_control_bytes": self.comm.traffic.control_bytes - traffic_before[1],
+            # machine state, not a result: what rank 0 needed, gather or reductions, decoding, evaluation
+            "server_peak_rss_bytes": peak_rss_bytes(),
         }
 
     def _encode_downloads(self, round_: int, clients: list[int], assignment: dict[int, list[int]],

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from .. import rng
-from ..aggregate import FixedPointSum, RoundSums
+from ..aggregation import FixedPointSum, RoundSums
 from ..algorithms import ClientTask
-from ..comm.codec import BITMAP, INDEX, Encoded, MaskPositions, ModelUpdate, decode, encode
+from ..comm.codec import BITMAP, INDEX, Encoded, MaskPositions, decode, encode
+from ..update import ModelUpdate
 from .context import RunContext
 from .messages import ClientReport, RankReport, RankTask, pack_masks, unpack_masks
 from .phases import PHASES
@@ -34,18 +35,37 @@ class Upload:
         return decode(self.encoded, self.reference_masks, densify=False, positions_cache=positions_cache)
 
 
+def make_client_task(ctx: RunContext, round_: int, client: int, received: ModelUpdate, state: dict) -> ClientTask:
+    """Client ``client``'s task: its decoded download and device state, its training data and seed,
+    and, where the algorithm declares it needs them, its local test set (the evaluator's samples,
+    in partition order) and θ₀ (read-only views of the initial model every rank built)."""
+    x_train, y_train = ctx.train
+    idx = torch.from_numpy(ctx.partition.train_indices[client])
+    local_test = initial_weights = None
+    if ctx.algorithm.needs_local_test:
+        x, y = ctx.train if ctx.partition.local_test_in_train else ctx.test
+        test_idx = torch.from_numpy(ctx.partition.test_indices[client])
+        local_test = (x[test_idx], y[test_idx])
+    if ctx.algorithm.needs_initial_weights:
+        initial_weights = {n: w.view() for n, w in ctx.initial_weights.items()}
+        for w in initial_weights.values():
+            w.flags.writeable = False
+    return ClientTask(round_, client, received, state, x_train[idx], y_train[idx],
+                      rng.torch_seed(ctx.cfg["seed"], rng.CLIENT, round_, client),
+                      local_test=local_test, initial_weights=initial_weights)
+
+
 def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray):
     """Train this rank's clients in id order; returns (reports, uploads), both in that order.
 
-    With ``local.client_batch`` = G > 1 and an algorithm that has ``local_update_group``, the
+    With ``local.client_batch`` = G > 1 and an algorithm that ``trains_together``, the
     clients go in blocks of G (the server's assignment keeps blocks whole, so cutting this rank's
     sorted list into G's gives them back) trained together; a block's compute time is shared among
     its clients by sample count."""
     reports, uploads = [], []
     sums_here = ctx.cfg["aggregation"]["where"] == "workers"
-    x_train, y_train = ctx.train
     group = ctx.cfg["local"]["client_batch"]
-    grouped = group > 1 and hasattr(ctx.algorithm, "local_update_group")
+    grouped = group > 1 and ctx.algorithm.trains_together()
     blocks = [task.clients[i:i + group] for i in range(0, len(task.clients), group)] if grouped \
         else [[c] for c in task.clients]
     # downloads are decoded as views of the received buffer, not copied per client: read-only,
@@ -60,14 +80,9 @@ def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarr
             known = unpack_masks(task.known_masks.get(c, {}))
             received[c] = (decode(Encoded(task.layouts[payload], buffer[start:start + length]), known,
                                   densify=False), length)
-            idx = torch.from_numpy(ctx.partition.train_indices[c])
-            client_tasks.append(ClientTask(round_, c, received[c][0], task.states[c], x_train[idx], y_train[idx],
-                                           rng.torch_seed(ctx.cfg["seed"], rng.CLIENT, round_, c)))
+            client_tasks.append(make_client_task(ctx, round_, c, received[c][0], task.states[c]))
         began = time.perf_counter()
-        if len(block) > 1:
-            results = ctx.algorithm.local_update_group(client_tasks, ctx.trainer)
-        else:
-            results = [ctx.algorithm.local_update(client_tasks[0], ctx.trainer)]
+        results = ctx.algorithm.local_update_group(client_tasks, ctx.trainer)
         elapsed = time.perf_counter() - began
         samples = sum(len(t.y) for t in client_tasks)
         for client_task, result in zip(client_tasks, results):

@@ -1,53 +1,58 @@
-"""Model registry: ``build_model(name, input_shape, num_classes, **variant)`` and helpers for sparse methods.
+"""Models: ``MODELS`` maps each ``model:`` name to its ``ModelSpec`` (builder, the input shapes it
+accepts, its FLOP count), and helpers for sparse methods.
 
-A builder is ``builder(input_shape: tuple[int, ...], num_classes: int, *, option=default, ...)
+A builder is ``build(input_shape: tuple[int, ...], num_classes: int, *, option=default, ...)
 -> nn.Module``; its keyword-only parameters are the variant options it takes (``level``, ``width``
-of ``multiexit_vgg``). It is called with an already-normalised shape and known option names, and
-raises ``ConfigError("model", ...)`` when the model cannot take that shape or an option value.
-To add a model, write a builder and put it in ``MODELS``.
+of ``multiexit_vgg``). It is called with an already-normalised shape that ``accepts`` took and known
+option names, and raises ``ConfigError("model", ...)`` for an option value it cannot take. Plug-in
+packages add models through the entry-point group ``fedmpi.models`` or an import path in the config
+(``model: my_package.my_module:MY_MODEL``), each a ``ModelSpec``.
 """
 import inspect
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 
-from fedmpi.errors import ConfigError
+from fedmpi.errors import ConfigError, require
 from fedmpi.models.multiexit import MIN_SIDE, NUM_EXITS, MultiExitVGG, default_channels
 from fedmpi.models.nets import CIFAR10Net, FEMNISTCNN, MLP, VGG11, MNISTNet
+from fedmpi.plugins import Registry
 
 # Layer types whose ``weight`` sparse methods (FedDST, PruneFL, LotteryFL) mask and whose
 # FLOPs flops.py counts; biases and norm parameters stay dense.
 MASKABLE_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
-# Input shape of each dataset named in docs/interface.md, only to tell the user which dataset a
-# model needs; the data package is the authority on shapes.
-_DATASET_SHAPES = {
-    "mnist": (1, 28, 28),
-    "fashion_mnist": (1, 28, 28),
-    "cifar10": (3, 32, 32),
-    "cifar100": (3, 32, 32),
-    "svhn": (3, 32, 32),
-    "synthetic": (60,),
-}
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as fedmpi knows it. ``accepts(shape)``: whether it takes samples of that shape (no
+    batch dimension); ``needs``: those shapes in words, for errors. ``layer_flops(model,
+    input_shape)``: dense forward FLOPs per sample of each maskable weight; None counts every
+    Conv1d/Conv2d/Linear call by forward hooks (``flops.layer_flops``), right for any model built
+    from those layers."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    accepts: Callable[[tuple], bool]
+    needs: str
+    layer_flops: Callable | None = None
 
 
 def _fmt(shape: tuple[int, ...]) -> str:
     return "x".join(str(d) for d in shape)
 
 
-def _datasets_with(accepts: Callable[[tuple[int, ...]], bool]) -> str:
-    names = [name for name, shape in _DATASET_SHAPES.items() if accepts(shape)]
-    return ", ".join(names) if names else "none of the built-in datasets"
+def _shape_error(spec: ModelSpec, got: tuple[int, ...]) -> ConfigError:
+    from fedmpi.data import DATASETS   # the data sets' shapes, for the hint only
 
-
-def _shape_error(model: str, needs: str, accepts, got: tuple[int, ...]) -> ConfigError:
-    fitting = [name for name, fits in _ACCEPTS.items() if fits(got)]
+    takes = [name for name, s in DATASETS.items() if spec.accepts(s.input_shape)]
+    fitting = [name for name, other in MODELS.items() if other.accepts(got)]
     return ConfigError(
         "model",
-        f"{model} needs {needs} inputs (data.name: {_datasets_with(accepts)}), "
-        f"data.name gives {_fmt(got)}; models that take {_fmt(got)}: "
-        f"{', '.join(fitting) if fitting else 'none'}",
+        f"{spec.name} needs {spec.needs} inputs (data.name: {', '.join(takes) or 'none of the built-in datasets'}), "
+        f"data.name gives {_fmt(got)}; models that take {_fmt(got)}: {', '.join(fitting) if fitting else 'none'}",
     )
 
 
@@ -63,45 +68,7 @@ def _image_or_series_for_multiexit(got: tuple[int, ...]) -> bool:
     return len(got) in (2, 3) and min(got[1:]) >= MIN_SIDE
 
 
-# Which input shapes each model accepts (used for validation and for the hint in errors).
-_ACCEPTS: dict[str, Callable[[tuple[int, ...]], bool]] = {
-    "mnistnet": _exact((1, 28, 28)),
-    "cifar10net": _exact((3, 32, 32)),
-    "femnist_cnn": _any_channels(28),
-    "vgg11": _any_channels(32),
-    "multiexit_vgg": _image_or_series_for_multiexit,
-    "multiexit_vgg_small": _image_or_series_for_multiexit,
-    "mlp": lambda got: True,
-}
-
-
-def _build_mnistnet(input_shape, num_classes):
-    if not _ACCEPTS["mnistnet"](input_shape):
-        raise _shape_error("mnistnet", "1x28x28", _ACCEPTS["mnistnet"], input_shape)
-    return MNISTNet(num_classes)
-
-
-def _build_cifar10net(input_shape, num_classes):
-    if not _ACCEPTS["cifar10net"](input_shape):
-        raise _shape_error("cifar10net", "3x32x32", _ACCEPTS["cifar10net"], input_shape)
-    return CIFAR10Net(num_classes)
-
-
-def _build_femnist_cnn(input_shape, num_classes):
-    if not _ACCEPTS["femnist_cnn"](input_shape):
-        raise _shape_error("femnist_cnn", "Cx28x28", _ACCEPTS["femnist_cnn"], input_shape)
-    return FEMNISTCNN(input_shape[0], num_classes)
-
-
-def _build_vgg11(input_shape, num_classes):
-    if not _ACCEPTS["vgg11"](input_shape):
-        raise _shape_error("vgg11", "Cx32x32", _ACCEPTS["vgg11"], input_shape)
-    return VGG11(input_shape[0], num_classes)
-
-
 def _multiexit(name, channel_divisor, input_shape, num_classes, level, width):
-    if not _ACCEPTS[name](input_shape):
-        raise _shape_error(name, f"CxHxW or CxL (sides >= {MIN_SIDE})", _ACCEPTS[name], input_shape)
     if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 1 <= level <= NUM_EXITS:
         raise ConfigError("model", f"multiexit_vgg level (exits held) must be an integer in "
                                    f"1..{NUM_EXITS}, got {level!r}")
@@ -122,19 +89,36 @@ def _build_multiexit_vgg_small(input_shape, num_classes, *, level=NUM_EXITS, wid
     return _multiexit("multiexit_vgg_small", 4, input_shape, num_classes, level, width)
 
 
-def _build_mlp(input_shape, num_classes):
-    return MLP(input_shape, num_classes)
+_MULTIEXIT_NEEDS = f"CxHxW or CxL (sides >= {MIN_SIDE})"
 
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mnistnet": _build_mnistnet,
-    "cifar10net": _build_cifar10net,
-    "femnist_cnn": _build_femnist_cnn,
-    "vgg11": _build_vgg11,
-    "multiexit_vgg": _build_multiexit_vgg,
-    "multiexit_vgg_small": _build_multiexit_vgg_small,
-    "mlp": _build_mlp,
-}
+def _builtin_models() -> dict[str, ModelSpec]:
+    specs = (
+        ModelSpec("mnistnet", lambda shape, classes: MNISTNet(classes), _exact((1, 28, 28)), "1x28x28"),
+        ModelSpec("cifar10net", lambda shape, classes: CIFAR10Net(classes), _exact((3, 32, 32)), "3x32x32"),
+        ModelSpec("femnist_cnn", lambda shape, classes: FEMNISTCNN(shape[0], classes), _any_channels(28), "Cx28x28"),
+        ModelSpec("vgg11", lambda shape, classes: VGG11(shape[0], classes), _any_channels(32), "Cx32x32"),
+        ModelSpec("multiexit_vgg", _build_multiexit_vgg, _image_or_series_for_multiexit, _MULTIEXIT_NEEDS),
+        ModelSpec("multiexit_vgg_small", _build_multiexit_vgg_small, _image_or_series_for_multiexit,
+                  _MULTIEXIT_NEEDS),
+        ModelSpec("mlp", lambda shape, classes: MLP(shape, classes), lambda got: True, "any"),
+    )
+    return {spec.name: spec for spec in specs}
+
+
+def check_model_spec(name: str, spec) -> None:
+    """Everything fedmpi reads from a model's spec is there and well formed (ConfigError if not)."""
+    def need(condition: bool, problem: str) -> None:
+        require(condition, "model", problem)
+
+    need(isinstance(spec, ModelSpec), f"{spec!r} is not a fedmpi.models.ModelSpec")
+    need(spec.name == name, f"the spec declares name {spec.name!r}, registered as {name!r}")
+    need(callable(spec.build) and callable(spec.accepts), "build and accepts must be callable")
+    need(isinstance(spec.needs, str) and spec.needs, "needs must say which input shapes it takes")
+    need(spec.layer_flops is None or callable(spec.layer_flops), "layer_flops must be None or callable")
+
+
+MODELS = Registry("fedmpi.models", "model", "model", _builtin_models, check_model_spec)
 
 
 def _normalise_shape(input_shape) -> tuple[int, ...]:
@@ -151,7 +135,7 @@ def _normalise_shape(input_shape) -> tuple[int, ...]:
 
 def variant_options(name: str) -> tuple[str, ...]:
     """The variant options model ``name`` takes: its builder's keyword-only parameters."""
-    parameters = inspect.signature(MODELS[name]).parameters.values()
+    parameters = inspect.signature(MODELS[MODELS.resolve(name)].build).parameters.values()
     return tuple(p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -161,8 +145,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int, **variant) -> n
     ``variant``: options of models that have variants (``multiexit_vgg``: ``level``, ``width``);
     any option a model does not take is a ConfigError.
     """
-    if name not in MODELS:
-        raise ConfigError("model", f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    spec = MODELS[MODELS.resolve(name)]
     shape = _normalise_shape(input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError("model", f"number of classes must be a positive integer, got {num_classes!r}")
@@ -171,7 +154,9 @@ def build_model(name: str, input_shape: tuple, num_classes: int, **variant) -> n
     if unknown:
         takes = f"takes variant options {', '.join(options)}" if options else "takes no variant options"
         raise ConfigError("model", f"{name} {takes}; got {', '.join(unknown)}")
-    return MODELS[name](shape, num_classes, **variant)
+    if not spec.accepts(shape):
+        raise _shape_error(spec, shape)
+    return spec.build(shape, num_classes, **variant)
 
 
 def maskable_weight_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -197,6 +182,8 @@ def count_parameters(model: nn.Module) -> int:
 __all__ = [
     "MASKABLE_LAYER_TYPES",
     "MODELS",
+    "ModelSpec",
+    "check_model_spec",
     "build_model",
     "count_parameters",
     "maskable_parameter_names",

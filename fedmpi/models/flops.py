@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from fedmpi.models import maskable_weight_modules
+from fedmpi.models import MODELS, maskable_weight_modules
 
 
 def _dense_macs_per_sample(model: nn.Module, input_shape) -> dict[str, int]:
@@ -75,6 +75,13 @@ def layer_flops(model: nn.Module, input_shape) -> dict[str, int]:
     return {key: 2 * macs[key] for key in ordered}
 
 
+def model_layer_flops(name: str, model: nn.Module, input_shape) -> dict[str, int]:
+    """``layer_flops`` as model ``name`` declares it: its ``ModelSpec.layer_flops`` where it counts
+    its own, else the hook count above."""
+    spec = MODELS[MODELS.resolve(name)]
+    return (spec.layer_flops or layer_flops)(model, input_shape)
+
+
 def scale_flops(dense_layer_flops: dict[str, int], densities: dict[str, float] | None = None) -> int:
     """Sum of ``dense_layer_flops`` with each layer scaled by its density (missing = 1.0)."""
     densities = densities or {}
@@ -88,8 +95,3 @@ def scale_flops(dense_layer_flops: dict[str, int], densities: dict[str, float] |
             raise ValueError(f"density of {name} must be in [0, 1], got {density}")
         total += flops * density
     return int(round(total))
-
-
-def forward_flops_per_sample(model: nn.Module, input_shape, densities: dict[str, float] | None = None) -> int:
-    """FLOPs of one sample's forward pass; ``densities`` maps weight names to nonzero fractions."""
-    return scale_flops(layer_flops(model, input_shape), densities)

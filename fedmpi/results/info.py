@@ -79,10 +79,29 @@ def info_text(path) -> str:
         ("mpi_size", str(run.attrs.get("mpi_size", "?"))),
         ("fedmpi", f"{run.attrs.get('fedmpi_version', '?')} (git {run.attrs.get('git_commit', '?')})"),
         ("versions", str(versions) if versions else "not recorded"),
+        ("plug-ins", plugins_text(run.attrs.get("plugins"))),
     ]
     width = max(len(name) for name, _ in lines) + 1
     text = [f"{name + ':':<{width}} {text}" for name, text in lines]
     return "\n".join(text + algorithm_column_lines(run))
+
+
+def plugins_text(recorded) -> str:
+    """The ``plugins`` attribute in words: each method, model or data set a plug-in gave the run."""
+    if recorded is None:
+        return "not recorded"
+    try:
+        used = json.loads(recorded)
+    except (TypeError, ValueError):
+        return "unreadable"
+    if not used:
+        return "none (fedmpi's own methods, model and data set)"
+    parts = []
+    for key, item in used.items():
+        package = f"{item.get('distribution', '')} {item.get('version', '')}".strip() or "not an installed package"
+        parts.append(f"{key} {item.get('name', '?')} from {item.get('source', '?')} {item.get('target', '')} "
+                     f"({package})")
+    return "; ".join(parts)
 
 
 def peak_rss_text(run: RunResult) -> str:

@@ -1,6 +1,6 @@
 """Reading results files (docs/interface.md, "Results file").
 
-Used by ``fedmpi info``, ``fedmpi summarize`` and the figures in :mod:`fedmpi.plotting`.
+Used by ``fedmpi info``, ``fedmpi summarize`` and the figures in :mod:`fedmpi.figures`.
 Files may still be growing (a run in progress writes in SWMR mode) or be cut short by a kill;
 everything here works on whatever rounds are present. Every column in the file is read, the
 algorithm-declared ones (root attributes ``extra_round_fields`` / ``extra_client_fields``)

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from fedmpi.config import flatten
+from fedmpi.config import flatten, plugin_provenance
 from fedmpi.errors import OutputError
 
 ROUND_FIELDS = {
@@ -265,4 +265,6 @@ def run_attrs(cfg: dict, mpi_size: int, versions: dict, version: str, commit: st
         "mpi_size": mpi_size,
         "started": now_iso(),
         "versions": json.dumps(versions, sort_keys=True),
+        # the methods, models and data sets that came from plug-in packages, with their versions
+        "plugins": json.dumps(plugin_provenance(cfg), sort_keys=True),
     }

@@ -65,9 +65,9 @@ profile``); bench/kernels.py uses the same modules.
 """
 from __future__ import annotations
 
-from .model import RunTiming, TimeModel, client_seconds, nnz_of_densities
+from .model import RunTiming, TimeModel, nnz_of_densities
 from .profiles import (BYTES_PER_VALUE, PROFILES, DeviceProfile, LayerLine, MeasuredLayer, MeasuredProfile,
                        Profile, load_profile)
 
 __all__ = ["BYTES_PER_VALUE", "PROFILES", "DeviceProfile", "LayerLine", "MeasuredLayer", "MeasuredProfile",
-           "Profile", "RunTiming", "TimeModel", "client_seconds", "load_profile", "nnz_of_densities"]
+           "Profile", "RunTiming", "TimeModel", "load_profile", "nnz_of_densities"]

@@ -174,16 +174,15 @@ def time_layer(name: str, module: nn.Module, x: torch.Tensor, reads_model_input:
     return result
 
 
-def trainer_seconds(model_name: str, input_shape, num_classes: int, batch_size: int, *, repeats: int = 5,
-                    steps: int = 4, seed: int = 0, clock: str = "cpu") -> tuple[list[float], list[float]]:
+def trainer_seconds(model_name: str, input_shape, num_classes: int, batch_size: int, local: dict, *,
+                    repeats: int = 5, steps: int = 4, seed: int = 0,
+                    clock: str = "cpu") -> tuple[list[float], list[float]]:
     """Whole-model cost through fedmpi's own ``LocalTrainer`` (plain SGD, random masks of density
     0.5 on every maskable weight — re-masking costs the same whatever the kernels, and its writes
     grow as density falls: 0.5 is the middle —, dense kernels): per repeat, the seconds of one
     training step — (T(steps) − T(0)) / steps — and the per-round overhead T(0) (load weights and
-    masks, export)."""
-    import copy
-
-    from ..config import DEFAULTS
+    masks, export). ``local``: the config's ``local`` section, whose optimizer settings are replaced
+    by plain SGD at a negligible rate."""
     from ..models import build_model, maskable_parameter_names
     from ..training import LocalTrainer
 
@@ -195,7 +194,7 @@ def trainer_seconds(model_name: str, input_shape, num_classes: int, batch_size: 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((batch_size * steps, *input_shape), generator=g)
     y = torch.randint(0, num_classes, (batch_size * steps,), generator=g)
-    local = copy.deepcopy(DEFAULTS["local"])
+    local = dict(local)
     local.update(batch_size=batch_size, lr=1e-6, momentum=0.0, weight_decay=0.0, optimizer="sgd")
     trainer = LocalTrainer(model, local)
 

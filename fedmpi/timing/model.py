@@ -9,6 +9,7 @@ from typing import Mapping
 import numpy as np
 
 from ..errors import ConfigError
+from ..tiers import tier_of_clients
 from .profiles import BYTES_PER_VALUE, DeviceProfile, LayerLine, MeasuredProfile, Profile, load_profile
 
 
@@ -192,8 +193,6 @@ class RunTiming:
         tier_profiles = [load(s, f"device.tier_profiles[{i}]") for i, s in enumerate(tier_specs)]
         tiers = None
         if tier_profiles:
-            from ..algorithms.heterogeneous import tier_of_clients
-
             mix = cfg["tiers"]["mix"]
             if len(mix) != len(tier_profiles):
                 raise ConfigError("device.tier_profiles", f"needs one profile per tier: tiers.mix has {len(mix)}")
@@ -250,10 +249,3 @@ class RunTiming:
         layers = self.kernel_profile.layers
         return SparseKernelPolicy("auto", {n: l.break_even for n, l in layers.items()},
                                   {n: l.break_even_active for n, l in layers.items() if l.sparse_active})
-
-
-def client_seconds(profile: DeviceProfile, train_flops: float, upload_bytes: int, download_bytes: int) -> float:
-    """The former single-rate model of a modelled profile (kept for callers of the old API)."""
-    return (train_flops / profile.flops_per_second
-            + upload_bytes / profile.uplink_bytes_per_second
-            + download_bytes / profile.downlink_bytes_per_second)

@@ -43,8 +43,9 @@ def _default_shape(model_name: str) -> tuple[int, ...]:
 def profile_machine(model_name: str, out, *, data_shape=None, num_classes: int = 10, batch_size: int = 20,
                     densities=DEFAULT_DENSITIES, repeats: int = 5, min_time: float = 0.02,
                     link: str = "laptop", name: str | None = None, seed: int = 0, threads: int = 1,
-                    progress=None, command: str = "", clock: str = "cpu") -> MeasuredProfile:
-    """``fedmpi profile``: measure, fit and write ``out`` (YAML); returns the profile as loaded back."""
+                    progress=None, command: str = "", clock: str = "cpu", local: dict) -> MeasuredProfile:
+    """``fedmpi profile``: measure, fit and write ``out`` (YAML); returns the profile as loaded back.
+    ``local``: the config's ``local`` section, for the whole-model step through LocalTrainer."""
     import datetime
     from pathlib import Path
 
@@ -66,8 +67,8 @@ def profile_machine(model_name: str, out, *, data_shape=None, num_classes: int =
                                 seed=seed, progress=progress, clock=clock)
     if progress:
         progress("whole model through LocalTrainer (step and per-round overhead)")
-    step, overhead = trainer_seconds(model_name, shape, num_classes, batch_size, repeats=repeats, seed=seed,
-                                     clock=clock)
+    step, overhead = trainer_seconds(model_name, shape, num_classes, batch_size, local, repeats=repeats,
+                                     seed=seed, clock=clock)
     out = Path(out)
     links = PROFILES[link]
     extra = {"machine": machine_description(),

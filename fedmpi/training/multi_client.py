@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, vmap
 
-from ..comm.codec import tensor_view
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
+from ..update import tensor_view
 from .group_kernels import GroupCrossEntropy, NotGroupable, PerClientKernels
 from .objectives import cross_entropy
 from .optim import sgd_step

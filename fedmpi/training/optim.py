@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import OPTIMIZERS
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ..comm.codec import tensor_view
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
 from ..sparsity import apply_masks_torch
+from ..update import tensor_view
 from .explicit import ExplicitMLP
 from .hooks import StepHook
 from .objectives import Objective, cross_entropy

@@ -1,4 +1,5 @@
-"""Figures of ``make bench-perf`` (bench/perf/run.py), drawn by ``make plots``.
+"""Figures of ``make bench-perf`` (bench/perf/run.py), drawn by ``make plots`` (:func:`draw_perf`, once
+per call of :func:`fedmpi.figures.draw_all`, not per experiment).
 
 Reads ``RESULTS/perf/<workload>.json`` (full runs; a workload with only a ``--quick`` file is
 drawn from that, marked "quick") and ``startup.json``, and writes into PLOTS:

@@ -1,6 +1,7 @@
 """Figures and table of the heterogeneous-client methods (``make plots`` draws them for every
-experiment with a run that has ``exit_accuracy[*]`` or ``tier_accuracy[*]`` columns: HypeMeFed,
-depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL):
+experiment with a method whose class lists ``"heterogeneous"`` in ``figures`` — HypeMeFed,
+depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL — and a run that has ``exit_accuracy[*]`` or
+``tier_accuracy[*]`` columns):
 
 - ``<stem>_exit_accuracy.png``: each exit's accuracy on the global test set at the final evaluated
   round, a bar group per method, a bar per exit;
@@ -12,8 +13,10 @@ depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL):
 
 Bars and table cells are the mean over seeds ± the sample standard deviation (none for one seed)
 of each run's final evaluated value. A method without a column (FedAvg at full depth declares no
-exits or tiers) has no bar there and "—" in the table. Accuracy vs round and vs modelled time are
-the generic figures of :mod:`fedmpi.plotting`.
+exits or tiers) has no bar there and "—" in the table. Methods are named by their class's
+``label``, a method outside the family "(full depth)" (it trains the whole model), a method that is
+not installed by its algorithm name. Accuracy vs round and vs modelled time are the common figures
+of :mod:`fedmpi.figures.common`.
 """
 from __future__ import annotations
 
@@ -22,18 +25,24 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from fedmpi.figures.common import algorithm_class, algorithm_label
 from fedmpi.results.reader import MIB, family_member
 from fedmpi.results.tables import format_mean_std, markdown_table, mean_std
 
 FAMILIES = {"exit_accuracy": "exit", "tier_accuracy": "tier"}
-NAMES = {"hypemefed": "HypeMeFed", "fedavg": "FedAvg (full depth)", "fedavg_s": "FedAvg-S (smallest depth)",
-         "depthfl": "depth-wise averaging", "heterofl": "HeteroFL", "scalefl": "ScaleFL"}
+# what a reader of these figures needs besides a family method's label
+CONTEXT = {"fedavg_s": "smallest depth"}
 BAR_NOTE = "final evaluated round; bar = mean, whisker = sample std over seeds"
 
 
 def method_name(group) -> str:
     """The paper's name of the group's method, other differing settings after it."""
-    name = NAMES.get(group.algorithm, group.algorithm)
+    cls = algorithm_class(group.algorithm)
+    name = algorithm_label(group.algorithm)
+    if cls is not None and "heterogeneous" not in cls.figures:
+        name += " (full depth)"      # FedAvg and other methods that train the whole model
+    elif group.algorithm in CONTEXT:
+        name += f" ({CONTEXT[group.algorithm]})"
     extra = group.label.split(" ")[1:]
     return f"{name} ({' '.join(extra)})" if extra else name
 
@@ -125,7 +134,7 @@ def heterogeneous_table(groups) -> str:
     return note + "\n\n" + markdown_table(headers, rows)
 
 
-def draw_heterogeneous(experiment: str, groups, plots_dir: Path, stem: str) -> list[Path]:
+def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> list[Path]:
     """The heterogeneous methods' bars and table for one experiment; [] unless a run in it has
     ``exit_accuracy[*]`` or ``tier_accuracy[*]`` columns."""
     if not any(members(groups, family) for family in FAMILIES):

@@ -1,10 +1,20 @@
-"""Figures and tables from results files (``make plots``).
+"""The figures and tables every experiment gets, whatever its methods (``make plots``).
 
-One set per experiment (config `experiment`, else the dataset name), every algorithm group on
-the same axes: a line for the mean over seeds and, for groups with several seeds, a band from
-the minimum to the maximum seed. Rounds without evaluation (NaN) are left out of the lines.
-Figures are drawn with matplotlib's object API on the Agg canvas, so importing this module
-never changes the caller's pyplot backend.
+Every algorithm group of the experiment on the same axes, registered method or not (a group whose
+algorithm is not installed is labelled by its algorithm name, as every group is here: by its
+:class:`~fedmpi.results.RunGroup` label): a line for the mean over seeds and, for groups with
+several seeds, a band from the minimum to the maximum seed. Rounds without evaluation (NaN) are
+left out of the lines.
+
+- ``<stem>_accuracy_vs_upload.png``: accuracy vs cumulative upload per client (the FedDST paper's
+  figure), with the upload budget B of ``<stem>_budget_table.md`` and 2B marked;
+- ``<stem>_accuracy_vs_round.png``, ``<stem>_density_vs_round.png``, ``<stem>_accuracy_vs_time.png``
+  (modelled time);
+- ``<stem>_algorithm_columns.png``: the per-round columns the groups' algorithms declared;
+- ``<stem>_budget_table.md`` and, when a run recorded masks, ``<stem>_mask_table.md``.
+
+Also the helpers the method-specific figure modules share: a group's display name from the
+algorithm registry (:func:`algorithm_label`), colours, file stems.
 """
 from __future__ import annotations
 
@@ -16,20 +26,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedmpi.plots_heterogeneous import draw_heterogeneous
-from fedmpi.plots_perf import draw_perf
-from fedmpi.plots_prunefl import draw_prunefl
-from fedmpi.results import (
-    RunGroup,
-    budget_summary,
-    budget_table,
-    column_families,
-    family_member,
-    group_runs,
-    mask_table,
-    read_runs,
-    summarize_table,
-)
+from fedmpi.results import RunGroup, budget_summary, budget_table, column_families, family_member, mask_table
 
 ACCURACY_PANELS = [
     ("client_accuracy", "client accuracy (mean over clients' local test sets)"),
@@ -41,76 +38,78 @@ MAX_GROUPS_WITH_BANDS = 6      # beyond this, min–max bands hide the lines
 MAX_LABEL = 70                 # legend entries are cut here (the tables keep the whole label)
 
 
-def draw_all(results_dir, plots_dir) -> list[Path]:
-    """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths."""
-    results_dir, plots_dir = Path(results_dir), Path(plots_dir)
-    draw_perf(results_dir, plots_dir)   # make bench-perf's figures (results/perf/*.json), with or without runs
-    if not results_dir.is_dir() or not any(results_dir.rglob("*.h5")):
-        print(f"no results in {results_dir}/*.h5 yet: run `make bench` or "
-              "`python -m fedmpi run CONFIG.yaml --out results/NAME.h5` first")
-        return []
-    runs = read_runs(results_dir)
-    if not runs:
-        print(f"no readable results in {results_dir}/*.h5 (see warnings above)")
-        return []
-    plots_dir.mkdir(parents=True, exist_ok=True)
+# --------------------------------------------------------------------------- the methods' declarations
 
+def algorithm_class(name: str):
+    """The registered class of algorithm ``name`` (built in or an installed plug-in), or None for
+    results of a method that is not installed here."""
+    from fedmpi.algorithms import ALGORITHMS   # imports torch: only when figures are drawn
+    from fedmpi.errors import ConfigError
+
+    try:
+        return ALGORITHMS[name] if name in ALGORITHMS else None
+    except ConfigError as exc:   # a broken plug-in: its groups get the common figures only
+        warnings.warn(f"figures: the algorithm registry cannot be read ({exc}); {name!r} is drawn "
+                      f"without its method's figures", stacklevel=2)
+        return None
+
+
+def algorithm_label(name: str) -> str:
+    """A method's display name: its class's ``label``, else (not installed, or no label) ``name``."""
+    cls = algorithm_class(name)
+    return (getattr(cls, "label", "") or name) if cls is not None else name
+
+
+def algorithm_figures(name: str) -> tuple[str, ...]:
+    """The figure modules (under ``fedmpi.figures``) the class of algorithm ``name`` declares."""
+    cls = algorithm_class(name)
+    return tuple(getattr(cls, "figures", ())) if cls is not None else ()
+
+
+# --------------------------------------------------------------------------- entry point
+
+def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> list[Path]:
+    """The common figures and tables of one experiment; the paths written."""
     written: list[Path] = []
-    groups_by_experiment: dict[str, list[RunGroup]] = {}
-    for group in group_runs(runs):
-        groups_by_experiment.setdefault(group.experiment, []).append(group)
-
-    for experiment, groups in groups_by_experiment.items():
-        stem = _file_stem(experiment)
-        colors = {g.label: _color(i) for i, g in enumerate(groups)}
-        budgets = budget_summary([r for g in groups for r in g.runs])
-        budget = budgets[0].budget_mib_per_client if budgets else None
-
-        figures = [
-            (f"{stem}_accuracy_vs_upload.png", "accuracy vs cumulative upload", "upload",
-             "cumulative upload per client (MiB) = cum_upload_bytes / clients.total",
-             ACCURACY_PANELS),
-            (f"{stem}_accuracy_vs_round.png", "accuracy vs round", "round", "round",
-             ACCURACY_PANELS),
-            (f"{stem}_density_vs_round.png", "global model density vs round", "round", "round",
-             [("density", "density (nonzero fraction of maskable weights)")]),
-            (f"{stem}_accuracy_vs_time.png", "accuracy vs modelled time", "time",
-             "modelled time (s, cumulative sim_seconds under the device profile)",
-             ACCURACY_PANELS),
-        ]
-        for filename, title, x_name, x_label, panels in figures:
-            path = plots_dir / filename
-            drawn = _draw_figure(path, f"{experiment}: {title}", groups, colors, x_name, x_label,
-                                 panels, budget if x_name == "upload" else None)
-            if drawn:
-                written.append(path)
-            else:
-                print(f"skipped {path}: no group has data for it")
-
-        path = plots_dir / f"{stem}_algorithm_columns.png"
-        if _draw_algorithm_columns(path, f"{experiment}: algorithm-declared columns vs round",
-                                   groups, colors):
+    budgets = budget_summary([r for g in groups for r in g.runs])
+    budget = budgets[0].budget_mib_per_client if budgets else None
+    figures = [
+        (f"{stem}_accuracy_vs_upload.png", "accuracy vs cumulative upload", "upload",
+         "cumulative upload per client (MiB) = cum_upload_bytes / clients.total",
+         ACCURACY_PANELS),
+        (f"{stem}_accuracy_vs_round.png", "accuracy vs round", "round", "round",
+         ACCURACY_PANELS),
+        (f"{stem}_density_vs_round.png", "global model density vs round", "round", "round",
+         [("density", "density (nonzero fraction of maskable weights)")]),
+        (f"{stem}_accuracy_vs_time.png", "accuracy vs modelled time", "time",
+         "modelled time (s, cumulative sim_seconds under the device profile)",
+         ACCURACY_PANELS),
+    ]
+    for filename, title, x_name, x_label, panels in figures:
+        path = plots_dir / filename
+        drawn = _draw_figure(path, f"{experiment}: {title}", groups, colors, x_name, x_label,
+                             panels, budget if x_name == "upload" else None)
+        if drawn:
             written.append(path)
+        else:
+            print(f"skipped {path}: no group has data for it")
 
-        table_path = plots_dir / f"{stem}_budget_table.md"
-        table_path.write_text(budget_table([r for g in groups for r in g.runs]) + "\n")
+    path = plots_dir / f"{stem}_algorithm_columns.png"
+    if _draw_algorithm_columns(path, f"{experiment}: algorithm-declared columns vs round", groups, colors):
+        written.append(path)
+
+    table_path = plots_dir / f"{stem}_budget_table.md"
+    table_path.write_text(budget_table([r for g in groups for r in g.runs]) + "\n")
+    written.append(table_path)
+    masks = mask_table([r for g in groups for r in g.runs])
+    if masks is not None:
+        table_path = plots_dir / f"{stem}_mask_table.md"
+        table_path.write_text(masks + "\n")
         written.append(table_path)
-        masks = mask_table([r for g in groups for r in g.runs])
-        if masks is not None:
-            table_path = plots_dir / f"{stem}_mask_table.md"
-            table_path.write_text(masks + "\n")
-            written.append(table_path)
-        written += draw_prunefl(experiment, groups, colors, plots_dir, stem)   # PruneFL's figures
-        written += draw_heterogeneous(experiment, groups, plots_dir, stem)     # HypeMeFed and baselines
-
-    summary_path = plots_dir / "summary.md"
-    summary_path.write_text("# fedmpi results summary\n\n" + summarize_table(runs) + "\n")
-    written.append(summary_path)
-
-    for path in written:
-        print(f"wrote {path}")
     return written
 
+
+# --------------------------------------------------------------------------- lines over rounds
 
 def _x_values(run, x_name: str) -> np.ndarray:
     if x_name == "round":
@@ -194,6 +193,8 @@ def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str, *, b
     return True
 
 
+# --------------------------------------------------------------------------- algorithm-declared columns
+
 def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
     """The per-round columns the groups' algorithms declared, vs round: a panel per family.
 
@@ -240,7 +241,7 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
                 y = first.column(name)
                 keep = np.isfinite(y)
                 if keep.any():
-                    ax.plot(first.round_numbers()[keep], y[keep], color=_color(i),
+                    ax.plot(first.round_numbers()[keep], y[keep], color=color(i),
                             linestyle=styles[g % len(styles)], marker="o", markersize=2,
                             linewidth=1.2, label=f"{group.label} seed {first.seed}: {family_member(name)}")
         ax.set_title(f"{family}[layer]" if per_layer else family)
@@ -253,18 +254,19 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
     return True
 
 
+# --------------------------------------------------------------------------- styles and names
+
 def _linestyle(index: int) -> str:
     """Solid for the first palette's worth of groups, then dashed, so colours never repeat alone."""
     return ["-", "--", ":", "-."][(index // 10) % 4]
 
 
-def _color(index: int):
+def color(index: int):
     palette = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
                "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
     return palette[index % len(palette)]
 
 
-def _file_stem(experiment: str) -> str:
+def file_stem(experiment: str) -> str:
     """The experiment name made safe for a file name."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("._") or "results"
-

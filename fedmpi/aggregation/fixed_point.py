@@ -1,7 +1,6 @@
-"""Aggregation rules. By default sums run in float64 in the order given (the round loop passes
-client-id order), so the result does not depend on how clients were spread over ranks.
-``aggregation.sum: fixed_point`` sums in int64 on a per-element grid instead (``FixedPointSum``):
-the same bits whatever the order and grouping, which lets the worker ranks sum their own clients."""
+"""The reproducible fixed-point sum (``aggregation.sum: fixed_point``): per element the same bits
+whatever the order and grouping of the uploads, so the worker ranks can sum their own clients.
+The grid and the sums on it: ``quantise.py``."""
 from __future__ import annotations
 
 import math
@@ -9,163 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .comm.codec import ModelUpdate, tensor_view
-
-MISSING_POLICIES = ("keep", "zero")
-SUM_MODES = ("float64", "fixed_point")
-
-
-def average_over_holders(updates: list[ModelUpdate], weights: list[float], reference: dict[str, np.ndarray],
-                         missing: str = "keep", sum_mode: str = "float64",
-                         ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per element of each ``reference`` tensor: Σ_k w_k·θ_k / Σ_k w_k over the clients k that sent
-    it (sent the tensor, whole or as the block ``update.slices[name]``, and, if they sent a mask for
-    it, kept the element). Elements nobody sent keep the reference value (``missing="keep"``) or
-    become 0 (``missing="zero"``). Results have the reference dtype; integer and bool tensors are
-    rounded to the nearest value rather than truncated.
-
-    Returns (averaged tensors, per tensor the float64 votes Σ_k w_k over the holders of each
-    element). FedDST reads ``votes > 0`` as the union of the client masks and the votes as the
-    amount of data backing each position.
-
-    ``sum_mode="fixed_point"``: the sums of ``FixedPointSum`` (integer weights, no sliced tensors).
-    """
-    if missing not in MISSING_POLICIES:
-        raise ValueError(f"missing={missing!r}; expected one of {MISSING_POLICIES}")
-    if sum_mode == "fixed_point":
-        return fixed_point_average(updates, weights, reference, missing)
-    if sum_mode != "float64":
-        raise ValueError(f"sum_mode={sum_mode!r}; expected one of {SUM_MODES}")
-    weights = np.asarray(weights, dtype=np.float64)
-    averaged, votes = {}, {}
-    for name, ref in reference.items():
-        ref = np.asarray(ref)
-        senders = [k for k, update in enumerate(updates) if name in update.values]
-        numerator = np.zeros(ref.shape, dtype=np.float64)
-        if senders and all(name not in updates[k].masks and name not in updates[k].slices for k in senders):
-            # every sender holds every element: one denominator, summed with np.sum as the plain
-            # weighted average always was (its results stay bit-identical). w·θ goes through one
-            # reused float64 scratch array: the same products as weights[k] * θ.astype(float64),
-            # without two fresh arrays (and their page faults) per upload
-            scratch = np.empty(ref.shape, dtype=np.float64)
-            for k in senders:
-                np.multiply(_sent(updates[k], name, ref.shape), weights[k], out=scratch, dtype=np.float64)
-                numerator += scratch
-            denominator = np.full(ref.shape, float(np.sum(weights[senders])))
-        elif (positions := _shared_packed_positions(updates, name)) is not None:
-            # every sender sent the same mask, decoded once (codec.MaskPositions: FedDST between
-            # readjustments): sum the packed values position by position, then place the sums;
-            # per element the same float64 additions in the same order as below
-            if np.shape(updates[senders[0]].masks[name]) != ref.shape:
-                raise ValueError(f"{name}: sent shape {np.shape(updates[senders[0]].masks[name])}, expected {ref.shape}")
-            packed_numerator = np.zeros(positions.size, dtype=np.float64)
-            packed_denominator = np.zeros(positions.size, dtype=np.float64)
-            scratch = np.empty(positions.size, dtype=np.float64)
-            for k in senders:
-                np.multiply(updates[k].packed[name][1], weights[k], out=scratch, dtype=np.float64)
-                packed_numerator += scratch
-                packed_denominator += weights[k]
-            denominator = np.zeros(ref.shape, dtype=np.float64)
-            numerator.reshape(-1)[positions] = packed_numerator
-            denominator.reshape(-1)[positions] = packed_denominator
-        else:
-            denominator = np.zeros(ref.shape, dtype=np.float64)
-            for k in senders:
-                _accumulate(numerator, denominator, updates[k], name, weights[k])
-        held = denominator > 0
-        result = ref.copy() if missing == "keep" else np.zeros_like(ref)
-        result[held] = _cast(numerator[held] / denominator[held], ref.dtype)
-        averaged[name], votes[name] = result, denominator
-    return averaged, votes
-
-
-def _sent(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
-    values = np.asarray(update.values[name])
-    if values.shape != shape:
-        raise ValueError(f"{name}: sent shape {values.shape}, expected {shape}")
-    return values
-
-
-def _values(update: ModelUpdate, name: str, shape: tuple) -> np.ndarray:
-    return _sent(update, name, shape).astype(np.float64)
-
-
-def _accumulate(numerator: np.ndarray, denominator: np.ndarray, update: ModelUpdate, name: str,
-                weight: np.float64) -> None:
-    """Add one client's w·θ and w to the elements it holds (its block, inside its mask)."""
-    block = update.slices.get(name, ())
-    if block and (len(block) != numerator.ndim
-                  or any(not 0 <= s <= e <= n for (s, e), n in zip(block, numerator.shape))):
-        raise ValueError(f"{name}: slice {block} lies outside the tensor of shape {numerator.shape}")
-    # trailing Ellipsis: a view even for 0-d tensors, so the in-place adds reach the full tensors
-    region = tuple(slice(s, e) for s, e in block) + (Ellipsis,)
-    num, den = numerator[region], denominator[region]
-    mask = update.masks.get(name)
-    if mask is None:
-        num += weight * _values(update, name, num.shape)
-        den += weight
-        return
-    packed = update.packed.get(name)
-    if packed is not None and not block and num.flags.c_contiguous:
-        # as decoded: the flat positions of the mask (C order, as np.nonzero below) and the values
-        # there, so the same float64 operations per element without densifying the upload
-        positions, kept = packed
-        if np.shape(mask) != num.shape:
-            raise ValueError(f"{name}: sent shape {np.shape(mask)}, expected {num.shape}")
-        num.reshape(-1)[positions] += weight * np.asarray(kept).astype(np.float64)
-        den.reshape(-1)[positions] += weight
-        return
-    values = np.asarray(update.values[name])
-    if values.shape != num.shape:
-        raise ValueError(f"{name}: sent shape {values.shape}, expected {num.shape}")
-    # only the held positions are read (values outside the mask are ignored, even if they are
-    # not finite), and each gets exactly the float64 operations of the dense case: num += w·θ
-    held = np.nonzero(np.asarray(mask, dtype=bool))
-    num[held] += weight * values[held].astype(np.float64)
-    den[held] += weight
-
-
-def _cast(averaged: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.floating):
-        return averaged.astype(dtype)
-    return np.rint(averaged).astype(dtype)
-
-
-def weighted_average(tensors: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """Σ_k w_k·θ_k / Σ_k w_k per tensor, returned as float32."""
-    reference = {name: np.zeros(np.shape(t), np.float32) for name, t in tensors[0].items()}
-    averaged, _ = average_over_holders([ModelUpdate(t) for t in tensors], weights, reference, missing="zero")
-    return averaged
-
-
-def sparse_weighted_average(tensors: list[dict[str, np.ndarray]], masks: list[dict[str, np.ndarray]],
-                            weights: list[float]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """FedDST's merge: per masked tensor θ = Σ_k w_k·m_k·θ_k / Σ_k w_k·m_k, 0 where no client kept
-    the weight; unmasked tensors get the plain weighted average.
-
-    Returns (averaged tensors as float32, per masked tensor the votes Σ_k w_k·m_k as float64).
-    """
-    reference = {name: np.zeros(np.shape(t), np.float32) for name, t in tensors[0].items()}
-    updates = [ModelUpdate(t, m) for t, m in zip(tensors, masks)]
-    averaged, votes = average_over_holders(updates, weights, reference, missing="zero")
-    return averaged, {name: votes[name] for name in masks[0]}
-
-
-# ------------------------------------------------------------------------ the fixed-point sum
-# A float64 sum depends on the order of its terms, so summing each worker rank's clients and then
-# the ranks' partial sums would change the last bits with the rank count. Integers add exactly, in
-# any order. So every summand x_k = w_k·θ_k of an element goes on one grid shared by the whole
-# round, steps of 2^(e−B) with e the element's largest binary exponent over all the round's
-# summands (|x_k| < 2^e, np.frexp), and is summed as q_k = trunc(x_k·2^(B−e)), |q_k| < 2^B, in
-# int64. Σ q_k is the same integer however the k are grouped, and so is float64(Σ q_k)·2^(e−B).
-# Each truncation loses less than 2^(e−B): for K summands the sum is off by less than
-# K·2^(e−B) ≤ K·2^(1−B)·max_k |x_k| (docs/performance.md, "Worker-side aggregation").
-FIXED_POINT_BITS = 42                 # B
-MAX_CONTRIBUTIONS = 2 ** 20           # summands per element: |Σ q| < 2^20·2^42 = 2^62, no int64 overflow
-MAX_SUM_WEIGHT = 2 ** 29              # w·θ is exact in float64 for float32 θ (24 + 29 = 53 bits)
-NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without a nonzero summand
+from ..update import ModelUpdate
+from .common import MISSING_POLICIES, _cast, _shared_packed_positions
+from .quantise import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight, _label,
+                       _on_grid_candidates, _on_grid_sum, _quantised_sum)
 
 
 class FixedPointSum:
@@ -426,82 +273,6 @@ def fixed_point_average(updates: list[ModelUpdate], weights: list[int], referenc
     return summer.average(summer.partial_sums(updates, weights, scales, own_scales=scales), scales, reference, missing)
 
 
-def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
-    """Σ_k trunc(w_k·θ_k·2^(B−e)) per element (int64) over ``held_by`` (k, w, values, mask or None)."""
-    limit = 2.0 ** FIXED_POINT_BITS
-    quantised_sum = np.zeros(factor.size, dtype=np.int64)
-    x = np.empty(factor.size, dtype=np.float64)
-    x_t, quantised_t = torch.from_numpy(x), torch.empty(factor.size, dtype=torch.int64)
-    quantised_sum_t = torch.from_numpy(quantised_sum)
-    for w, group in _by_weight([w for _, w, _, _ in held_by]):
-        # w·2^(B−e) is exact, and so is θ·(w·2^(B−e)) (w·θ fits float64's 53 bits; a power
-        # of two only moves the exponent): the bits of ldexp(w·θ, B − e), in one pass
-        scaled_t = torch.from_numpy(factor * np.float64(w))
-        for i in group:
-            k, _, values, held = held_by[i]
-            # torch's kernels for the three passes: the same IEEE products and C casts as
-            # numpy's, about twice as fast on float32·float64 and float → int64
-            torch.mul(tensor_view(values), scaled_t, out=x_t)
-            if held is not None:
-                np.copyto(x, 0.0, where=~held)    # values outside the mask are ignored, even if not finite
-            if check_range and x.size and not (x.max() < limit and x.min() > -limit):
-                raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
-                                 f"compute the scales over every upload of the round")
-            # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B
-            quantised_t.copy_(x_t)
-            quantised_sum_t += quantised_t
-    return quantised_sum
-
-
-# a float64 running sum of on-grid summands is exact while |Σ| < 2^53 units: 2^(53−B) summands
-ON_GRID_MAX_SUMMANDS = 2 ** (53 - FIXED_POINT_BITS)
-# a float32 θ with |θ| ≥ 2^(e−19) has its lowest bit at ≥ 2^(e−19−23) = 2^(e−B): on the grid
-ON_GRID_MARGIN = FIXED_POINT_BITS - 23
-
-
-def _on_grid_candidates(held_by) -> bool:
-    """Whether ``_on_grid_sum`` applies: unmasked float32 values, few enough summands."""
-    summands = sum(1 for _, w, _, _ in held_by if w)
-    return 0 < summands <= ON_GRID_MAX_SUMMANDS and all(
-        held is None and values.dtype == np.float32 for _, _, values, held in held_by)
-
-
-def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
-    """``_quantised_sum``'s integers in one pass per upload where no truncation happens.
-
-    Where every summand's |θ_k| ≥ 2^(e−19), each w_k·θ_k (integer w_k) is a multiple of the grid
-    step 2^(e−B), so trunc does nothing and the float64 running sum Σ w_k·θ_k stays exact (at most
-    2^11 summands below 2^e each: below 2^53 steps): scaled by 2^(B−e), it is the int64 sum. The
-    few elements with a smaller summand (a value near zero next to larger ones) are redone by
-    ``_quantised_sum``. One add per upload instead of a multiply, a cast and an add, with the
-    running minimum of |θ| as the test."""
-    total = torch.zeros(factor.size, dtype=torch.float64)
-    smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
-    for _, w, values, _ in held_by:
-        if w:
-            theta = tensor_view(values)
-            total.add_(theta, alpha=float(w))     # w·θ is exact in float64, and so is the running sum here
-            torch.minimum(smallest, theta.abs(), out=smallest)
-    quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
-    # 2^(e−19) in float64 (0 where no summand is nonzero: every value there is 0 and on the grid)
-    threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - ON_GRID_MARGIN))
-    off_grid = np.flatnonzero(smallest.numpy() < threshold)
-    if off_grid.size:
-        quantised_sum[off_grid] = _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by],
-                                                 factor[off_grid], labels, name, check_range=False)
-    return quantised_sum
-
-
-def _shared_packed_positions(updates: list[ModelUpdate], name: str) -> np.ndarray | None:
-    """The positions array every upload holding ``name`` has it packed at (one and the same
-    array, whole tensors), or None."""
-    holders = [u for u in updates if name in u.values]
-    if not holders or any(name in u.slices or name not in u.packed for u in holders):
-        return None
-    positions = holders[0].packed[name][0]
-    return positions if all(u.packed[name][0] is positions for u in holders) else None
-
-
 def _checked_sum_weights(weights, count: int) -> list[int]:
     if len(weights) != count:
         raise ValueError(f"{len(weights)} weights for {count} uploads")
@@ -510,16 +281,3 @@ def _checked_sum_weights(weights, count: int) -> list[int]:
             raise ValueError(f"weight {w!r} of upload {k}: the fixed-point sum needs integer weights in "
                              f"[0, 2^29]")
     return [int(w) for w in weights]
-
-
-def _by_weight(weights: list[int]) -> list[tuple[int, list[int]]]:
-    """The uploads' indices grouped by weight (first appearance order): integer sums do not
-    depend on the order, and per distinct weight some work is done once."""
-    groups: dict[int, list[int]] = {}
-    for k, w in enumerate(weights):
-        groups.setdefault(w, []).append(k)
-    return list(groups.items())
-
-
-def _label(labels, k: int):
-    return k if labels is None else labels[k]

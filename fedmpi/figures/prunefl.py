@@ -1,5 +1,6 @@
 """PruneFL's figures and table (``make plots`` draws them for every experiment that holds a
-PruneFL-family run: ``prunefl``, ``snip``, ``imp`` or ``lotteryfl``).
+PruneFL-family run: a method whose class lists ``"prunefl"`` in ``figures``: ``prunefl``,
+``snip``, ``imp``, ``lotteryfl``).
 
 - ``<stem>_prunefl_accuracy_vs_time.png``: global test accuracy vs modelled time
   (``cum_sim_seconds``), the paper's main figure;
@@ -18,7 +19,9 @@ PruneFL-family run: ``prunefl``, ``snip``, ``imp`` or ``lotteryfl``).
 The reference ("conventional FL") is the ``fedavg`` group when there is one, else the ``prunefl``
 group with ``prunefl.initial_pruning`` and ``prunefl.adaptive`` both off (FedAvg with PruneFL's
 local iterations, as the public code runs conventional FL). Lines: the mean over seeds, bands:
-min–max over seeds; rounds without evaluation are left out.
+min–max over seeds; rounds without evaluation are left out. Methods are named by their class's
+``label`` (the reference FedAvg: "FedAvg (conventional FL)"; PruneFL: by its settings; a method
+that is not installed: its algorithm name).
 """
 from __future__ import annotations
 
@@ -29,15 +32,19 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedmpi.figures.common import BAND_NOTE, algorithm_figures, algorithm_label
 from fedmpi.results.reader import config_get
 from fedmpi.results.tables import format_mean_std, markdown_table, mean_std
 
-FAMILY = ("prunefl", "snip", "imp", "lotteryfl")
 TARGET_GAP = 0.01
-BAND_NOTE = "line = mean over seeds, band = min–max over seeds"
 
 
 # --------------------------------------------------------------------------- names and values
+
+def in_family(group) -> bool:
+    """A PruneFL-family group: its algorithm's class lists these figures (``"prunefl"``)."""
+    return "prunefl" in algorithm_figures(group.algorithm)
+
 
 def method_name(group) -> str:
     """A reader's name for the group: the paper's method names, other differing settings after it."""
@@ -53,8 +60,9 @@ def method_name(group) -> str:
         # its extra initial-pruning round is not a setting a reader compares
         skip = {"initial_pruning", "adaptive", "prunefl.initial_pruning", "prunefl.adaptive", "rounds"}
     else:
-        name = {"fedavg": "FedAvg (conventional FL)", "snip": "SNIP", "imp": "iterative magnitude pruning",
-                "lotteryfl": "LotteryFL"}.get(algorithm, algorithm)
+        name = algorithm_label(algorithm)
+        if is_reference(group):    # FedAvg: the conventional FL PruneFL is measured against
+            name += " (conventional FL)"
     extra = [part for part in group.label.split(" ")[1:] if part.split("=")[0] not in skip]
     return f"{name} ({' '.join(extra)})" if extra else name
 
@@ -205,9 +213,9 @@ def time_to_target_table(groups) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
-def draw_prunefl(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> list[Path]:
+def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> list[Path]:
     """PruneFL's figures and table for one experiment; [] unless a PruneFL-family run is in it."""
-    if not any(g.algorithm in FAMILY for g in groups):
+    if not any(in_family(g) for g in groups):
         return []
     written = []
     figures = [

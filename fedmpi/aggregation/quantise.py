@@ -1,0 +1,101 @@
+"""The fixed-point grid and the integer sums on it, for ``FixedPointSum`` (``fixed_point.py``):
+the truncating sum (``_quantised_sum``) and the one-add sum where nothing is truncated
+(``_on_grid_sum``)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..update import tensor_view
+
+# A float64 sum depends on the order of its terms, so summing each worker rank's clients and then
+# the ranks' partial sums would change the last bits with the rank count. Integers add exactly, in
+# any order. So every summand x_k = w_k·θ_k of an element goes on one grid shared by the whole
+# round, steps of 2^(e−B) with e the element's largest binary exponent over all the round's
+# summands (|x_k| < 2^e, np.frexp), and is summed as q_k = trunc(x_k·2^(B−e)), |q_k| < 2^B, in
+# int64. Σ q_k is the same integer however the k are grouped, and so is float64(Σ q_k)·2^(e−B).
+# Each truncation loses less than 2^(e−B): for K summands the sum is off by less than
+# K·2^(e−B) ≤ K·2^(1−B)·max_k |x_k| (docs/performance.md, "Worker-side aggregation").
+FIXED_POINT_BITS = 42                 # B
+MAX_CONTRIBUTIONS = 2 ** 20           # summands per element: |Σ q| < 2^20·2^42 = 2^62, no int64 overflow
+MAX_SUM_WEIGHT = 2 ** 29              # w·θ is exact in float64 for float32 θ (24 + 29 = 53 bits)
+NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without a nonzero summand
+
+
+def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
+    """Σ_k trunc(w_k·θ_k·2^(B−e)) per element (int64) over ``held_by`` (k, w, values, mask or None)."""
+    limit = 2.0 ** FIXED_POINT_BITS
+    quantised_sum = np.zeros(factor.size, dtype=np.int64)
+    x = np.empty(factor.size, dtype=np.float64)
+    x_t, quantised_t = torch.from_numpy(x), torch.empty(factor.size, dtype=torch.int64)
+    quantised_sum_t = torch.from_numpy(quantised_sum)
+    for w, group in _by_weight([w for _, w, _, _ in held_by]):
+        # w·2^(B−e) is exact, and so is θ·(w·2^(B−e)) (w·θ fits float64's 53 bits; a power
+        # of two only moves the exponent): the bits of ldexp(w·θ, B − e), in one pass
+        scaled_t = torch.from_numpy(factor * np.float64(w))
+        for i in group:
+            k, _, values, held = held_by[i]
+            # torch's kernels for the three passes: the same IEEE products and C casts as
+            # numpy's, about twice as fast on float32·float64 and float → int64
+            torch.mul(tensor_view(values), scaled_t, out=x_t)
+            if held is not None:
+                np.copyto(x, 0.0, where=~held)    # values outside the mask are ignored, even if not finite
+            if check_range and x.size and not (x.max() < limit and x.min() > -limit):
+                raise ValueError(f"{name}: upload {_label(labels, k)} exceeds its elements' scales; "
+                                 f"compute the scales over every upload of the round")
+            # the float → int64 cast truncates toward zero: trunc(x·2^(B−e)), |q| < 2^B
+            quantised_t.copy_(x_t)
+            quantised_sum_t += quantised_t
+    return quantised_sum
+
+
+# a float64 running sum of on-grid summands is exact while |Σ| < 2^53 units: 2^(53−B) summands
+ON_GRID_MAX_SUMMANDS = 2 ** (53 - FIXED_POINT_BITS)
+# a float32 θ with |θ| ≥ 2^(e−19) has its lowest bit at ≥ 2^(e−19−23) = 2^(e−B): on the grid
+ON_GRID_MARGIN = FIXED_POINT_BITS - 23
+
+
+def _on_grid_candidates(held_by) -> bool:
+    """Whether ``_on_grid_sum`` applies: unmasked float32 values, few enough summands."""
+    summands = sum(1 for _, w, _, _ in held_by if w)
+    return 0 < summands <= ON_GRID_MAX_SUMMANDS and all(
+        held is None and values.dtype == np.float32 for _, _, values, held in held_by)
+
+
+def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
+    """``_quantised_sum``'s integers in one pass per upload where no truncation happens.
+
+    Where every summand's |θ_k| ≥ 2^(e−19), each w_k·θ_k (integer w_k) is a multiple of the grid
+    step 2^(e−B), so trunc does nothing and the float64 running sum Σ w_k·θ_k stays exact (at most
+    2^11 summands below 2^e each: below 2^53 steps): scaled by 2^(B−e), it is the int64 sum. The
+    few elements with a smaller summand (a value near zero next to larger ones) are redone by
+    ``_quantised_sum``. One add per upload instead of a multiply, a cast and an add, with the
+    running minimum of |θ| as the test."""
+    total = torch.zeros(factor.size, dtype=torch.float64)
+    smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
+    for _, w, values, _ in held_by:
+        if w:
+            theta = tensor_view(values)
+            total.add_(theta, alpha=float(w))     # w·θ is exact in float64, and so is the running sum here
+            torch.minimum(smallest, theta.abs(), out=smallest)
+    quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
+    # 2^(e−19) in float64 (0 where no summand is nonzero: every value there is 0 and on the grid)
+    threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - ON_GRID_MARGIN))
+    off_grid = np.flatnonzero(smallest.numpy() < threshold)
+    if off_grid.size:
+        quantised_sum[off_grid] = _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by],
+                                                 factor[off_grid], labels, name, check_range=False)
+    return quantised_sum
+
+
+def _by_weight(weights: list[int]) -> list[tuple[int, list[int]]]:
+    """The uploads' indices grouped by weight (first appearance order): integer sums do not
+    depend on the order, and per distinct weight some work is done once."""
+    groups: dict[int, list[int]] = {}
+    for k, w in enumerate(weights):
+        groups.setdefault(w, []).append(k)
+    return list(groups.items())
+
+
+def _label(labels, k: int):
+    return k if labels is None else labels[k]
