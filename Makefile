@@ -38,7 +38,7 @@ help:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile examples/topk_fedavg/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "fedmpi needs Python >= 3.10 (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,8 @@ ifeq ($(MPI),system)
 else
 	$(PY) -m pip install --quiet -e ".[test,mpich]"
 endif
+	# the worked plug-in example (docs/extending.md): an out-of-tree package, tested by make test
+	$(PY) -m pip install --quiet --no-deps -e examples/topk_fedavg
 	$(PY) -c "import torch, mpi4py.MPI, h5py; print('fedmpi env ready: torch', torch.__version__)"
 	touch $@
 
