@@ -59,8 +59,11 @@ endif
 # markers (pyproject.toml): slow = end-to-end runs over a few seconds, mpi = inside mpiexec, slurm
 PYTEST := MPIEXEC=$(MPIEXEC) $(PY) -m pytest -q
 
+# TEST_JOBS pytest-xdist workers for the one-process suite: its end-to-end runs leave a core idle
+# for part of their time (start-up, MPI waits); 1 runs it without xdist
+TEST_JOBS ?= 2
 test: venv
-	$(PYTEST) tests
+	$(PYTEST) $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS)) tests
 	$(MAKE) --no-print-directory test-mpi
 
 test-unit: venv

@@ -7,10 +7,12 @@ skips with the reason. Run alone with ``pytest -m slurm -s`` to see the timings.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +34,13 @@ TINY_CAMPAIGN = REPO / "examples" / "campaign-tiny.yaml"
 def cluster():
     if int(os.environ.get("PMI_SIZE", "1")) > 1:
         pytest.skip("one SLURM cluster per machine: not under mpiexec")
+    # one cluster at a time (fixed ports): another pytest-xdist worker's waits for this one to stop
+    with open(Path(tempfile.gettempdir()) / "fedmpi-slurm-test.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        yield from _cluster()
+
+
+def _cluster():
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)

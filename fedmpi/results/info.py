@@ -12,6 +12,18 @@ from fedmpi.results.groups import format_setting
 from fedmpi.results.reader import RunResult, column_families, config_get, family_member, read_run
 from fedmpi.results.tables import format_bytes, format_number, format_seconds
 
+
+def method_label(name: str) -> str:
+    """The method's declared label, or "" when no installed method has that name."""
+    from fedmpi.algorithms import ALGORITHMS   # the declarations (a plug-in's only where installed)
+    from fedmpi.errors import ConfigError
+
+    try:
+        return ALGORITHMS[name].label if name in ALGORITHMS else ""
+    except ConfigError:   # a broken plug-in installed here: the file is still readable
+        return ""
+
+
 def info_text(path) -> str:
     """Human-readable overview of one results file (``fedmpi info FILE.h5``)."""
     run = read_run(path)
@@ -26,6 +38,9 @@ def info_text(path) -> str:
                       f" of {format_setting(data.get('shard_size'))})")
 
     algorithm = run.algorithm
+    label = method_label(run.algorithm)
+    if label and label != algorithm:
+        algorithm += f" ({label})"
     if run.is_sparse():
         algorithm += f" (sparsity {format_setting(cfg.get('sparsity'))})"
     if cfg.get("experiment"):
