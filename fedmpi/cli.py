@@ -110,15 +110,27 @@ def _run_on_every_rank(args, comm) -> int:
     from .config import load_config
     from .engine import Run
 
+    cfg, problem = None, None
     try:
         cfg = load_config(args.config, args.set or [])
         if args.progress is not None:
             cfg["output"]["progress"] = args.progress
     except ConfigError as exc:
-        # every rank parses the same config and fails the same way: no message exchange needed
+        problem = str(exc)
+    # a plug-in may load on one rank and not on another (another node's environment): the ranks
+    # agree on the outcome before any of them goes on to a collective
+    problems = comm.gather_objects((comm.rank, problem))
+    verdict = None
+    if comm.is_server:
+        failed = [(rank, p) for rank, p in problems if p is not None]
+        if failed:
+            same = len(failed) == comm.size and len({p for _, p in failed}) == 1
+            verdict = failed[0][1] if same else f"rank {failed[0][0]}: {failed[0][1]}"
+    verdict = comm.bcast_object(verdict)
+    if verdict is not None:
         if comm.is_server:
-            print(f"fedmpi: {exc}", file=sys.stderr)
-        return exc.exit_code
+            print(f"fedmpi: {verdict}", file=sys.stderr)
+        return ConfigError.exit_code
     comm.wait_mode = cfg["mpi"]["wait"]
     out = Path(args.out) if args.out else default_out_path(cfg, args.config)
     decision, message = comm.bcast_object(_out_decision(out, args.resume, args.force) if comm.is_server else None)

@@ -276,3 +276,27 @@ def test_a_model_and_a_data_set_by_entry_point(tmp_path):
     (root / "test.csv").write_text("1,2,3\n")
     proc, _ = fedmpi(["run", str(config), "--out", str(tmp_path / "bad.h5")], 1)
     assert proc.returncode == 2 and "test.csv" in proc.stderr and "features" in proc.stderr
+
+
+ONE_RANK_ONLY = textwrap.dedent('''
+    import os
+    from fedmpi.algorithms.fedavg import FedAvg
+
+    if os.environ.get("PMI_RANK") == "1":   # as if this rank's node lacked a package the plug-in needs
+        import a_package_missing_on_one_node
+
+    class Everywhere(FedAvg):
+        name = "everywhere_but_one"
+        label = "FedAvg, unloadable on rank 1"
+        doc = "tests/test_plugins.py"
+''')
+
+
+@needs_mpiexec
+def test_a_plug_in_that_fails_on_one_rank_only_ends_every_rank_with_exit_2_naming_it(plugin_dir, tmp_path):
+    (plugin_dir / "one_rank_only.py").write_text(ONE_RANK_ONLY)
+    config = write_config(tmp_path / "c.yaml", algorithm="one_rank_only:Everywhere")
+    proc = run_with_path(["run", str(config), "--out", str(tmp_path / "never.h5")], plugin_dir, ranks=3)
+    assert proc.returncode == 2, proc.stderr
+    assert "rank 1:" in proc.stderr and "a_package_missing_on_one_node" in proc.stderr
+    assert not (tmp_path / "never.h5").exists()
