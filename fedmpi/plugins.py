@@ -79,20 +79,27 @@ class Registry(Mapping):
     # ---- Mapping over every registered name ------------------------------------------------
     def _loaded(self) -> dict[str, Any]:
         if self._items is None:
-            self._items = {}
-            for name, obj in self._builtins().items():
-                self._add(name, obj, Origin("builtin"))
-            for entry in metadata.entry_points(group=self.group):
-                dist = entry.dist.name if entry.dist else ""
-                version = entry.dist.version if entry.dist else ""
-                where = f"entry point {entry.name} = {entry.value} of {dist or 'an unnamed distribution'}"
-                try:
-                    obj = entry.load()
-                except Exception as exc:  # noqa: BLE001
-                    raise ConfigError(self.key, f"cannot load {self.what} plug-in ({where}): "
-                                                f"{type(exc).__name__}: {exc}") from None
-                self._add(entry.name, obj, Origin("entry point", entry.value, dist, version), where)
+            self._items, self._origins = {}, {}
+            try:
+                self._load_all()
+            except BaseException:
+                self._items = None   # the next use reports the same error, not a partial registry
+                raise
         return self._items
+
+    def _load_all(self) -> None:
+        for name, obj in self._builtins().items():
+            self._add(name, obj, Origin("builtin"))
+        for entry in metadata.entry_points(group=self.group):
+            dist = entry.dist.name if entry.dist else ""
+            version = entry.dist.version if entry.dist else ""
+            where = f"entry point {entry.name} = {entry.value} of {dist or 'an unnamed distribution'}"
+            try:
+                obj = entry.load()
+            except Exception as exc:  # noqa: BLE001
+                raise ConfigError(self.key, f"cannot load {self.what} plug-in ({where}): "
+                                            f"{type(exc).__name__}: {exc}") from None
+            self._add(entry.name, obj, Origin("entry point", entry.value, dist, version), where)
 
     def _add(self, name: str, obj: Any, origin: Origin, where: str = "") -> None:
         where = where or origin.describe()

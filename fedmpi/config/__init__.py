@@ -9,6 +9,7 @@ config exits with status 2 everywhere at once.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import yaml
@@ -89,7 +90,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: di
             raise ConfigError(str(path), "must be a YAML mapping of config keys")
     parsed = [parse_override(text) for text in overrides]
     names = _resolve_plugins([DEFAULTS, loaded, extra or {}], parsed)
-    cfg = defaults(names["algorithm"])
+    tree = defaults(names["algorithm"])
+    cfg = copy.deepcopy(tree)
     merge(cfg, loaded)
     if extra:
         merge(cfg, extra)
@@ -97,7 +99,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: di
         set_dotted(cfg, key, value)
     for key, name in names.items():
         set_dotted(cfg, key, name)
-    return validate(cfg, defaults(names["algorithm"]))
+    return validate(cfg, tree)
 
 
 __all__ = ["DEFAULTS", "PARTITIONS", "defaults", "flatten", "get_dotted", "load_config", "parse_override",

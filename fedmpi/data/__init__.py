@@ -85,7 +85,7 @@ def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int, sy
     SYNTHETIC_DEFAULTS) matter for the generated ``synthetic`` data set, which has one LEAF user
     per client. Raises ConfigError for an unknown name or missing root, DataError for a bad file."""
     spec = DATASETS[DATASETS.resolve(name)]
-    if spec.files and spec.name != "femnist":
+    if spec.files:
         root = spec.default_root if root is None else root
         if root is None:
             raise ConfigError("data.root", f"dataset {name!r} has no default location; set data.root to the "
