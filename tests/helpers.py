@@ -269,6 +269,9 @@ TIERED = {
     "clients": {"total": 9, "per_round": 6},
     "local": {"epochs": 1, "batch_size": 16, "lr": 0.001, "optimizer": "adam"},
     "eval": {"every": 1, "batch_size": 40},
+    # 3 server epochs, not 25: the tests check HypeMeFed's bytes, generation and bits, which do not
+    # depend on how long the hypernetworks train (25 would be 2.4 s of every 3.7 s round here)
+    "hypemefed": {"epochs": 3},
 }
 
 
