@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -18,15 +19,32 @@ ABORT_GRACE_SECONDS = 0.5
 
 
 def _git_commit() -> str:
+    """The commit of fedmpi's own source checkout (``HASH``, ``HASH-dirty``), ``unknown`` when git
+    cannot say; ``installed fedmpi VERSION`` when fedmpi runs from anywhere else, such as a wheel in
+    a virtual environment that happens to lie inside another project's repository: that
+    repository's commit says nothing about this code."""
+    source = Path(__file__).resolve().parents[1]   # a checkout: the directory of pyproject.toml
     try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(Path(__file__).parent), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        project = re.search(r'^name\s*=\s*"([^"]*)"', (source / "pyproject.toml").read_text(), re.M)
+    except OSError:
+        project = None
+    if not (project and project[1] == "fedmpi" and (source / ".git").exists()):
+        return f"installed fedmpi {__version__}"
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True,
+                              timeout=5)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        out = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    if out.returncode != 0:
+    if top.returncode != 0 or out.returncode != 0:
         return "unknown"
+    if Path(top.stdout.strip()).resolve() != source:
+        return f"installed fedmpi {__version__}"
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
@@ -58,26 +76,12 @@ def default_out_path(cfg: dict, config_path: str | None) -> Path:
     return Path("results") / f"{stem}_{cfg['algorithm']}_seed{cfg['seed']}.h5"
 
 
-def _out_decision(out: Path, resume: bool, force: bool) -> tuple[str, str]:
-    """What rank 0 decides about an existing results file: ('run'|'done'|'error', message)."""
-    from .results import checkpoint_path, run_status
+def _out_decision(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[str, str]:
+    """What rank 0 decides about ``--out`` before any data is loaded: ('fresh'|'resume'|'done'|
+    'error', message); ``engine.out_decision`` has the rules (docs/interface.md)."""
+    from .engine.out_decision import decide_output
 
-    if resume and checkpoint_path(out).exists():
-        return "run", ""
-    if out.exists():
-        if resume:
-            if run_status(out) == "finished":
-                return "done", f"{out} is already finished; nothing to resume"
-            return "run", ""   # partial file without checkpoint: start over
-        if not force:
-            return "error", f"{out} exists; pass --force to overwrite it or --resume to continue it"
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return "error", f"--out {out}: cannot create its directory ({exc.strerror}); choose a writable path"
-    if not os.access(out.parent, os.W_OK):
-        return "error", f"--out {out}: directory {out.parent} is not writable; choose a writable path"
-    return "run", ""
+    return decide_output(out, cfg, resume, force)
 
 
 def cmd_run(args) -> int:
@@ -133,13 +137,14 @@ def _run_on_every_rank(args, comm) -> int:
         return ConfigError.exit_code
     comm.wait_mode = cfg["mpi"]["wait"]
     out = Path(args.out) if args.out else default_out_path(cfg, args.config)
-    decision, message = comm.bcast_object(_out_decision(out, args.resume, args.force) if comm.is_server else None)
-    if decision != "run":
-        if comm.is_server:
-            print(f"fedmpi: {message}", file=sys.stderr)
+    decision, message = comm.bcast_object(_out_decision(out, cfg, args.resume, args.force)
+                                          if comm.is_server else None)
+    if comm.is_server and message:
+        print(f"fedmpi: {message}", file=sys.stderr)
+    if decision not in ("fresh", "resume"):
         return 0 if decision == "done" else 2
     progress = cfg["output"]["progress"]
-    run = Run(cfg, comm, out, resume=args.resume, progress=None if progress == "auto" else progress,
+    run = Run(cfg, comm, out, resume=decision == "resume", progress=None if progress == "auto" else progress,
               versions=_versions() if comm.is_server else None, version=__version__,
               commit=_git_commit() if comm.is_server else "")
     try:
@@ -167,20 +172,25 @@ def cmd_info(args) -> int:
 
 
 def cmd_summarize(args) -> int:
-    from .results import read_runs, summarize_table
+    from .results import read_runs, summarize_table, unreadable_message
 
-    runs = read_runs(args.paths)
+    skipped: list = []
+    runs = read_runs(args.paths, skipped)
     if not runs:
-        print(f"fedmpi: no readable results in {' '.join(args.paths)}", file=sys.stderr)
+        print(f"fedmpi: no readable results in {' '.join(args.paths)}: {unreadable_message(skipped)}; "
+              "give it results files that `fedmpi run` wrote", file=sys.stderr)
         return 2
     print(summarize_table(runs))
+    if skipped:
+        print(f"fedmpi: the table leaves out {len(skipped)} unreadable file(s): {unreadable_message(skipped)}",
+              file=sys.stderr)
     return 0
 
 
 def cmd_plots(args) -> int:
     from .figures import draw_all
 
-    draw_all(args.results, args.plots)
+    draw_all(args.results, args.plots)  # raises DataError (exit 2) when no results file is readable
     return 0
 
 
@@ -228,8 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a config key by its dotted name (repeatable)")
     run.add_argument("--out", help="results file (default: results/<experiment>_<algorithm>_seed<seed>.h5)")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the checkpoint beside --out (start afresh if there is none)")
-    run.add_argument("--force", action="store_true", help="overwrite an existing results file")
+                     help="continue the run in --out from the checkpoint beside it (same config only; "
+                          "a file without rounds starts over)")
+    run.add_argument("--force", action="store_true",
+                     help="overwrite an existing results file (with --resume: only one that cannot be continued)")
     group = run.add_mutually_exclusive_group()
     group.add_argument("--progress", dest="progress", action="store_const", const=True, default=None,
                        help="print one line per round (for batch logs)")

@@ -1,5 +1,5 @@
-"""Progress on rank 0: a tqdm bar on a terminal, one line per round when asked (batch logs),
-nothing otherwise."""
+"""Progress on rank 0: a tqdm bar on a terminal, plain lines elsewhere (batch logs: SLURM's output
+file, ``nohup``, a redirect), nothing when asked for quiet."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,11 @@ import os
 import sys
 
 from tqdm import tqdm
+
+# launchers that forward a rank's stderr to their own (MPICH/Hydra, Open MPI/PRRTE)
+MPI_LAUNCHERS = {"mpiexec", "mpiexec.hydra", "mpirun", "hydra_pmi_proxy", "orterun", "orted", "prterun", "prted"}
+# a run of more rounds than this gets a line per tenth of its rounds in batch logs, not per round
+LINE_EVERY_ROUND = 50
 
 
 def _parent_pid(pid: int) -> int | None:
@@ -18,25 +23,50 @@ def _parent_pid(pid: int) -> int | None:
 
 
 def _has_terminal() -> bool:
-    """True when stderr is a terminal, or when it is a pipe to a launcher (mpiexec) that writes
-    to one: under mpiexec rank 0's stderr is forwarded to the user's terminal. Batch jobs
-    (SLURM) and logs redirected to files get no bar."""
+    """True when stderr is a terminal, or when it is a pipe to an MPI launcher (mpiexec) that
+    writes to one: under mpiexec rank 0's stderr is forwarded to the user's terminal. Only
+    launchers are looked through: a process whose stderr is a file or a pipe to anything else
+    (``nohup``, ``2> log``, ``| tee``, a test harness) has no terminal, whatever its parent's is.
+    Batch jobs (SLURM) get no bar."""
     if sys.stderr.isatty():
         return True
-    if "SLURM_JOB_ID" in os.environ:
+    if "SLURM_JOB_ID" in os.environ or not _fd2_target(os.getpid()).startswith("pipe:"):
         return False
     pid = os.getppid()
-    for _ in range(4):  # rank → hydra proxy → mpiexec → shell
-        if pid is None or pid <= 1:
+    for _ in range(4):  # rank → hydra proxy → mpiexec
+        if pid is None or pid <= 1 or _command_name(pid) not in MPI_LAUNCHERS:
             return False
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/2")
-        except OSError:
-            return False
+        target = _fd2_target(pid)
         if target.startswith(("/dev/pts/", "/dev/tty")):
             return True
+        if not target.startswith("pipe:"):
+            return False
         pid = _parent_pid(pid)
     return False
+
+
+def _fd2_target(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/2")
+    except OSError:
+        return ""
+
+
+def _command_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def printed_rounds(rounds: int, start: int = 0) -> set[int]:
+    """The rounds a batch log gets a line for: every round of a run of up to ``LINE_EVERY_ROUND``
+    rounds; of a longer one the first and last and each round that completes another tenth."""
+    if rounds <= LINE_EVERY_ROUND:
+        return set(range(start + 1, rounds + 1))
+    tenths = {r for r in range(start + 1, rounds + 1) if 10 * r // rounds > 10 * (r - 1) // rounds}
+    return tenths | {min(start + 1, rounds), rounds}
 
 
 def _mib(nbytes: float) -> str:
@@ -45,11 +75,15 @@ def _mib(nbytes: float) -> str:
 
 class Progress:
     def __init__(self, rounds: int, mode: bool | str | None, start: int = 0):
-        """``mode``: True = a line per round; False = silent; "auto"/None = bar on a terminal."""
-        self.lines = mode is True
+        """``mode``: True = a line per round; False = silent; "auto"/None = a bar on a terminal,
+        else lines for ``printed_rounds``."""
         self.bar = None
-        if mode in (None, "auto") and _has_terminal():
-            self.bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True, file=sys.stderr)
+        self.lines: set[int] | None = set(range(start + 1, rounds + 1)) if mode is True else None
+        if mode in (None, "auto"):
+            if _has_terminal():
+                self.bar = tqdm(total=rounds, initial=start, unit="round", dynamic_ncols=True, file=sys.stderr)
+            else:
+                self.lines = printed_rounds(rounds, start)
         self.rounds = rounds
         self.best = float("nan")
 
@@ -62,7 +96,7 @@ class Progress:
         if self.bar is not None:
             self.bar.set_postfix_str(text, refresh=False)
             self.bar.update(1)
-        elif self.lines:
+        elif self.lines is not None and row["round"] in self.lines:
             sys.stderr.write(f"round {row['round']}/{self.rounds} {text} "
                              f"elapsed={row['cum_wall_seconds']:.1f}s\n")
             sys.stderr.flush()

@@ -5,8 +5,8 @@ the hypernetworks restored; ScaleFL and full-depth FedAvg on the multi-exit fami
 from __future__ import annotations
 
 import copy
+import io
 import os
-import pickle
 import signal
 
 import numpy as np
@@ -20,6 +20,8 @@ from fedmpi.algorithms.hypernetworks import (HyperNetworks, LRFHyperNetwork, con
                                              parameter_count)
 from fedmpi.algorithms.scalefl import ScaleFL, self_distillation
 from fedmpi.config import load_config
+from fedmpi.engine.checkpoint import read_checkpoint_file
+from fedmpi.engine.state_file import read_state, write_state
 from fedmpi.models import build_model
 from fedmpi.update import ModelUpdate
 from helpers import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, variant_sizes
@@ -120,7 +122,10 @@ def test_training_is_seeded_persistent_and_reduces_the_error():
     assert not torch.equal(next(other_seed.nets[0].parameters()), next(second.nets[0].parameters()))
     # a checkpoint round trip gives the same generations, bit for bit
     restored = HyperNetworks(shapes, "lrf", hidden=32, seed=99)
-    restored.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    saved = io.BytesIO()
+    write_state(saved, first.state_dict(), {})
+    saved.seek(0)
+    restored.load_state_dict(read_state(saved)[1])
     assert restored.trained == first.trained
     assert np.array_equal(restored.generate(0, samples[0][0]), first.generate(0, samples[0][0]))
 
@@ -386,8 +391,7 @@ def resume(tiered_cfg, out, extra=()):
 def test_sigkill_then_resume_is_bit_identical_with_the_hypernetworks(work, tiered_cfg, uninterrupted_hypemefed):
     out, rc, _ = interrupted(work, tiered_cfg, "killed", signal.SIGKILL)
     assert rc == -signal.SIGKILL
-    with open(out.with_suffix(".ckpt"), "rb") as f:
-        checkpoint = pickle.load(f)
+    checkpoint = read_checkpoint_file(out.with_suffix(".ckpt"))
     assert 1 <= checkpoint["round"] < 5      # the line for round 2 may precede its checkpoint
     saved = checkpoint["algorithm"]["hypernetworks"]
     assert saved["kind"] == "lrf" and saved["trained"] == [True] * 4 and len(saved["nets"]) == 4

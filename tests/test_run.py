@@ -6,9 +6,9 @@ results schema, exit statuses for bad configs, failures on one rank (divergence,
 """
 from __future__ import annotations
 
+import io
 import json
 import os
-import pickle
 import re
 import shutil
 import signal
@@ -20,6 +20,8 @@ import h5py
 import numpy as np
 import pytest
 
+from fedmpi.engine.checkpoint import read_checkpoint_file
+from fedmpi.engine.state_file import write_state
 from helpers import (BATCH_SCRIPT, TINY, Streaming, assert_same_metrics, fedmpi, mlp_parameter_count,
                      needs_mpiexec, read_results, same_bits, selected_clients, write_config)
 
@@ -415,8 +417,7 @@ def killed(work, tiny_cfg):
 def test_sigkill_leaves_a_readable_partial_file_and_a_checkpoint(killed, uninterrupted):
     ckpt = killed.with_suffix(".ckpt")
     assert ckpt.exists()
-    with open(ckpt, "rb") as f:
-        checkpoint_round = pickle.load(f)["round"]
+    checkpoint_round = read_checkpoint_file(ckpt)["round"]
     assert 2 <= checkpoint_round < 6
     partial = read_results(killed)
     assert "finished" not in partial["attrs"]
@@ -457,8 +458,7 @@ def test_sigterm_checkpoints_exits_75_and_resume_matches(work, tiny_cfg, uninter
     assert rc == 75, stderr
     assert ckpt.exists()
     assert "resume with --resume" in stderr
-    with open(ckpt, "rb") as f:
-        checkpoint_round = pickle.load(f)["round"]
+    checkpoint_round = read_checkpoint_file(ckpt)["round"]
     partial = read_results(out)
     assert "finished" not in partial["attrs"]
     # the round in progress was finished, written and checkpointed
@@ -485,8 +485,10 @@ def test_corrupt_checkpoint_given_to_resume_exits_2_naming_it(work, tiny_cfg, da
     ckpt = out.with_suffix(".ckpt")
     with h5py.File(out, "r+") as f:      # pretend the run was cut short after round 1
         del f.attrs["finished"]
-    good = pickle.dumps({"round": 1, "totals": {}, "client_states": {}, "known_masks": {}, "algorithm": {},
-                         "config_identity": ""})
+    good = io.BytesIO()
+    write_state(good, {"totals": {}, "client_states": {}, "known_masks": {}, "algorithm": {}},
+                {"round": 1, "config_identity": ""})
+    good = good.getvalue()
     ckpt.write_bytes(good[: len(good) // 2] if damage == "truncated" else b"not a checkpoint at all")
     proc, _ = fedmpi(["run", str(tiny_cfg), "--out", str(out), "--quiet", "--set", "rounds=2", "--resume"],
                      timeout=120)
@@ -529,8 +531,7 @@ def test_full_disk_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(wo
         assert proc.returncode == 1, proc.stderr[-2000:]
         assert "cannot write" in proc.stderr and str(mount) in proc.stderr, proc.stderr[-2000:]
         failed = int(re.search(r"cannot write (?:the checkpoint of )?round (\d+)", proc.stderr).group(1))
-        with open(out.with_suffix(".ckpt"), "rb") as f:    # the last good checkpoint, whole
-            kept = pickle.load(f)["round"]
+        kept = read_checkpoint_file(out.with_suffix(".ckpt"))["round"]   # the last good checkpoint, whole
         assert 1 <= kept == failed - 1, (kept, proc.stderr[-500:])
         assert not out.with_suffix(".ckpt.tmp").exists()
     finally:

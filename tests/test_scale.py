@@ -19,13 +19,13 @@ start of 8 interpreters with torch: about as long as the rest of this module).
 """
 from __future__ import annotations
 
-import pickle
 import re
 import signal
 
 import numpy as np
 import pytest
 
+from fedmpi.engine.checkpoint import read_checkpoint_file
 from helpers import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, write_config
 
 pytestmark = pytest.mark.slow     # one module fixture: four runs of 1,000 clients, up to 8 ranks
@@ -75,8 +75,7 @@ def scale(tmp_path_factory):
         pytest.fail("the run finished before SIGTERM; make rounds slower")
     run.proc.send_signal(signal.SIGTERM)        # mpiexec passes it on to every rank
     rc, stderr = run.finish(timeout=120)
-    with open(out.with_suffix(".ckpt"), "rb") as f:
-        checkpoint_round = pickle.load(f)["round"]
+    checkpoint_round = read_checkpoint_file(out.with_suffix(".ckpt"))["round"]
     runs["terminated"] = {"rc": rc, "stderr": stderr, "checkpoint_round": checkpoint_round,
                           "results": read_results(out)}
 

@@ -22,7 +22,7 @@ import yaml
 
 from slurm_cluster import SlurmCluster, unavailable_reason
 
-from fedmpi.campaigns import load_campaign
+from fedmpi.campaigns import load_campaign, run_name
 from fedmpi.results import run_status
 
 pytestmark = pytest.mark.slurm
@@ -176,7 +176,8 @@ def test_dependent_array_job_waits_for_its_producers_and_takes_their_final_densi
                                                                                  tmp_path):
     """IMP takes SNIP's final density (from_run): a second array job, --dependency=afterok on the
     SNIP tasks; each IMP task reads the value of its seed when it starts. A producer that fails
-    (snip.density 0: exit 2) gets its dependents cancelled (--kill-on-invalid-dep)."""
+    (its data directory is missing: exit 2 when it starts; its config passes the sweep's check)
+    gets its dependents cancelled (--kill-on-invalid-dep)."""
     spec = yaml.safe_load(TINY_CAMPAIGN.read_text())
     del spec["grid"]
     take = {"from_run": "algorithm=snip_snip.density=0.3", "column": "density"}
@@ -198,9 +199,11 @@ def test_dependent_array_job_waits_for_its_producers_and_takes_their_final_densi
         with h5py.File(tmp_path / "results" / f"algorithm=imp_imp.every=1_imp.prunes=1_seed={seed}.h5") as f:
             assert json.loads(f.attrs["config"])["imp"]["density"] == density
 
+    no_data = {"data.name": "fashion_mnist", "data.partition": "iid", "data.root": "/nonexistent"}
     spec.update(name="depends-failed", results_dir="failed", seeds=[0], runs=[
-        {"algorithm": "imp", "imp.density": {**take, "from_run": "algorithm=snip_snip.density=0"}},
-        {"algorithm": "snip", "snip.density": 0}])
+        {"algorithm": "imp", "imp.density": {**take, "from_run": run_name(
+            {"algorithm": "snip", "snip.density": 0.3, **no_data})}},
+        {"algorithm": "snip", "snip.density": 0.3, **no_data}])
     campaign_file.write_text(yaml.safe_dump(spec))
     failed = sweep(cluster, campaign_file, "--slurm", "--wait")
     assert failed.returncode == 1, failed.stdout

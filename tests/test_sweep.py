@@ -335,7 +335,9 @@ def dependent_campaign(tmp_path, **spec) -> Path:
     """SNIP (listed first) takes PruneFL's final density; FedAvg is independent."""
     runs = [{"algorithm": "snip", "snip.density": FROM_PRUNEFL}, {"algorithm": "fedavg"},
             {"algorithm": "prunefl"}]
-    return write_campaign(tmp_path, **{"seeds": [0, 1], "runs": runs, **spec})
+    # the sweep validates every run's config: PruneFL's 2 rounds need a reconfiguration every round
+    config = {**TINY_CONFIG, "prunefl": {"reconfigure_every": 1}}
+    return write_campaign(tmp_path, **{"config": config, "seeds": [0, 1], "runs": runs, **spec})
 
 
 def final_density(path: Path) -> float:

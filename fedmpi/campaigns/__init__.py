@@ -1,7 +1,8 @@
 """Experiment campaigns: expand a campaign file into named runs (:mod:`.campaign`; a run may take
 a value from another run, :mod:`.depends`), then list them or run the missing ones here under
 ``mpiexec`` (:mod:`.local`), or submit them as SLURM array jobs (:mod:`.slurm`); ``fedmpi sweep``
-is the command line over them (:mod:`.cli`)."""
+is the command line over them (:mod:`.cli`). Before any of that, every run's config is validated
+(:mod:`.validate`) and every value bound for a job is checked (:mod:`.checks`)."""
 from fedmpi.campaigns.campaign import (
     MAX_NAME_LENGTH,
     Campaign,

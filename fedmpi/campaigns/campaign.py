@@ -26,6 +26,8 @@ attribute; finished runs are never started again.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import itertools
 import json
@@ -35,13 +37,15 @@ from pathlib import Path
 
 import yaml
 
+from fedmpi.campaigns.checks import check_overrides, text, word
 from fedmpi.campaigns.depends import Input, has_reference, link, split_references
 from fedmpi.config import flatten
 from fedmpi.errors import ConfigError
 
 # The directory holding the fedmpi package: the ranks import it from there (it need not be installed).
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEMPLATE = PACKAGE_ROOT / "jobs" / "fedmpi-array.sbatch"
+# Package data (pyproject.toml), so an installed fedmpi has it too; jobs/ in a checkout links here.
+DEFAULT_TEMPLATE = PACKAGE_ROOT / "fedmpi" / "jobs" / "fedmpi-array.sbatch"
 CAMPAIGN_KEYS = {"name", "base", "config", "set", "ranks", "seeds", "grid", "runs", "results_dir",
                  "slurm"}
 # Long names are cut and made unique with a hash: file systems limit a name to 255 bytes.
@@ -219,7 +223,13 @@ def _slurm_settings(block, campaign_dir: Path) -> SlurmSettings:
     for key in ("modules", "extra_sbatch"):
         if not isinstance(getattr(settings, key), list):
             raise ConfigError(f"slurm.{key}", "must be a list")
-    settings.time = str(settings.time)
+    # each reaches the job script: an #SBATCH line, or the settings block the shell reads
+    for key in ("partition", "account", "time", "srun_mpi"):
+        if getattr(settings, key) is not None:
+            setattr(settings, key, text(getattr(settings, key), f"slurm.{key}"))
+    settings.modules = [word(m, f"slurm.modules[{i}]") for i, m in enumerate(settings.modules)]
+    settings.extra_sbatch = [text(d, f"slurm.extra_sbatch[{i}]")
+                             for i, d in enumerate(settings.extra_sbatch)]
     settings.template = (campaign_dir / settings.template).resolve()
     return settings
 
@@ -249,7 +259,7 @@ def load_campaign(path, results_dir=None) -> Campaign:
                                   "(an inline mapping)")
     base = inline = None
     if "base" in spec:
-        base = (here / str(spec["base"])).resolve()
+        base = Path(text(str((here / text(spec["base"], "base")).resolve()), "base"))
         if not base.is_file():
             raise ConfigError("base", f"config file {base} does not exist")
     else:
@@ -265,11 +275,19 @@ def load_campaign(path, results_dir=None) -> Campaign:
                                      "entry: the run that takes it")
 
     if results_dir is not None:
-        results = Path(results_dir).resolve()
+        results = Path(text(os.fspath(results_dir), "--results-dir")).resolve()
     elif "results_dir" in spec:
-        results = (here / str(spec["results_dir"])).resolve()
+        results = (here / text(spec["results_dir"], "results_dir")).resolve()
     else:
         results = (Path.cwd() / "results" / name).resolve()
+    # the run's results file is a field of the task table, the slurm/ directory an #SBATCH line
+    text(str(results), "--results-dir" if results_dir is not None else "results_dir")
+    check_overrides("set", flatten(common))
+    for block in ("grid", "runs"):
+        entries = spec.get(block) or []
+        for entry in entries if isinstance(entries, list) else [entries]:
+            if isinstance(entry, dict):
+                check_overrides(block, flatten(entry))
 
     runs, overrides_by_name, references, point_names, seeds = [], {}, {}, {}, {}
     for overrides in expand_overrides(spec.get("grid"), spec.get("runs"), spec.get("seeds")):

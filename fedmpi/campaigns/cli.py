@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 from fedmpi.campaigns.campaign import load_campaign, positive_int
+from fedmpi.campaigns.checks import text
 from fedmpi.campaigns.local import list_runs, missing_runs, run_local
 from fedmpi.campaigns.slurm import submit_slurm
+from fedmpi.campaigns.validate import check_runs
 from fedmpi.errors import FedmpiError
 
 
@@ -38,7 +40,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     slurm.add_argument("--partition")
     slurm.add_argument("--account")
     slurm.add_argument("--time", help="time limit per run, e.g. 02:00:00")
-    slurm.add_argument("--template", help="sbatch template (default jobs/fedmpi-array.sbatch)")
+    slurm.add_argument("--template", help="sbatch template (default: the package's "
+                                          "fedmpi/jobs/fedmpi-array.sbatch)")
     slurm.add_argument("--wait", action="store_true",
                        help="block until the array job(s) have ended; exit 0 if every run finished")
     slurm.add_argument("--dry-run", action="store_true",
@@ -57,9 +60,11 @@ def sweep_main(args: argparse.Namespace) -> int:
             campaign.ranks = positive_int(args.ranks, "--ranks")
         for flag in ("partition", "account", "time"):
             if getattr(args, flag):
-                setattr(campaign.slurm, flag, getattr(args, flag))
+                setattr(campaign.slurm, flag, text(getattr(args, flag), f"--{flag}"))
         if args.template:
             campaign.slurm.template = Path(args.template).resolve()
+        # every run's config, before anything is listed, written or started
+        check_runs(campaign)
 
         if args.list:
             return list_runs(campaign)

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmpi.campaigns.checks import word
 from fedmpi.errors import ConfigError, DataError
 
 FROM_RUN, COLUMN = "from_run", "column"
@@ -66,7 +67,8 @@ def split_references(overrides: dict) -> tuple[dict, dict[str, tuple[str, str]]]
             if not isinstance(parts.get(part), str) or not parts[part]:
                 raise ConfigError(f"{base}.{part}", f"must be a non-empty string, got "
                                                     f"{parts.get(part)!r}")
-        references[base] = (parts[FROM_RUN], parts[COLUMN])
+        # the column goes into the task table as one word of KEY=<final COLUMN of FILE>
+        references[base] = (parts[FROM_RUN], word(parts[COLUMN], f"{base}.{COLUMN}"))
     return own, references
 
 

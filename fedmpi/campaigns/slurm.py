@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from fedmpi.campaigns.campaign import PACKAGE_ROOT, Campaign, Run
+from fedmpi.campaigns.checks import CONTROL, sbatch_value, shown, text
 from fedmpi.campaigns.depends import levels
 from fedmpi.campaigns.local import missing_runs, mpiexec_path
 from fedmpi.errors import ConfigError
@@ -74,6 +75,7 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
     for the runs that can start now, then one per step of ``from_run`` dependencies."""
     settings = campaign.slurm
     job_name = f"fedmpi-{campaign.name}"
+    _check_job_values()
     if not dry_run and not force:
         queued = _queued_jobs(job_name)
         if queued:
@@ -89,8 +91,9 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
     if any(run.inputs for run in runs) and RESOLVE_STEP not in template:
         raise ConfigError("slurm.template", f"{settings.template} cannot start a run that takes a "
                                             f"value from another run (from_run): it lacks the "
-                                            f"step of jobs/fedmpi-array.sbatch calling python -m "
-                                            f"{RESOLVE_STEP}")
+                                            f"step of fedmpi/jobs/fedmpi-array.sbatch calling "
+                                            f"python -m {RESOLVE_STEP}")
+    render_sbatch(template, [], {})   # a template it cannot fill in fails before anything is written
 
     level = levels(runs)
     groups = [[run for run in runs if level[run.name] == k] for k in range(max(level.values()) + 1)]
@@ -151,6 +154,20 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
     return 0 if not left else 1
 
 
+def _check_job_values() -> None:
+    """The job's values that come from here, not from the campaign (whose values are checked
+    when it is loaded): none may hold a control character (:mod:`.checks`)."""
+    cwd = str(Path.cwd())
+    if CONTROL.search(cwd):
+        raise ConfigError("--chdir", f"the directory the sweep runs in, '{shown(cwd)}', holds a "
+                                     f"control character; it is the job's working directory "
+                                     f"(#SBATCH --chdir): run the sweep from a directory "
+                                     f"without one")
+    text(mpiexec_path(), "MPIEXEC")
+    text(sys.executable, "FEDMPI_PYTHON")
+    text(str(PACKAGE_ROOT), "FEDMPI_ROOT")
+
+
 def _write_table(campaign: Campaign, runs: list[Run], table: Path) -> None:
     with table.open("w") as out:
         out.write("# run name\tresults file\toverrides (key=value, one per field; "
@@ -164,14 +181,17 @@ def _write_script(campaign: Campaign, template: str, script: Path, table: Path, 
                   job_name: str, job_dir: Path) -> None:
     settings = campaign.slurm
     throttle = f"%{settings.max_parallel}" if settings.max_parallel else ""
+    # values that may hold spaces, quotes or # are quoted for sbatch; extra_sbatch is the
+    # user's own directives, written as given
     directives = [f"--job-name={job_name}", f"--array=0-{tasks - 1}{throttle}",
                   f"--ntasks={campaign.ranks}", f"--cpus-per-task={settings.cpus_per_task}",
-                  f"--time={settings.time}", f"--output={job_dir}/%A_%a.out",
-                  f"--chdir={Path.cwd()}"]
+                  f"--time={sbatch_value(settings.time)}",
+                  f"--output={sbatch_value(f'{job_dir}/%A_%a.out')}",
+                  f"--chdir={sbatch_value(str(Path.cwd()))}"]
     if settings.partition:
-        directives.append(f"--partition={settings.partition}")
+        directives.append(f"--partition={sbatch_value(settings.partition)}")
     if settings.account:
-        directives.append(f"--account={settings.account}")
+        directives.append(f"--account={sbatch_value(settings.account)}")
     if settings.gpus_per_task:
         directives.append(f"--gpus-per-task={settings.gpus_per_task}")
     directives += settings.extra_sbatch

@@ -21,6 +21,27 @@ from .keys import flatten, get_dotted, merge, parse_override, set_dotted
 from .validation import validate
 
 
+class ConfigFileError(ConfigError):
+    """A config file that cannot be read or parsed: the message names the file, not a key (exit 2)."""
+
+    def __init__(self, path, problem: str):
+        self.key, self.problem = str(path), problem
+        Exception.__init__(self, f"{path}: {problem}")
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one sentence with the 1-based line and column of the problem (its own text
+    names a "<unicode string>" instead of the file)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} started at line {context_mark.line + 1}, column {context_mark.column + 1})"
+    hint = "indent with spaces, YAML does not allow tabs" if "'\\t'" in problem else "fix the syntax there"
+    return f"not valid YAML{where}: {problem}; {hint}"
+
+
 def _chosen(sources: list[dict], overrides: list[tuple[str, object]], key: str):
     """The value of dotted ``key`` that the sources give, last one winning, or None (before
     merging: it decides which plug-in, and so which config section, the merge needs)."""
@@ -81,13 +102,13 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: di
         try:
             text = path.read_text()
         except OSError as exc:
-            raise ConfigError(str(path), f"cannot read config file: {exc.strerror}") from None
+            raise ConfigFileError(path, f"cannot read the config file ({exc.strerror})") from None
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"not valid YAML: {exc}") from None
+            raise ConfigFileError(path, _yaml_problem(exc)) from None
         if not isinstance(loaded, dict):
-            raise ConfigError(str(path), "must be a YAML mapping of config keys")
+            raise ConfigFileError(path, "not a YAML mapping of config keys (`key: value` lines)")
     parsed = [parse_override(text) for text in overrides]
     names = _resolve_plugins([DEFAULTS, loaded, extra or {}], parsed)
     tree = defaults(names["algorithm"])
@@ -102,5 +123,5 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, extra: di
     return validate(cfg, tree)
 
 
-__all__ = ["DEFAULTS", "PARTITIONS", "defaults", "flatten", "get_dotted", "load_config", "parse_override",
-           "plugin_provenance", "set_dotted", "validate"]
+__all__ = ["ConfigFileError", "DEFAULTS", "PARTITIONS", "defaults", "flatten", "get_dotted", "load_config",
+           "parse_override", "plugin_provenance", "set_dotted", "validate"]

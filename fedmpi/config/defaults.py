@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     # wait: sleep (wait on MPI without spinning a core) or spin (MPI's own busy-poll);
     # share_data: one rank per node reads the dataset into MPI shared memory for all of them
     "mpi": {"wait": "sleep", "share_data": True},
-    "output": {"progress": "auto"},  # auto: a bar on a terminal, quiet in batch logs; true: a line per round
+    "output": {"progress": "auto"},  # auto: a bar on a terminal, lines in batch logs; true: a line per round
 }
 
 # Keys whose value may be one of several types.

@@ -2,18 +2,20 @@
 
 A checkpoint holds everything the server carries across rounds: the round number, cumulative
 counters, every client's device state and last-known masks, and the algorithm's ``state_dict()``.
-There is no RNG state: every draw is re-derived from (seed, round, client). It is written to a
-temporary file, fsynced and renamed, so a kill leaves the old checkpoint or the new one.
+There is no RNG state: every draw is re-derived from (seed, round, client). The file is data only
+(``state_file``: arrays and JSON in an ``.npz``), so reading one cannot run code. It is written to
+a temporary file, fsynced and renamed, so a kill leaves the old checkpoint or the new one.
 """
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, OutputError
 from ..results import config_identity
+from ..results.writer import identity_differences
+from .state_file import PickleFileError, StateFileError, read_state, write_state
 
 
 @dataclass
@@ -36,39 +38,66 @@ class ServerState:
 
 
 def write_checkpoint(path: Path, state: ServerState, algorithm_state: dict, cfg: dict) -> None:
-    payload = {
-        "round": state.round,
-        "totals": vars(state.totals),
-        "client_states": state.client_states,
-        "known_masks": state.known_masks,
-        "algorithm": algorithm_state,
-        "config_identity": config_identity(cfg),
-    }
+    """Write the checkpoint atomically. State of a type a checkpoint cannot hold raises
+    ``StateTypeError`` naming where it is (a programming error in the algorithm)."""
+    header = {"round": state.round, "config_identity": config_identity(cfg)}
+    tree = {"totals": vars(state.totals), "client_states": state.client_states,
+            "known_masks": state.known_masks, "algorithm": algorithm_state}
     tmp = path.with_suffix(".ckpt.tmp")
     try:
         with open(tmp, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            write_state(f, tree, header)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic: a kill or a full disk leaves the old checkpoint or the new one
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         kept = "the previous checkpoint is intact" if path.exists() else "no checkpoint was written yet"
-        raise OutputError(path, f"cannot write the checkpoint of round {state.round} ({exc.strerror}); {kept}") from None
+        raise OutputError(path, f"cannot write the checkpoint of round {state.round} ({exc.strerror}); "
+                          f"{kept}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint_file(path: Path) -> dict:
+    """The checkpoint's contents (``round``, ``config_identity``, ``totals``, ``client_states``,
+    ``known_masks``, ``algorithm``); one that cannot be read is bad input (``ConfigError``, exit 2)."""
+    try:
+        header, tree = read_state(path)
+        contents = {"round": int(header["round"]), "config_identity": str(header["config_identity"]),
+                    **{key: tree[key] for key in ("totals", "client_states", "known_masks", "algorithm")}}
+        RoundTotals(**contents["totals"])
+    except PickleFileError:
+        raise ConfigError("--resume", f"checkpoint {path} was written by an older fedmpi in pickle format, "
+                          "which fedmpi no longer loads (loading a pickle can run code); remove it and "
+                          "rerun with --force to start the run over") from None
+    except StateFileError as exc:
+        reason = str(exc)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - a well-formed file without the checkpoint's parts
+        reason = f"{type(exc).__name__}: {exc}"
+    else:
+        return contents
+    raise ConfigError("--resume", f"checkpoint {path} is truncated or corrupt ({reason}); remove it and rerun "
+                      "with --force to start over, or restore it") from None
+
+
+def checked_checkpoint(path: Path, cfg: dict) -> dict:
+    """``read_checkpoint_file``, refused (exit 2) unless it was written by a run of ``cfg``."""
+    contents = read_checkpoint_file(path)
+    requested = config_identity(cfg)
+    if contents["config_identity"] != requested:
+        raise ConfigError("--resume", f"checkpoint {path} was written by a run with a different config ("
+                          f"{identity_differences(contents['config_identity'], requested)}); resume with the "
+                          "config it was written with, or pass --force to start over")
+    return contents
 
 
 def read_checkpoint(path: Path, cfg: dict) -> tuple[ServerState, dict]:
-    """(server state, algorithm state); a corrupt file or another run's is bad input (exit 2)."""
-    try:
-        with open(path, "rb") as f:
-            payload = pickle.load(f)
-        state = ServerState(payload["round"], RoundTotals(**payload["totals"]), payload["client_states"],
-                            payload["known_masks"])
-        algorithm_state, identity = payload["algorithm"], payload["config_identity"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
-        raise ConfigError("--resume", f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}); "
-                          "remove it and rerun without --resume, or restore it") from None
-    if identity != config_identity(cfg):
-        raise ConfigError("--resume", f"{path} was written by a run with a different config; remove it or "
-                          "resume with the same config")
-    return state, algorithm_state
+    """(server state, algorithm state) from the checkpoint of a run of ``cfg``."""
+    contents = checked_checkpoint(path, cfg)
+    state = ServerState(contents["round"], RoundTotals(**contents["totals"]), contents["client_states"],
+                        contents["known_masks"])
+    return state, contents["algorithm"]

@@ -56,11 +56,13 @@ class Server:
         ctx, cfg, run = self.ctx, self.ctx.cfg, self.run
         algorithm = self.algorithm
         extra = {"extra_round_fields": algorithm.round_columns(), "extra_client_fields": algorithm.client_columns()}
-        if resume and run.checkpoint_path.exists():
+        if resume:   # rank 0 found a checkpoint of this config beside a file of it (engine.out_decision)
             state, algorithm_state = read_checkpoint(run.checkpoint_path, cfg)
             algorithm.load_state_dict(algorithm_state)
             writer = ResultsWriter(run.out_path, {}, resume_rounds=state.round, **extra)
         else:
+            # a checkpoint left here belongs to the run being replaced: resuming it later would mix runs
+            run.checkpoint_path.unlink(missing_ok=True)
             state = ServerState()
             algorithm.init_server(ctx.initial_weights, rng.generator(cfg["seed"], rng.SERVER))
             versions, version, commit = attrs_extra

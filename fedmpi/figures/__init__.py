@@ -28,26 +28,31 @@ changes the caller's pyplot backend.
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
+from fedmpi.errors import DataError
 from fedmpi.figures.common import algorithm_figures, color, file_stem
 from fedmpi.figures.common import draw as draw_common
 from fedmpi.figures.perf import draw_perf
-from fedmpi.results import RunGroup, group_runs, read_runs, summarize_table
+from fedmpi.results import RunGroup, group_runs, read_runs, summarize_table, unreadable_message
 
 
 def draw_all(results_dir, plots_dir) -> list[Path]:
-    """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths."""
+    """Draw every figure and table from ``results_dir/*.h5`` into ``plots_dir``; return the paths.
+    ``DataError`` naming the files when there are some and none is readable; unreadable files
+    beside readable ones are left out and named on stderr."""
     results_dir, plots_dir = Path(results_dir), Path(plots_dir)
     draw_perf(results_dir, plots_dir)   # make bench-perf's figures (results/perf/*.json), with or without runs
     if not results_dir.is_dir() or not any(results_dir.rglob("*.h5")):
         print(f"no results in {results_dir}/*.h5 yet: run `make bench` or "
               "`python -m fedmpi run CONFIG.yaml --out results/NAME.h5` first")
         return []
-    runs = read_runs(results_dir)
+    skipped: list[Path] = []
+    runs = read_runs(results_dir, skipped)
     if not runs:
-        print(f"no readable results in {results_dir}/*.h5 (see warnings above)")
-        return []
+        raise DataError(results_dir, f"no readable results file: {unreadable_message(skipped)}; "
+                                     "remove them or point --results at results that `fedmpi run` wrote")
     plots_dir.mkdir(parents=True, exist_ok=True)
 
     written: list[Path] = []
@@ -70,6 +75,9 @@ def draw_all(results_dir, plots_dir) -> list[Path]:
 
     for path in written:
         print(f"wrote {path}")
+    if skipped:  # after the "wrote" lines, where it is seen
+        print(f"fedmpi: the figures leave out {len(skipped)} unreadable file(s): {unreadable_message(skipped)}",
+              file=sys.stderr)
     return written
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
 from fedmpi.results import RunGroup, budget_summary, budget_table, column_families, family_member, mask_table
 
@@ -95,7 +96,9 @@ def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> l
             print(f"skipped {path}: no group has data for it")
 
     path = plots_dir / f"{stem}_algorithm_columns.png"
-    if _draw_algorithm_columns(path, f"{experiment}: algorithm-declared columns vs round", groups, colors):
+    fig = algorithm_columns_figure(f"{experiment}: algorithm-declared columns vs round", groups, colors)
+    if fig is not None:
+        fig.savefig(path)
         written.append(path)
 
     table_path = plots_dir / f"{stem}_budget_table.md"
@@ -156,6 +159,8 @@ def _draw_figure(path: Path, title: str, groups, colors, x_name, x_label, panels
             ax.axvline(2 * budget, color="0.4", linestyle=":", linewidth=0.9, label="2B")
         ax.set_xlabel(x_label)
         ax.set_ylabel(y_label)
+        if x_name == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0] and not crowded:
             ax.legend(fontsize="small")
@@ -195,19 +200,24 @@ def _plot_group(ax, runs, group: RunGroup, color, x_name: str, metric: str, *, b
 
 # --------------------------------------------------------------------------- algorithm-declared columns
 
-def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
-    """The per-round columns the groups' algorithms declared, vs round: a panel per family.
+def algorithm_columns_figure(title: str, groups, colors) -> Figure | None:
+    """The per-round columns the groups' algorithms declared, vs round: a panel per family, its y
+    axis labelled with the column and its values written out in full (no offset: the columns are
+    often near-constant, and an axis reading "1e-5 + 1.999e-1" hides the value).
 
     A plain column gets a line per group (mean over seeds, min–max band). A per-layer family
     ``x[layer]`` gets a line per layer and group, drawn from the group's first seed only (a band
     per layer would bury the lines); layers differ in colour, groups in line style. Per-layer
     panels are left out when more than ``MAX_GROUPS_PER_LAYER_PANEL`` groups share the figure.
-    False (nothing written) when no run declared a column.
+    None when no run declared a column.
     """
     families: dict[str, list[str]] = {}
+    counts: set[str] = set()   # integer columns: their panels get integer y ticks
     for group in groups:
         for run in group.runs:
-            for family, members in column_families(run.extra_fields("rounds")).items():
+            fields = run.extra_fields("rounds")
+            counts |= {name for name, dtype in fields.items() if np.dtype(dtype).kind in "iub"}
+            for family, members in column_families(fields).items():
                 known = families.setdefault(family, [])
                 known += [m for m in members if m not in known]
     # a plain column named like a per-layer family (``mask_changed`` beside ``mask_changed[fc1]``)
@@ -219,7 +229,7 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
     if len(groups) > MAX_GROUPS_PER_LAYER_PANEL:   # a line per layer and group would be unreadable
         families = {f: m for f, m in families.items() if not any("[" in n for n in m)}
     if not families:
-        return False
+        return None
     columns = min(3, len(families))
     rows = math.ceil(len(families) / columns)
     fig = Figure(figsize=(6.2 * columns, 4.6 * rows), dpi=110, layout="constrained")
@@ -246,12 +256,23 @@ def _draw_algorithm_columns(path: Path, title: str, groups, colors) -> bool:
                             linewidth=1.2, label=f"{group.label} seed {first.seed}: {family_member(name)}")
         ax.set_title(f"{family}[layer]" if per_layer else family)
         ax.set_xlabel("round")
+        ax.set_ylabel(f"{family}[layer]" if per_layer else members[0])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_formatter(_plain_formatter())
+        if all(name in counts for name in members):
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="x-small")
     fig.suptitle(f"{title}\n(per-layer panels: first seed of each group; others: {BAND_NOTE})")
-    fig.savefig(path)
-    return True
+    return fig
+
+
+def _plain_formatter() -> ScalarFormatter:
+    """Tick labels that are the values themselves: no offset, no ×10^k multiplier."""
+    formatter = ScalarFormatter(useOffset=False)
+    formatter.set_scientific(False)
+    return formatter
 
 
 # --------------------------------------------------------------------------- styles and names

@@ -10,6 +10,7 @@ from fedmpi.results.reader import (
     family_member,
     read_run,
     read_runs,
+    unreadable_message,
 )
 from fedmpi.results.tables import (
     BudgetRow,
@@ -42,5 +43,5 @@ __all__ = [
     "budget_table", "mask_table", "checkpoint_path", "column_families", "config_identity", "experiment_name",
     "family_member", "format_bytes", "format_seconds", "group_key", "group_runs", "info_text",
     "markdown_table", "mean_std", "now_iso", "read_run", "read_runs", "run_attrs", "run_status",
-    "summarize_table",
+    "summarize_table", "unreadable_message",
 ]

@@ -187,11 +187,11 @@ def read_run(path) -> RunResult:
                      rounds=rounds, attrs=attrs, clients=clients)
 
 
-def read_runs(directory_or_paths) -> list[RunResult]:
+def read_runs(directory_or_paths, skipped: list | None = None) -> list[RunResult]:
     """Read every ``*.h5`` in a directory (or the given files/directories), sorted by path.
 
     Unreadable files are skipped with a warning on stderr, so one broken file does not stop
-    a summary of the others.
+    a summary of the others; ``skipped``, when given, receives the path of each.
     """
     if isinstance(directory_or_paths, (str, Path)):
         directory_or_paths = [directory_or_paths]
@@ -205,7 +205,18 @@ def read_runs(directory_or_paths) -> list[RunResult]:
             runs.append(read_run(path))
         except DataError as exc:
             print(f"warning: skipping {exc}", file=sys.stderr)
+            if skipped is not None:
+                skipped.append(path)
     return runs
+
+
+def unreadable_message(skipped: list) -> str:
+    """Names the results files that could not be read (their reasons are in the warnings printed
+    while reading)."""
+    if not skipped:
+        return "no *.h5 results file there"
+    names = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+    return f"could not read {names} (reasons above)"
 
 
 def _open_for_reading(path: Path):

@@ -94,6 +94,16 @@ def config_identity(cfg: dict) -> str:
     return json.dumps(identity_settings(cfg), sort_keys=True)
 
 
+def identity_differences(stored: str, requested: str, limit: int = 4) -> str:
+    """Where two :func:`config_identity` strings differ, as ``key: stored → requested`` (the first
+    ``limit`` keys, then how many more); empty when they agree."""
+    old, new = json.loads(stored), json.loads(requested)
+    show = lambda settings, key: json.dumps(settings[key]) if key in settings else "(absent)"  # noqa: E731
+    keys = sorted(k for k in old.keys() | new.keys() if show(old, k) != show(new, k))   # 1 and 1.0 differ
+    text = "; ".join(f"{k}: {show(old, k)} → {show(new, k)}" for k in keys[:limit])
+    return text + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def checkpoint_path(results: str | Path) -> Path:
     """The checkpoint of a run lives beside its results file."""
     return Path(results).with_suffix(".ckpt")
