@@ -115,7 +115,7 @@ def _installed_results(project: Path, venv: Path) -> tuple[list[str], Path]:
     if run.returncode != 0:
         return [f"fedmpi run: exit {run.returncode}\n{run.stderr[-3000:]}"], out
     info = _run([fedmpi, "info", out], project, env=_clean_env())
-    if info.returncode != 0 or "tiny.h5" not in info.stdout:
+    if info.returncode != 0 or "tiny.h5" not in info.stdout or "(installed)" not in info.stdout:
         problems.append(f"fedmpi info: exit {info.returncode}\n{info.stdout}{info.stderr[-3000:]}")
     plots = _run([fedmpi, "plots", "--results", "results", "--plots", "plots"], project,
                  env=_clean_env())

@@ -92,7 +92,7 @@ def info_text(path) -> str:
                  f"modelled {format_seconds(run.final('cum_sim_seconds'))}"),
         ("rank-0 memory", peak_rss_text(run)),
         ("mpi_size", str(run.attrs.get("mpi_size", "?"))),
-        ("fedmpi", f"{run.attrs.get('fedmpi_version', '?')} (git {run.attrs.get('git_commit', '?')})"),
+        ("fedmpi", _fedmpi_version(run.attrs)),
         ("versions", str(versions) if versions else "not recorded"),
         ("plug-ins", plugins_text(run.attrs.get("plugins"))),
     ]
@@ -184,3 +184,9 @@ def _format_value(value: float) -> str:
     if math.isnan(value):
         return "—"
     return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
+
+
+def _fedmpi_version(attrs) -> str:
+    """``0.1.0 (git abc123…)`` for a run from fedmpi's checkout, ``0.1.0 (installed)`` otherwise."""
+    version, commit = attrs.get("fedmpi_version", "?"), str(attrs.get("git_commit", "?"))
+    return f"{version} (installed)" if commit.startswith("installed") else f"{version} (git {commit})"
