@@ -300,3 +300,15 @@ def test_a_hundred_runs_are_checked_without_building_data_or_models(tmp_path, mo
     assert sweep(str(path), "--list") == 2
     err = capsys.readouterr().err
     assert "run local.lr=0.5_rounds=0_seed=0" in err and "10 of 120 runs" in err
+
+
+def test_a_malformed_base_config_is_named_once_as_the_file_not_as_each_runs_key(tmp_path, capsys):
+    """Every run loads the same broken file: the message is the YAML error with the file's path,
+    line and column, not "config key '<file>': run …" for some run."""
+    base = tmp_path / "base.yaml"
+    base.write_text("rounds: [1, 2\n")
+    path = write_campaign(tmp_path, config=None, base=base.name, seeds=[0, 1])
+    assert sweep(str(path), "--list") == 2
+    err = capsys.readouterr().err
+    assert f"{base}: not valid YAML at line 2, column 1" in err
+    assert "config key" not in err and "run " not in err

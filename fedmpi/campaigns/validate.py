@@ -8,7 +8,7 @@ import copy
 from dataclasses import replace
 
 from fedmpi.campaigns.campaign import Campaign, Run
-from fedmpi.config import get_dotted, load_config
+from fedmpi.config import ConfigFileError, get_dotted, load_config
 from fedmpi.errors import ConfigError
 
 # Runs named in the message when several fail
@@ -22,6 +22,8 @@ def check_runs(campaign: Campaign) -> None:
     for run in campaign.runs:
         try:
             _load(campaign, run, _stand_ins(campaign, run))
+        except ConfigFileError:
+            raise   # the campaign's config file itself: its own message names the file and line
         except ConfigError as err:
             failed.append((run, err))
     if not failed:
