@@ -189,7 +189,7 @@ def _sbatch_options(script: Path, directory: Path) -> dict[str, str]:
     """The options sbatch itself reads from the script's #SBATCH lines: ``sbatch -vv --test-only``
     prints them before it tries to reach a controller (none here, so it then fails)."""
     conf = directory / "slurm.conf"
-    conf.write_text("ClusterName=probe\nSlurmctldHost=localhost\n"
+    conf.write_text("ClusterName=probe\nSlurmctldHost=localhost\nMessageTimeout=1\n"
                     "NodeName=localhost CPUs=1 State=UNKNOWN\nPartitionName=debug Nodes=localhost\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
     env["SLURM_CONF"] = str(conf)
@@ -214,18 +214,27 @@ def test_sbatch_reads_each_directive_as_written(tmp_path, monkeypatch):
     workdir = tmp_path / "work dir #1"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
-    results = tmp_path / "my results #1"
+    results = tmp_path / "my results #1 at 100%j"    # % stays itself: sbatch's %% in --output
     path = write_campaign(tmp_path, results_dir=str(results),
                           slurm={"partition": "debug", "account": "proj \"#2\"", "time": "00:30:00"})
     assert sweep(str(path), "--slurm", "--dry-run") == 0
     (script,) = (results / "slurm").glob("*.sbatch")
     options = _sbatch_options(script, tmp_path)
-    assert options["output"] == f"{results}/slurm/%A_%a.out"
+    assert options["output"] == f"{results}/slurm/%A_%a.out".replace("100%j", "100%%j")
     assert options["chdir"] == str(workdir)
     assert (options["partition"], options["account"], options["time"]) == \
         ("debug", 'proj "#2"', "00:30:00")
     assert options["requeue"] == "requeue" and options["signal"] == "B:USR1@120"
     assert options["open-mode"] == "a"
+
+
+def test_a_backslash_in_the_results_directory_is_refused_before_anything_is_written(tmp_path):
+    """sbatch fills in no %A/%a in an --output path holding a backslash: every task of the array
+    would append to one log."""
+    results = tmp_path / "res\\ults"
+    path = write_campaign(tmp_path, results_dir=str(results))
+    assert sweep(str(path), "--slurm", "--dry-run") == 2
+    assert not results.exists()
 
 
 # -- 4. every run's config checked before anything runs -----------------------------------------

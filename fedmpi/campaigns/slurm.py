@@ -94,6 +94,11 @@ def submit_slurm(campaign: Campaign, runs: list[Run], wait: bool, dry_run: bool,
                                             f"step of fedmpi/jobs/fedmpi-array.sbatch calling "
                                             f"python -m {RESOLVE_STEP}")
     render_sbatch(template, [], {})   # a template it cannot fill in fails before anything is written
+    if "\\" in str(campaign.results_dir):
+        # sbatch fills in no %A/%a at all in an --output path holding a backslash: every task
+        # would write one file
+        raise ConfigError("results_dir", f"{campaign.results_dir} holds a backslash, which stops SLURM from "
+                                         "naming each task's log (%A_%a.out); choose a path without one")
 
     level = levels(runs)
     groups = [[run for run in runs if level[run.name] == k] for k in range(max(level.values()) + 1)]
@@ -186,7 +191,8 @@ def _write_script(campaign: Campaign, template: str, script: Path, table: Path, 
     directives = [f"--job-name={job_name}", f"--array=0-{tasks - 1}{throttle}",
                   f"--ntasks={campaign.ranks}", f"--cpus-per-task={settings.cpus_per_task}",
                   f"--time={sbatch_value(settings.time)}",
-                  f"--output={sbatch_value(f'{job_dir}/%A_%a.out')}",
+                  # %% is sbatch's literal %: a % of the path itself must not become a pattern
+                  f"--output={sbatch_value(str(job_dir).replace('%', '%%') + '/%A_%a.out')}",
                   f"--chdir={sbatch_value(str(Path.cwd()))}"]
     if settings.partition:
         directives.append(f"--partition={sbatch_value(settings.partition)}")
