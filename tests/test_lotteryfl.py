@@ -260,6 +260,21 @@ def test_personalised_accuracy_beside_the_global_one(runs):
 
 
 @pytest.mark.slow
+def test_best_so_far_is_at_least_each_clients_best_post_training_accuracy(runs):
+    """Each client's best so far is at least every post-training accuracy it reported: the mean
+    over the 8 clients is at least the mean of those maxima (0 for a client not trained yet)."""
+    result = runs(1)
+    rounds, clients = result["rounds"], result["clients"]
+    assert np.all(np.isfinite(clients["post_accuracy"]))
+    for i, r in enumerate(rounds["round"]):
+        best_post = np.zeros(8)
+        so_far = clients["round"] <= r
+        for c, post in zip(clients["client_id"][so_far], clients["post_accuracy"][so_far]):
+            best_post[c] = max(best_post[c], post)
+        assert rounds["personal_accuracy_best"][i] >= best_post.mean() - 1e-12, r
+
+
+@pytest.mark.slow
 def test_bytes_follow_each_clients_own_mask(runs):
     clients = runs(1)["clients"]
     _, model, info = setup()

@@ -164,7 +164,9 @@ def test_time_model_comes_from_fedmpi_timing_and_time_constant_replaces_c0():
 
     _, info = mlp_info()
     cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["prunefl.time_constant=-1"])
-    model = RunTiming.from_config(cfg, info).time_model(None, steps_per_round=5, batch_size=16)
+    # adaptive pruning: the FL rounds' clients compute every weight's gradient, and Γ's model says so
+    model = RunTiming.from_config(cfg, info).time_model(None, steps_per_round=5, batch_size=16,
+                                                        dense_weight_gradients=True)
     ours = round_time_model(cfg, info, 5)
     assert ours.c0 == model.c0 and dict(ours.t) == model.t
     cfg["prunefl"]["time_constant"] = 0.25
@@ -174,8 +176,9 @@ def test_time_model_comes_from_fedmpi_timing_and_time_constant_replaces_c0():
 # ------------------------------------------------------------------------------ config
 def test_public_code_sets_every_deviation_and_defaults_are_the_paper():
     cfg = load_config(None, extra=copy.deepcopy(PF))
+    # ip_data_batches: the authors' IP_DATA_BATCH = 10 is the default (configs/femnist.py, cifar10.py)
     assert (cfg["prunefl"]["ip_accuracy_factor"], cfg["prunefl"]["ip_data_batches"], cfg["prunefl"]["regrow_value"],
-            cfg["prunefl"]["aggregation_weight"]) == (0.0, 0, "zero", "samples")
+            cfg["prunefl"]["aggregation_weight"]) == (0.0, 10, "zero", "samples")
     cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["prunefl.public_code=true"])
     assert (cfg["prunefl"]["ip_accuracy_factor"], cfg["prunefl"]["ip_data_batches"], cfg["prunefl"]["regrow_value"],
             cfg["prunefl"]["aggregation_weight"]) == (1.5, 10, "last", "processed")
@@ -205,11 +208,12 @@ def test_no_reconfiguration_needed_without_adaptive_pruning():
     assert cfg["prunefl"]["adaptive"] is False and cfg["rounds"] == 2
 
 
-@pytest.mark.parametrize("adaptive, uploads", [(True, [3, 5]), (False, [])])
+@pytest.mark.parametrize("adaptive, uploads", [(True, [3]), (False, [])])
 def test_importance_is_uploaded_every_delta_r_fl_rounds_only_with_adaptive_pruning(adaptive, uploads):
     """rounds 5, ΔR = 2: round 1 prunes at one client, FL round = round − 1; importance is uploaded
-    (and the model reconfigured) when the FL round is a multiple of 2: rounds 3 and 5; never without
-    adaptive pruning."""
+    (and the model reconfigured for the next round) when the FL round is a multiple of 2 and a
+    round follows to train the new mask: round 3, not the last round 5; never without adaptive
+    pruning."""
     _, info = mlp_info()
     cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["rounds=5", f"prunefl.adaptive={adaptive}"])
     algorithm = build_algorithm(cfg, info)
@@ -223,7 +227,9 @@ def test_client_accumulates_importance_in_its_state_and_uploads_it_on_the_delta_
     from fedmpi.update import ModelUpdate
 
     model, info = mlp_info()
-    cfg = load_config(None, extra=copy.deepcopy(PF), overrides=["prunefl.initial_pruning=false"])
+    # dense: all n values uploaded (with the default, a dense model uploads none: no pruned weight)
+    cfg = load_config(None, extra=copy.deepcopy(PF),
+                      overrides=["prunefl.initial_pruning=false", "prunefl.importance_upload=dense"])
     algorithm = build_algorithm(cfg, info)
     trainer = LocalTrainer(model, cfg["local"])
     weights = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
@@ -315,17 +321,21 @@ def test_initial_pruning_round_one_client_counted_bytes(runs):
 
 
 @pytest.mark.slow
-def test_importance_upload_is_exactly_4n_bytes_per_client(runs):
+def test_importance_upload_is_4_bytes_per_pruned_weight_per_client(runs):
+    """importance_upload: pruned (the default, the authors' protocol): the extra tensor holds the
+    pruned weights' importance only, 4 bytes each; the server derives the rest from the update."""
     _, res = runs("prunefl")
     rounds, clients = res["rounds"], res["clients"]
     _, info = mlp_info()
-    n = n_params(info)
+    maskable = sum(math.prod(info.shapes[n]) for n in info.maskable)
+    dense = n_params(info) - maskable
     extra_header = HEADER_BYTES_PER_TENSOR + len(IMPORTANCE) + 3 + 4     # unregistered 1-D tensor
     for r in range(2, 8):
         this = clients["round"] == r
-        model_bytes = 4 * int(rounds["active_params"][r - 2])            # the mask after round r − 1
-        upload_round = (r - 1) % 2 == 0                                  # FL round r − 1, ΔR = 2
-        assert np.all(clients["upload_bytes"][this] == model_bytes + (4 * n if upload_round else 0)), r
+        model_bytes = 4 * int(rounds["active_params"][r - 1])            # round r's row: the mask it trained
+        upload_round = (r - 1) % 2 == 0 and r < 7                        # FL round r − 1, ΔR = 2; not the last
+        pruned = maskable - (int(rounds["active_params"][r - 1]) - dense)
+        assert np.all(clients["upload_bytes"][this] == model_bytes + (4 * pruned if upload_round else 0)), r
         assert rounds["reconfigured"][r - 1] == int(upload_round)
         assert rounds["importance_uploads"][r - 1] == (4 if upload_round else 0)
         header = clients["header_bytes"][this]
@@ -342,7 +352,7 @@ def test_download_carries_the_mask_only_when_the_clients_copy_is_older(runs):
     held = {int(clients["client_id"][0]): 1}      # the initial-pruning client made version 1
     for r in range(2, 8):
         this = np.flatnonzero(clients["round"] == r)
-        values = 4 * int(rounds["active_params"][r - 2])
+        values = 4 * int(rounds["active_params"][r - 1])   # round r's row describes the mask it trained
         for row in this:
             c = int(clients["client_id"][row])
             stale = held.get(c) != version[r - 2]
@@ -380,7 +390,9 @@ def test_without_initial_pruning_fl_starts_dense(runs):
 def test_snip_prunes_once_after_the_dense_first_round(runs):
     _, res = runs("snip", 1, ("algorithm=snip", "snip.density=0.3"))
     density = res["rounds"]["density"]
-    assert density[0] == pytest.approx(0.3, abs=1e-4) and np.all(density == density[0])
+    # round 1 is a dense round, and its row describes that model: the mask comes after it
+    assert density[0] == 1.0
+    assert density[1] == pytest.approx(0.3, abs=1e-4) and np.all(density[1:] == density[1])
     # round 1 is a dense round: the uploads are the dense model's
     assert np.all(res["clients"]["upload_bytes"][:4] == 4 * n_params(mlp_info()[1]))
 
@@ -390,7 +402,8 @@ def test_imp_prunes_a_fixed_fraction_every_few_rounds(runs):
     _, res = runs("imp", 1, ("algorithm=imp", "imp.density=0.3", "imp.prunes=3", "imp.every=2"))
     density = res["rounds"]["density"]
     q = 1 - 0.3 ** (1 / 3)
-    expected = [1, (1 - q), (1 - q), (1 - q) ** 2, (1 - q) ** 2, (1 - q) ** 3, (1 - q) ** 3]
+    # pruned after rounds 2, 4, 6; each row describes the mask its round trained
+    expected = [1, 1, (1 - q), (1 - q), (1 - q) ** 2, (1 - q) ** 2, (1 - q) ** 3]
     np.testing.assert_allclose(density, expected, atol=2e-3)
 
 

@@ -256,7 +256,9 @@ def test_method_figures_come_from_the_algorithm_classes():
     def groups(*algorithms):
         return [SimpleNamespace(algorithm=a) for a in algorithms]
 
-    assert figure_modules(groups("fedavg", "snip", "topk_fedavg", "lotteryfl")) == ["prunefl"]
+    assert figure_modules(groups("fedavg", "snip", "topk_fedavg")) == ["prunefl"]
+    # LotteryFL lists its own table after PruneFL's figures (its personalised-accuracy figure is there)
+    assert figure_modules(groups("fedavg", "snip", "topk_fedavg", "lotteryfl")) == ["prunefl", "lotteryfl"]
     assert figure_modules(groups("fedavg", "hypemefed", "heterofl")) == ["heterogeneous"]
     assert figure_modules(groups("imp", "scalefl")) == ["prunefl", "heterogeneous"]
     assert figure_modules(groups("fedavgm", "feddst", "topk_fedavg")) == []

@@ -335,8 +335,9 @@ def dependent_campaign(tmp_path, **spec) -> Path:
     """SNIP (listed first) takes PruneFL's final density; FedAvg is independent."""
     runs = [{"algorithm": "snip", "snip.density": FROM_PRUNEFL}, {"algorithm": "fedavg"},
             {"algorithm": "prunefl"}]
-    # the sweep validates every run's config: PruneFL's 2 rounds need a reconfiguration every round
-    config = {**TINY_CONFIG, "prunefl": {"reconfigure_every": 1}}
+    # the sweep validates every run's config: PruneFL needs a reconfiguration that a later round
+    # trains, so 3 rounds (round 1 prunes initially) and one every FL round
+    config = {**TINY_CONFIG, "rounds": 3, "prunefl": {"reconfigure_every": 1}}
     return write_campaign(tmp_path, **{"config": config, "seeds": [0, 1], "runs": runs, **spec})
 
 
@@ -521,7 +522,7 @@ def test_slurm_template_without_the_resolve_step_is_refused(tmp_path, capsys):
 def test_real_snip_run_prunes_to_the_density_its_prunefl_run_ended_with(tmp_path):
     """End to end, with fedmpi itself: PruneFL, then SNIP to PruneFL's final density."""
     config = {**TINY_CONFIG, "rounds": 3, "eval": {"every": 3},
-              "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10,
+              "prunefl": {"local_steps": 5, "reconfigure_every": 1, "ip_interval": 10,
                           "ip_max_iterations": 60, "ip_patience": 3, "time_constant": 0.05}}
     path = write_campaign(tmp_path, config=config, seeds=[0], runs=[
         {"algorithm": "snip", "snip.density": FROM_PRUNEFL}, {"algorithm": "prunefl"}])

@@ -60,8 +60,9 @@ def _bad_base(tmp_path):
 
 
 FROM_PRUNEFL = {"from_run": "algorithm=prunefl", "column": "density"}
-# PruneFL (adaptive) reconfigures every 5 FL rounds by default; a 2-round run must do it sooner
-PRUNEFL_CONFIG = {**TINY, "rounds": 2, "prunefl": {"reconfigure_every": 1}}
+# PruneFL (adaptive) reconfigures every 5 FL rounds by default, and never after the last round:
+# a 3-round run (round 1 prunes initially) must reconfigure after every FL round
+PRUNEFL_CONFIG = {**TINY, "rounds": 3, "prunefl": {"reconfigure_every": 1}}
 
 # (what the campaign sets, extra command-line arguments, the key the error must name); every value
 # here reaches an #SBATCH line, the task table or the job script's shell commands

@@ -4,7 +4,9 @@ Server side (rank 0):   ``init_server`` → each round: ``select_clients`` → `
                         → (clients train) → ``aggregate`` with the results in client-id order
                         (and, with ``aggregation.where: workers``, the sums the ranks reduced)
                         → ``round_metrics``; on evaluation rounds ``evaluation_models`` →
-                        (every rank evaluates a share) → ``evaluation_metrics``.
+                        (every rank evaluates a share) → ``evaluation_metrics``; then, after
+                        every round but the last, ``prepare_next_round`` (a change for the next
+                        round's download, made after the round's model was evaluated).
 Client side (any rank): ``local_update`` gets a ``ClientTask`` (the decoded download, the client's
                         device-resident state, its data, its RNG seed; where the algorithm
                         declares ``needs_local_test``/``needs_initial_weights``, its local test set
@@ -102,6 +104,9 @@ class Algorithm:
     # ``merge_over_holders``: an element no client holds becomes 0 ("zero") or keeps the server's
     # value ("keep")
     missing = "zero"
+    # what its clients minimise when it is not ``local.loss`` (it passes its own objective to the
+    # trainer); config validation then refuses any local.loss but cross_entropy. None: local.loss
+    own_loss: str | None = None
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
@@ -127,10 +132,23 @@ class Algorithm:
         return ModelUpdate(self.weights, self.masks)
 
     def aggregate(self, round_: int, results: list[ClientResult], sums: RoundSums | None = None) -> None:
-        """Merge the round's results (client-id order) into the server state. ``sums``: only for
-        ``partial_sums`` algorithms under ``aggregation.where: workers``, the ranks' reduced sums
-        (then every result's ``update`` is None); pass both on to ``merge_over_holders``."""
+        """Merge the round's results (client-id order) into the server state: the round's model,
+        which the evaluation and the round's columns describe. ``sums``: only for ``partial_sums``
+        algorithms under ``aggregation.where: workers``, the ranks' reduced sums (then every
+        result's ``update`` is None); pass both on to ``merge_over_holders``. A change that only
+        prepares the next round (a mask no client has trained yet) goes in ``prepare_next_round``."""
         raise NotImplementedError
+
+    def prepare_next_round(self, round_: int) -> dict[str, float]:
+        """Change the server's model for round ``round_ + 1``'s download: a step that makes weights
+        or masks no client has trained yet, such as PruneFL's reconfiguration or SNIP's and IMP's
+        pruning. The engine calls it after round ``round_`` was aggregated, its columns taken
+        (``round_metrics``, ``density``) and, when due, evaluated, so that all of them describe
+        the model the round's clients trained; and never after the last round, whose change no
+        round would train. Returns values of ``round_columns`` that describe the change (this
+        round's row holds them). Its state reaches checkpoints through ``state_dict``, written
+        after it."""
+        return {}
 
     # ---- merges that are sums over holders (config section aggregation) ----------------------
     def partial_sum_weight(self, client_id: int, num_samples: int) -> int | None:
@@ -184,6 +202,18 @@ class Algorithm:
         weights = self.global_weights()
         kept = sum(int(np.count_nonzero(weights[n])) for n in self.info.maskable)
         return kept / sum(weights[n].size for n in self.info.maskable)
+
+    # ---- the time model (each client row's sim_seconds and train_flops; fedmpi.timing) ----------
+    def dense_weight_gradients(self, round_: int) -> bool:
+        """True where the round's clients compute the gradient of every weight, pruned or not
+        (PruneFL gathering importance): the time model then charges each layer's weight gradient
+        dense, its forward and input gradient at the live density. False: live weights only."""
+        return False
+
+    def charges_round_time(self, round_: int) -> bool:
+        """False where the round's modelled time is booked at 0 s (PruneFL's initial pruning under
+        ``prunefl.ip_time: zero``, the authors' accounting); its bytes and FLOPs still count."""
+        return True
 
     # ---- results columns -----------------------------------------------------------------
     def round_columns(self) -> dict[str, Any]:

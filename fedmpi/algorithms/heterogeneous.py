@@ -42,7 +42,7 @@ class TieredAlgorithm(Algorithm):
 
     tiered = True
 
-    objective = None   # None: the trainer's default (joint cross-entropy over the exits held)
+    objective = None   # None: the trainer's default (local.loss, summed over the exits held)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -168,6 +168,7 @@ class HeteroFL(TieredAlgorithm):
     doc = "docs/methods/hypemefed.md"
     figures = ("heterogeneous",)
     objective = staticmethod(weighted_exits([0.0, 0.0, 1.0]))   # width only: the full-depth exit
+    own_loss = "cross-entropy at the full-depth exit"
 
     def variant(self, tier):
         return {"width": float(self.cfg["tiers"]["widths"][tier])}

@@ -8,16 +8,22 @@ and keeps a copy for the downloads and for evaluation. One round, for a sampled 
 
 1. download θ ⊙ M_k: the values under M_k only (dense while M_k is full), the mask itself only
    when the client's copy differs (never, here: the client is the source of its mask);
-2. acc ← accuracy of θ ⊙ M_k on k's local test set (the evaluator's definition: the global test
-   images of k's labels, or its held-out split with ``data.local_test_fraction``);
+2. acc ← accuracy of θ ⊙ M_k on k's validation split: ``validation_fraction`` of k's training
+   data, drawn from (seed, client) (``data.partition.validation_split``) and not trained on, so the
+   decision never sees the samples that are reported (``validation_fraction: 0``: the reported
+   local test set, the public code's choice);
 3. if acc > ``acc_threshold`` and d_k > ``target_density``: per layer drop the
    ⌊p·a_l + 0.5⌋ smallest-|θ| of the a_l weights active in M_k, with p = ``prune_step``, lowered
    so d_k · (1 − p) does not go below the target (``overshoot: true``: the full step, the public
    code); d_k ← d_k · (1 − p); then rewind the surviving weights to the initial global weights
    θ₀ (biases keep the received values; ``rewind_biases: true``: θ₀'s biases too, the public
    code);
-4. local training from there (``local_steps`` iterations, 0: ``local.epochs``), masked;
-5. upload θ_k ⊙ M_k (the mask on the round it changed, as a bitmap or index list).
+4. local training from there on the rest of k's training data (``local_steps`` iterations, 0:
+   ``local.epochs``), masked;
+5. post-training accuracy of θ_k ⊙ M_k on k's reported local test set (the evaluator's: the
+   global test images of k's labels, or its held-out split with ``data.local_test_fraction``),
+   for the best-so-far below;
+6. upload θ_k ⊙ M_k (the mask on the round it changed, as a bitmap or index list).
 
 Server: per maskable element the sample-weighted mean over the clients of the round that hold it
 (``average_over_holders``, ``missing="keep"``: an element no client holds keeps its value); dense
@@ -33,16 +39,19 @@ the global model θ as for every method, and the personalised accuracy ``persona
 mean over clients (with a local test set) of θ ⊙ M_k on k's local test set, one ``EvalModel``
 per client whose mask is not full (a full-mask client's personalised model is the global model).
 ``personal_accuracy_best`` is the mean over clients of each client's best personalised accuracy
-so far, the public code's reported "test accuracy".
+so far, the public code's reported "test accuracy": like the public code's ``best_acc`` it takes
+in both the evaluations and each trained client's post-training accuracy (step 5, folded in by
+``aggregate`` every round).
 
-The local test set of the pre-training check is the client's own data: the engine hands it over
-as ``ClientTask.local_test`` (``needs_local_test``), the evaluator's samples of that client from
-the partition every rank holds. ``check_samples`` > 0 uses a fixed subset of that many samples
-per client (drawn from (seed, client)) for the pre-training check, a cost knob; the public code
-checks at most 80 shuffled samples.
+The reported local test set is the client's own data: the engine hands it over as
+``ClientTask.local_test`` (``needs_local_test``), the evaluator's samples of that client from the
+partition every rank holds. ``check_samples`` > 0 uses a fixed subset of that many decision
+samples per client (drawn from (seed, client)), a cost knob; the public code checks at most 80
+shuffled samples.
 
-Not copied from the public code (charleslipku/LotteryFL): the 90/10 train/validation split that
-is never used, the value-based freeze of weights with |w| < 1e-6, the fixed momentum 0.5, the
+Not copied from the public code (charleslipku/LotteryFL): deciding on the reported test set
+(its 90/10 train/validation split is cut but the validation part never used; here it is the
+decision's), the value-based freeze of weights with |w| < 1e-6, the fixed momentum 0.5, the
 unseeded sampling (see docs/methods/lotteryfl.md).
 """
 from __future__ import annotations
@@ -54,6 +63,7 @@ import torch
 
 from .. import rng
 from ..aggregation import average_over_holders
+from ..data.partition import validation_split
 from ..errors import require
 from ..sparsity import apply_masks_torch, magnitude_masks
 from ..update import ModelUpdate
@@ -76,8 +86,8 @@ class LotteryFL(Algorithm):
     name = "lotteryfl"
     label = "LotteryFL"
     doc = "docs/methods/lotteryfl.md"
-    figures = ("prunefl",)
-    needs_local_test = True        # the pre-training accuracy check
+    figures = ("prunefl", "lotteryfl")   # lotteryfl: personalised accuracy and upload to a target
+    needs_local_test = True        # the post-training accuracy (and the decision with validation_fraction 0)
     needs_initial_weights = True   # θ₀, the rewind target
     section = "lotteryfl"
     defaults = {
@@ -86,6 +96,9 @@ class LotteryFL(Algorithm):
         "target_density": 0.1,       # ... and the client's density is above this
         "local_steps": 0,            # local iterations per round (0: local.epochs)
         "check_samples": 0,          # >0: the pre-training check uses a fixed subset of this many samples
+        # share of a client's training data held out, untrained, for the prune decision (the public
+        # code's 90/10 split); 0: decide on the reported local test set (the public code's decision)
+        "validation_fraction": 0.1,
         # deviations of the public code (charleslipku/LotteryFL); public_code: true sets them all
         "public_code": False,
         "overshoot": False,          # the last prune step may go below the target density
@@ -102,7 +115,9 @@ class LotteryFL(Algorithm):
         require(0 <= lf["acc_threshold"] <= 1, "lotteryfl.acc_threshold", "must be in [0, 1]")
         require(0 < lf["target_density"] <= 1, "lotteryfl.target_density", "must be in (0, 1]")
         require(lf["local_steps"] >= 0, "lotteryfl.local_steps", "must be >= 0")
-        require(lf["check_samples"] >= 0, "lotteryfl.check_samples", "must be >= 0 (0: the whole local test set)")
+        require(lf["check_samples"] >= 0, "lotteryfl.check_samples", "must be >= 0 (0: every decision sample)")
+        require(0 <= lf["validation_fraction"] < 1, "lotteryfl.validation_fraction",
+                "must be in [0, 1) (0: the prune decision uses the reported local test set)")
         require(lf["aggregation"] in ("samples", "uniform"), "lotteryfl.aggregation",
                 "must be 'samples' or 'uniform'")
 
@@ -143,7 +158,8 @@ class LotteryFL(Algorithm):
                 "active_params": np.float64, "pruned_clients": np.int64}
 
     def client_columns(self):
-        return {"pre_accuracy": np.float64, "pruned": np.int64, "client_density": np.float64}
+        return {"pre_accuracy": np.float64, "post_accuracy": np.float64, "pruned": np.int64,
+                "client_density": np.float64}
 
     def round_metrics(self, round_):
         metrics = {"active_params": self.density() * self.maskable_size + self.dense_size,
@@ -174,6 +190,10 @@ class LotteryFL(Algorithm):
             else:
                 self.client_masks.pop(r.client_id, None)
         self._round["pruned_clients"] = sum(int(r.metrics.get("pruned", 0)) for r in results)
+        for r in results:   # the public code's best_acc also takes each client's post-training accuracy
+            post = float(r.metrics.get("post_accuracy", math.nan))
+            if math.isfinite(post):
+                self.best[r.client_id] = max(self.best.get(r.client_id, 0.0), post)
 
     def evaluation_models(self, round_):
         models = [EvalModel("global", self.weights)]
@@ -195,7 +215,9 @@ class LotteryFL(Algorithm):
             accuracies.append(accuracy)
             self.best[c] = max(self.best.get(c, 0.0), accuracy)
         metrics["personal_accuracy"] = float(np.mean(accuracies)) if accuracies else float("nan")
-        metrics["personal_accuracy_best"] = float(np.mean(list(self.best.values()))) if self.best else float("nan")
+        # in client order, whatever order the clients were first seen in (aggregate or evaluation)
+        best = [self.best[c] for c in sorted(self.best)]
+        metrics["personal_accuracy_best"] = float(np.mean(best)) if best else float("nan")
         return metrics
 
     def state_dict(self):
@@ -206,11 +228,19 @@ class LotteryFL(Algorithm):
         self.masks = {}
 
     # ---- client --------------------------------------------------------------------------
-    def _local_test(self, task: ClientTask):
-        """The samples of the pre-training check: the client's local test set (``task.local_test``,
-        in partition order, which is ascending sample index), or with ``check_samples`` a fixed
-        subset of it, in the same order."""
-        x, y = task.local_test
+    def split(self, task: ClientTask):
+        """((x, y) to train on, (x, y) the prune decision uses). The decision's: the client's
+        validation split (``validation_fraction`` of its training data, from (seed, client)), or
+        with ``validation_fraction`` 0 its reported local test set (``task.local_test``); with
+        ``check_samples`` a fixed subset of them. Every part keeps partition order."""
+        fraction = float(self.settings["validation_fraction"])
+        if fraction == 0:
+            return (task.x, task.y), self._check_subset(task, *task.local_test)
+        train, held = (torch.from_numpy(i) for i in validation_split(len(task.y), fraction, self.cfg["seed"],
+                                                                     task.client_id))
+        return (task.x[train], task.y[train]), self._check_subset(task, task.x[held], task.y[held])
+
+    def _check_subset(self, task: ClientTask, x, y):
         samples = int(self.settings["check_samples"])
         if 0 < samples < len(y):
             order = rng.generator(self.cfg["seed"], rng.EVAL, 0, task.client_id).permutation(len(y))
@@ -245,8 +275,8 @@ class LotteryFL(Algorithm):
             if not np.array_equal(mask, masks[name]):
                 raise RuntimeError(f"lotteryfl: client {task.client_id} holds a different mask for {name}")
         weights = {n: np.asarray(v) for n, v in received.values.items()}
-        x_test, y_test = self._local_test(task)
-        accuracy = self._accuracy(trainer, weights, masks, x_test, y_test)
+        (x_train, y_train), (x_check, y_check) = self.split(task)
+        accuracy = self._accuracy(trainer, weights, masks, x_check, y_check)
         pruned = accuracy > s["acc_threshold"] and density > s["target_density"]
         if pruned:
             step = s["prune_step"]
@@ -266,12 +296,15 @@ class LotteryFL(Algorithm):
                     weights[name] = init[name].copy()
         full = all(m.all() for m in masks.values())
         trained, loss, processed = trainer.train(
-            weights, task.x, task.y, seed=task.seed, round_=task.round, client_id=task.client_id,
+            weights, x_train, y_train, seed=task.seed, round_=task.round, client_id=task.client_id,
             masks=None if full else masks, steps=self.local_steps())
+        x_test, y_test = task.local_test
+        post = self._accuracy(trainer, trained, None if full else masks, x_test, y_test) if len(y_test) else math.nan
         update = ModelUpdate(trained, {} if full else masks)
         densities = None if full else {n: float(m.mean()) for n, m in masks.items()}
         actual = sum(int(np.count_nonzero(m)) for m in masks.values()) / sum(m.size for m in masks.values())
-        return ClientResult(task.client_id, len(task.y), update, loss, processed,
+        return ClientResult(task.client_id, len(y_train), update, loss, processed,
                             state={"mask": None if full else pack(masks), "density": density},
                             densities=densities,
-                            metrics={"pre_accuracy": accuracy, "pruned": int(pruned), "client_density": actual})
+                            metrics={"pre_accuracy": accuracy, "post_accuracy": post, "pruned": int(pruned),
+                                     "client_density": actual})

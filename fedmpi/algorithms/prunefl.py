@@ -28,12 +28,14 @@ Rounds (``prunefl.initial_pruning: true``, the default):
 - **FL rounds.** Clients train the masked model for ``local_steps`` iterations of plain SGD (the
   configured ``local.*`` optimizer), the mask re-applied after each step; the server averages
   each active weight over the clients (``average_over_holders``, sample-weighted). With
-  ``adaptive`` on, every client accumulates for every parameter, active or not, the importance
-  (Σ_steps g)² · samples processed of each round (``SummedGradientSquared``) in its device
-  state, and on every ΔR-th FL round the clients of that round upload what they accumulated
-  since their last upload as one dense float32 vector over all parameters (the extra tensor
-  ``prunefl.importance``: exactly 4·n payload bytes, its layout row paying its description in
-  ``header_bytes``), then reset it. The server sums the uploads (float64) and reconfigures.
+  ``adaptive`` on, in every round an upload round follows (``gathers_importance``), every client
+  accumulates for every parameter, active or not, the importance (Σ_steps g)² · samples
+  processed (``SummedGradientSquared``, device state), and on every ΔR-th FL round but the last
+  uploads it as the extra float32 tensor ``prunefl.importance``, then resets it: by default only
+  the pruned positions' values, the server deriving the others from the rounds' updates
+  (``importance_upload``, ``prunefl_importance.py``). The server sums it
+  (float64) and, once the round was evaluated, reconfigures (``prepare_next_round``): the next
+  round downloads the new mask.
 - **Reconfiguration** (``reconfigure``): per layer the top (1 − d_r) of the active weights by |w|
   are kept, d_r = max_drop · 0.5^(r_FL / half_life); every other position is a candidate.
   Starting from num = Σ G over the kept weights and the dense tensors and den = c₀ + Σ_l t_l ·
@@ -43,11 +45,9 @@ Rounds (``prunefl.initial_pruning: true``, the default):
   and after keeps its value; a newly activated position starts at 0 (``regrow_value: last``:
   its last value, see below); a dropped weight becomes 0.
 
-With client sampling (K < N) a client uploads, on the ΔR-th round, what it accumulated in the
-rounds it took part in since its own last upload; the paper's setting (and the public code) has
-the same K = N clients every round, where this is exactly the importance of the last ΔR rounds.
-The accumulator is device state of n float32 per client that took part since its last upload,
-which the server holds between rounds (memory N · 4n bytes at worst).
+With client sampling (K < N) a client uploads what it accumulated in its rounds since its own
+last upload (with K = N, the paper's setting, the last ΔR rounds); the server holds that device
+state between rounds (N · 4n bytes at worst).
 
 Deviations of the public code (jiangyuang/PruneFL), each a ``prunefl.`` key, all off by default;
 ``prunefl.public_code: true`` switches every one of them on:
@@ -55,8 +55,6 @@ Deviations of the public code (jiangyuang/PruneFL), each a ``prunefl.`` key, all
 - ``ip_accuracy_factor: 1.5``: initial pruning reconfigures only once the training accuracy
   reaches factor / classes (``ADJ_THR_ACC``); here the accuracy of the last ``ip_interval``
   iterations' minibatches (before each step), where the code evaluates its fixed batches.
-- ``ip_data_batches: 10``: initial pruning trains on a fixed subset of that many batches of the
-  client's data (``IP_DATA_BATCH``), reshuffled each pass (the code cycles them in order).
 - ``regrow_value: last``: the code masks in the forward pass and never zeroes the server's
   weight tensor, so a re-activated weight resumes its last value (its init value if never
   trained). Default: 0. fedmpi's server knows only its own copy, so a position pruned during
@@ -64,74 +62,36 @@ Deviations of the public code (jiangyuang/PruneFL), each a ``prunefl.`` key, all
 - ``aggregation_weight: processed``: weights by samples processed in the round (equal for all
   clients with a fixed number of steps; ``samples_per_round``) instead of the sample count.
 
-c₀ decides how small the model gets (with c₀ ≈ 0 nothing stops Γ from shrinking it): the built-in
-modelled profiles have almost none (no latency, no fixed compute), so ``prunefl.time_constant``
-sets it; see docs/methods/prunefl.md, "Time model".
+Time (docs/methods/prunefl.md, "Time model"): t_l and c₀ come from ``device.profile`` and
+``device.time_constant`` (charged to every method); while its clients gather importance they are
+charged every weight's gradient (``dense_weight_gradients``); ``ip_time: zero`` books initial
+pruning at 0 s, as the authors' simulation does; ``time_constant`` replaces c₀ in Γ only.
 
 Also options of the code, not deviations: ``adaptive: false`` (``--no-adaptive``: initial pruning
 only), ``initial_pruning: false`` (``--no-init-pruning``), ``max_density``/``target_density``
-(``--max-density``/``--target-density``). The public code books zero time for initial pruning
-(``list_est_time.append(0)``); fedmpi counts it. The code's reconfiguration schedule waits for an
-evaluation round (``EVAL_DISP_INTERVAL``) and ΔR rounds after initial pruning; fedmpi
-reconfigures on r_FL % ΔR == 0. The code's initial pruning uses server-held data; fedmpi uses
+(``--max-density``/``--target-density``), ``ip_data_batches`` (default 10, ``IP_DATA_BATCH``). The code's reconfiguration schedule waits for an
+evaluation round (``EVAL_DISP_INTERVAL``) and ΔR rounds after initial pruning; fedmpi reconfigures
+after FL rounds r_FL % ΔR == 0 but the last. The code's initial pruning uses server-held data; fedmpi uses
 client k₀'s. Where the code keeps ``int(d·a)`` active weights plus magnitude ties, fedmpi keeps
 exactly a − ⌊d·a⌋ (ties to the lower flat index).
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping
 
 import numpy as np
-import torch
 
 from ..errors import require
 from ..training.hooks import SummedGradientSquared
 from ..update import ModelUpdate
 from .base import ClientResult, ClientTask
 from .masked_fedavg import MaskedFedAvg
-from .prunefl_initial_pruning import run_initial_pruning
-from .prunefl_reconfiguration import RoundTimeModel, apply_new_masks, reconfigure, round_time_model
+from .prunefl_importance import (add_update_importance, flatten_importance, parameter_names, pruned_positions,
+                                 split_importance, summed_importance)
+from .prunefl_initial_pruning import IP_COLUMNS, run_initial_pruning
+from .prunefl_reconfiguration import RoundTimeModel, reconfigured_model, round_time_model
 
 IMPORTANCE = "prunefl.importance"
-
-
-# --------------------------------------------------------------------------- importance vector
-
-def parameter_names(info) -> list[str]:
-    """The model's trainable parameters in model order (what importance covers); all float
-    tensors when the model cannot be built from ``info``."""
-    if not info.model:
-        return list(info.shapes)
-    from ..models import build_model
-
-    with torch.random.fork_rng(devices=[]):   # building draws from torch's global RNG
-        model = build_model(info.model, info.input_shape, info.num_classes)
-    names = [n for n, _ in model.named_parameters() if n in info.shapes]
-    return names
-
-
-def flatten_importance(parts: Mapping[str, np.ndarray], names: list[str], shapes: Mapping[str, tuple]) -> np.ndarray:
-    """One float32 vector over ``names`` (zeros where a tensor has no importance)."""
-    sizes = [math.prod(shapes[n]) for n in names]
-    out = np.zeros(sum(sizes), np.float32)
-    offset = 0
-    for name, size in zip(names, sizes):
-        if name in parts:
-            out[offset:offset + size] = np.asarray(parts[name]).reshape(-1)
-        offset += size
-    return out
-
-
-def split_importance(vector: np.ndarray, names: list[str], shapes: Mapping[str, tuple]) -> dict[str, np.ndarray]:
-    out, offset = {}, 0
-    for n in names:
-        size = math.prod(shapes[n])
-        out[n] = vector[offset:offset + size].reshape(shapes[n])
-        offset += size
-    if offset != vector.size:
-        raise ValueError(f"importance vector has {vector.size} values, the parameters {offset}")
-    return out
 
 
 # --------------------------------------------------------------------------- PruneFL
@@ -142,7 +102,7 @@ class PruneFL(MaskedFedAvg):
     doc = "docs/methods/prunefl.md"
     figures = ("prunefl",)
     section = "prunefl"
-    # initial pruning at one client (round 1), then masked FedAvg with dense importance uploads and
+    # initial pruning at one client (round 1), then masked FedAvg with importance uploads and
     # a reconfiguration every ΔR FL rounds. The paper's scale: reconfigure_every 50, ip_interval
     # 500, ip_max_iterations 10000.
     defaults = {
@@ -158,12 +118,16 @@ class PruneFL(MaskedFedAvg):
         "ip_threshold": 0.1,         # ... stable when the density changed by at most this (relative)
         "ip_patience": 5,            # ... stop after this many stable reconfigurations in a row
         "ip_max_iterations": 1000,   # ... or after this many iterations
-        "time_constant": -1.0,       # c_0 in seconds; -1: from the device profile's time model
+        "ip_data_batches": 10,       # ... on a fixed subset of this many batches (authors'); 0: all data
+        "time_constant": -1.0,       # c_0 of the objective only (not charged); -1: the time model's
+        # pruned: upload the pruned positions' importance, the server derives the rest from the
+        # updates (the authors' protocol); dense: all n values (module doc)
+        "importance_upload": "pruned",
+        "ip_time": "charged",        # charged | zero (the authors' simulation books initial pruning at 0 s)
         # deviations of the public code (jiangyuang/PruneFL), off by default; public_code: true
         # sets every one of them (module docstring)
         "public_code": False,
         "ip_accuracy_factor": 0.0,   # public 1.5: reconfigure once train accuracy >= factor / classes
-        "ip_data_batches": 0,        # public 10: initial pruning on a fixed subset of this many batches
         "regrow_value": "zero",      # zero | last (public: a re-activated weight resumes its last value)
         "aggregation_weight": "samples",   # samples | processed (public: samples processed in the round)
     }
@@ -173,7 +137,7 @@ class PruneFL(MaskedFedAvg):
         pf = cfg["prunefl"]
         if pf["public_code"]:   # every deviation of the public code at once, written out key by key
             pf.update({"ip_accuracy_factor": 1.5, "ip_data_batches": 10, "regrow_value": "last",
-                       "aggregation_weight": "processed"})
+                       "aggregation_weight": "processed"})   # ip_data_batches: the default already
         for key in ("local_steps", "ip_data_batches"):
             require(pf[key] >= 0, f"prunefl.{key}", "must be >= 0")
         for key in ("reconfigure_every", "ip_interval", "ip_patience", "ip_max_iterations"):
@@ -188,14 +152,18 @@ class PruneFL(MaskedFedAvg):
         require(pf["time_constant"] == -1 or pf["time_constant"] >= 0, "prunefl.time_constant",
                 "must be -1 (the device profile's) or >= 0 seconds")
         require(pf["regrow_value"] in ("zero", "last"), "prunefl.regrow_value", "must be 'zero' or 'last'")
+        require(pf["importance_upload"] in ("pruned", "dense"), "prunefl.importance_upload",
+                "must be 'pruned' (the pruned positions; the server derives the rest from the updates) or 'dense'")
+        require(pf["ip_time"] in ("charged", "zero"), "prunefl.ip_time",
+                "must be 'charged' (initial pruning's modelled time counts) or 'zero' (booked at 0 s)")
         require(pf["aggregation_weight"] in ("samples", "processed"), "prunefl.aggregation_weight",
                 "must be 'samples' or 'processed' (the public code: samples processed in the round)")
         if cfg["algorithm"] == cls.name and pf["adaptive"]:
             fl_rounds = cfg["rounds"] - (1 if pf["initial_pruning"] else 0)
-            require(fl_rounds >= pf["reconfigure_every"], "prunefl.reconfigure_every",
+            require(fl_rounds > pf["reconfigure_every"], "prunefl.reconfigure_every",   # a later round trains it
                     f"no FL round reconfigures: {fl_rounds} FL rounds"
-                    f"{' after the initial-pruning round 1' if pf['initial_pruning'] else ''} and "
-                    f"ΔR = {pf['reconfigure_every']}; lower it or set prunefl.adaptive: false")
+                    f"{' after the initial-pruning round 1' if pf['initial_pruning'] else ''} and ΔR = "
+                    f"{pf['reconfigure_every']}, none after the last; lower it or set prunefl.adaptive: false")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -212,6 +180,9 @@ class PruneFL(MaskedFedAvg):
         self.shadow: dict[str, np.ndarray] = {}     # regrow_value: last — values of inactive positions
         self.ip_client: int | None = None
         self._info: dict[str, float] = {}          # this round's PruneFL columns
+        self._importance = None                    # an upload round's summed importance, until reconfigured
+        # importance_upload: pruned — Σ ((θ_k − θ)/lr)² · processed since the last reconfiguration
+        self.update_importance: np.ndarray | None = None
 
     # ---- schedule ------------------------------------------------------------------------
     @property
@@ -225,9 +196,25 @@ class PruneFL(MaskedFedAvg):
     def is_ip_round(self, round_: int) -> bool:
         return self.initial and round_ == 1
 
-    def is_upload_round(self, round_: int) -> bool:
+    def is_upload_round(self, round_: int) -> bool:   # never the last round: nothing trains its result
         r = self.fl_round(round_)
-        return self.adaptive and r >= 1 and r % self.every == 0
+        return self.adaptive and r >= 1 and r % self.every == 0 and round_ < self.cfg["rounds"]
+
+    def gathers_importance(self, round_: int) -> bool:
+        """Whether the round's clients compute importance, and so every weight's gradient: initial
+        pruning, and an FL round whose importance this or a later upload round sends."""
+        if self.is_ip_round(round_):
+            return True
+        r = self.fl_round(round_)
+        if not self.adaptive or r < 1:
+            return False
+        return self.is_upload_round(round_ - r + -(-r // self.every) * self.every)   # its next upload round
+
+    def dense_weight_gradients(self, round_: int) -> bool:
+        return self.gathers_importance(round_)
+
+    def charges_round_time(self, round_: int) -> bool:
+        return not (self.is_ip_round(round_) and self.settings["ip_time"] == "zero")
 
     def drop_fraction(self, round_: int) -> float:
         return self.settings["max_drop"] * 0.5 ** (self.fl_round(round_) / self.half_life)
@@ -249,10 +236,10 @@ class PruneFL(MaskedFedAvg):
     def round_columns(self):
         return {**super().round_columns(), "reconfigured": np.int64, "importance_uploads": np.int64,
                 "objective": np.float64, "model_round_seconds": np.float64,
-                "ip_iterations": np.int64, "ip_reconfigurations": np.int64}
+                "ip_iterations": np.int64, "ip_reconfigurations": np.int64, **IP_COLUMNS}
 
     def client_columns(self):
-        return {"ip_iterations": np.int64, "ip_reconfigurations": np.int64}
+        return {"ip_iterations": np.int64, "ip_reconfigurations": np.int64, **IP_COLUMNS}
 
     def round_metrics(self, round_):
         metrics = {**super().round_metrics(round_), "reconfigured": 0, "importance_uploads": 0,
@@ -281,44 +268,50 @@ class PruneFL(MaskedFedAvg):
             if self.shadow:
                 # a position pruned during initial pruning: the server knows only its init value
                 self.shadow = {n: np.where(self.masks[n], self.weights[n], self.shadow[n]) for n in self.shadow}
-            self._info.update({k: result.metrics[k] for k in ("ip_iterations", "ip_reconfigurations")
+            self._info.update({k: result.metrics[k] for k in ("ip_iterations", "ip_reconfigurations", *IP_COLUMNS)
                                if k in result.metrics})
             return
+        if self.gathers_importance(round_) and self.settings["importance_upload"] == "pruned":
+            # before the merge: θ is still what the clients were sent
+            self.update_importance = add_update_importance(
+                self.update_importance, results, self.weights, self.masks, self.param_names, self.info.shapes,
+                self.cfg["local"]["lr"])
         super().aggregate(round_, results)
         if self.shadow and self.masks:
             self.shadow = {n: np.where(self.masks[n], self.weights[n], self.shadow[n]) for n in self.shadow}
         if not self.is_upload_round(round_):
             return
         uploads = [r.update.values[IMPORTANCE] for r in results if IMPORTANCE in r.update.values]
-        if not uploads:
-            return
-        total = np.zeros(self.param_size, dtype=np.float64)
-        for vector in uploads:   # client-id order: the sum is the same for any rank count
-            total += np.asarray(vector, dtype=np.float64)
-        importance = split_importance(total, self.param_names, self.info.shapes)
-        self._reconfigure(round_, importance, len(uploads))
+        total = summed_importance(uploads, self.update_importance, self.masks, self.param_names, self.info.shapes,
+                                  self.settings["importance_upload"])
+        self.update_importance = None
+        if total is not None:   # for prepare_next_round, after the evaluation
+            self._importance = (split_importance(total, self.param_names, self.info.shapes), len(uploads))
 
-    def _reconfigure(self, round_: int, importance: dict[str, np.ndarray], uploads: int) -> None:
-        old = self.masks or {n: np.ones(self.info.shapes[n], bool) for n in self.info.maskable}
-        dense = sum(float(importance[n].sum()) for n in importance if n not in self.info.maskable)
-        result = reconfigure(self.weights, old, importance, self.drop_fraction(round_), self.time_model,
-                             dense_importance=dense, max_active=self.max_active(round_))
-        self.weights = apply_new_masks(self.weights, old, result.masks, self.shadow or None)
-        self.masks = result.masks
-        self._info.update({"reconfigured": 1, "importance_uploads": uploads, "objective": result.objective})
+    def prepare_next_round(self, round_):
+        """After an upload round was evaluated: the reconfigured mask, for the next round's download."""
+        if self._importance is None:
+            return {}
+        (importance, uploads), self._importance = self._importance, None
+        self.weights, self.masks, objective = reconfigured_model(
+            self.weights, self.masks, importance, self.info.maskable, self.drop_fraction(round_), self.time_model,
+            max_active=self.max_active(round_), last=self.shadow or None)
+        return {"reconfigured": 1, "importance_uploads": uploads, "objective": objective}
 
     def state_dict(self):
-        return {**super().state_dict(), "shadow": self.shadow, "ip_client": self.ip_client}
+        return {**super().state_dict(), "shadow": self.shadow, "ip_client": self.ip_client,
+                "update_importance": self.update_importance}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.shadow, self.ip_client = state["shadow"], state["ip_client"]
+        self.update_importance = state.get("update_importance")
 
     # ---- client --------------------------------------------------------------------------
     def local_update(self, task: ClientTask, trainer) -> ClientResult:
         if self.is_ip_round(task.round):
             return self.initial_pruning(task, trainer)
-        hook = SummedGradientSquared(self.param_names) if self.adaptive else None
+        hook = SummedGradientSquared(self.param_names) if self.gathers_importance(task.round) else None
         weights, loss, processed = self.train(task, trainer, hooks=[hook] if hook else ())
         masks = dict(task.received.masks)
         update = ModelUpdate(weights, masks)
@@ -328,7 +321,10 @@ class PruneFL(MaskedFedAvg):
             previous = task.state.get("importance")
             accumulated = mine if previous is None else previous + mine   # float32, a new array
             if self.is_upload_round(task.round):
-                update.values[IMPORTANCE] = accumulated
+                if self.settings["importance_upload"] == "dense":
+                    update.values[IMPORTANCE] = accumulated
+                elif (pruned := pruned_positions(masks, self.param_names, self.info.shapes)).size:
+                    update.values[IMPORTANCE] = accumulated[pruned]   # the rest: from the update
                 state = {"importance": None, "uploaded": task.round}
             else:
                 state = {"importance": accumulated}

@@ -1,6 +1,13 @@
 """PruneFL's initial-pruning round (round 1 with ``prunefl.initial_pruning: true``): client k₀
 alone trains from the dense init and reconfigures its mask every ``ip_interval`` iterations until
 the density settles (the protocol and the public code's options: the module doc of prunefl.py).
+
+Its data (``ip_data_batches``, default 10, the authors' ``IP_DATA_BATCH``): a subset of
+ip_data_batches × local.batch_size of k₀'s samples, drawn once from (seed, round 1, k₀) and the
+same for every iteration of the round; 0 (or a client with fewer samples) trains on all of them.
+The authors' code takes the first 10 batches of one shuffled pass over its initial-pruning data
+and cycles them in that order; fedmpi draws new batches from the subset, a fresh order for each
+pass and at the start of each stretch of ``ip_interval`` iterations.
 """
 from __future__ import annotations
 
@@ -17,10 +24,17 @@ from .base import ClientResult, ClientTask
 from .prunefl_reconfiguration import apply_new_masks, reconfigure, round_time_model
 
 
-class _AccuracyObjective:
-    """Cross-entropy that also counts the minibatches' correct predictions (before each step)."""
+# round 1's and k₀'s columns besides ip_iterations/ip_reconfigurations: the distinct samples
+# initial pruning trained on and the samples it processed
+IP_COLUMNS = {"ip_samples": np.int64, "ip_samples_processed": np.int64}
 
-    def __init__(self):
+
+class _AccuracyObjective:
+    """The trainer's loss (``local.loss``) that also counts the minibatches' correct predictions
+    (before each step)."""
+
+    def __init__(self, loss):
+        self.loss = loss
         self.correct = 0
         self.total = 0
 
@@ -28,7 +42,7 @@ class _AccuracyObjective:
         with torch.no_grad():
             self.correct += int((outputs.argmax(dim=1) == y).sum())
             self.total += int(len(y))
-        return cross_entropy(outputs, y)
+        return self.loss(outputs, y)
 
     @property
     def accuracy(self) -> float:
@@ -48,7 +62,7 @@ def run_initial_pruning(task: ClientTask, trainer, *, cfg: dict, settings: dict,
     masks = {n: np.ones(info.shapes[n], bool) for n in maskable}
     last = {n: weights[n].copy() for n in maskable} if s["regrow_value"] == "last" else None
     x, y = task.x, task.y
-    if s["ip_data_batches"] > 0:
+    if s["ip_data_batches"] > 0:   # a fixed subset for the whole round (the module doc)
         take = min(len(y), s["ip_data_batches"] * cfg["local"]["batch_size"])
         chosen = np.sort(rng.generator(cfg["seed"], rng.CLIENT, task.round, task.client_id)
                          .permutation(len(y))[:take])
@@ -63,7 +77,7 @@ def run_initial_pruning(task: ClientTask, trainer, *, cfg: dict, settings: dict,
     while iterations < s["ip_max_iterations"]:
         steps = min(s["ip_interval"], s["ip_max_iterations"] - iterations)
         hook = SquaredGradientAccumulator(param_names, dtype=torch.float32)
-        objective = _AccuracyObjective()
+        objective = _AccuracyObjective(getattr(trainer, "objective", cross_entropy))
         weights, loss, processed = trainer.train(
             weights, x, y, seed=rng.torch_seed(cfg["seed"], rng.CLIENT, task.round, task.client_id, chunk),
             round_=task.round, client_id=task.client_id, masks=masks, steps=steps, hooks=[hook],
@@ -97,4 +111,5 @@ def run_initial_pruning(task: ClientTask, trainer, *, cfg: dict, settings: dict,
     densities = {n: density_time[n] / max(processed_total, 1) for n in maskable}
     return ClientResult(task.client_id, len(task.y), ModelUpdate(weights, masks),
                         loss_sum / max(processed_total, 1), processed_total, densities=densities,
-                        metrics={"ip_iterations": iterations, "ip_reconfigurations": reconfigurations})
+                        metrics={"ip_iterations": iterations, "ip_reconfigurations": reconfigurations,
+                                 "ip_samples": int(len(y)), "ip_samples_processed": processed_total})

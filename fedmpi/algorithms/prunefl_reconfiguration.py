@@ -6,6 +6,10 @@
   importance per second while that raises Γ = Σ G / T (``greedy_count``, the exact maximiser over
   the candidate sets); ``gamma`` evaluates Γ of a mask.
 - ``apply_new_masks``: the weights under the new mask.
+- ``reconfigured_model``: the server's step, both together on the global model. PruneFL runs it
+  after an upload round was evaluated (``PruneFL.prepare_next_round``): the evaluation sees the
+  model the clients trained, and the next round downloads the new mask, as the authors' server
+  does (``bases/fl/simulation/adaptive.py``: aggregate, evaluate, then ``control.adjust``).
 """
 from __future__ import annotations
 
@@ -46,13 +50,18 @@ def round_time_model(cfg: dict, info, local_steps: int | None, client_id: int | 
     """c₀ and t_l of fedmpi.timing's linear model (``TimeModel.c0`` / ``.t``) for the profile of
     ``client_id`` (None: ``device.profile``) and a round of ``local_steps`` minibatch steps of
     ``local.batch_size`` samples (``local_steps`` None, i.e. epochs: one batch, as the round's
-    size is not known here). ``prunefl.time_constant`` ≥ 0 replaces c₀."""
+    size is not known here), with ``device.time_constant`` in c₀, as ``sim_seconds`` charges it.
+    With adaptive pruning the FL round's clients gather importance, computing every weight's
+    gradient: the model charges that (``dense_weight_gradients``: in c₀, as it does not depend on
+    the mask). ``prunefl.time_constant`` ≥ 0 replaces c₀ of the objective only (not charged)."""
     from ..timing import RunTiming
 
+    pf = cfg.get("prunefl", {})
     model = RunTiming.from_config(cfg, info).time_model(
-        client_id, steps_per_round=local_steps or 1, batch_size=cfg["local"]["batch_size"])
+        client_id, steps_per_round=local_steps or 1, batch_size=cfg["local"]["batch_size"],
+        dense_weight_gradients=bool(pf.get("adaptive", True)))
     c0, t = model.c0, model.t
-    override = cfg.get("prunefl", {}).get("time_constant", -1.0)
+    override = pf.get("time_constant", -1.0)
     if override is not None and override >= 0:
         c0 = float(override)
     return RoundTimeModel(float(c0), {n: float(v) for n, v in t.items()})
@@ -175,3 +184,17 @@ def apply_new_masks(weights: dict[str, np.ndarray], old: Mapping[str, np.ndarray
         fresh = np.zeros_like(w) if last is None else np.asarray(last[name], dtype=w.dtype)
         out[name] = np.where(mask, np.where(old[name], w, fresh), np.zeros_like(w)).astype(w.dtype)
     return out
+
+
+def reconfigured_model(weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray],
+                       importance: Mapping[str, np.ndarray], maskable: list[str], drop_fraction: float,
+                       time_model: RoundTimeModel, *, max_active: int | None = None,
+                       last: Mapping[str, np.ndarray] | None = None):
+    """(weights, masks, Γ) after ``reconfigure`` of the global model: ``masks`` empty means all
+    ones (a dense model); the dense tensors' importance counts in Γ's numerator; the weights
+    follow ``apply_new_masks`` (``last``: the values re-activated positions resume)."""
+    old = dict(masks) or {n: np.ones(np.shape(weights[n]), bool) for n in maskable}
+    dense = sum(float(importance[n].sum()) for n in importance if n not in maskable)
+    result = reconfigure(weights, old, importance, drop_fraction, time_model, dense_importance=dense,
+                         max_active=max_active)
+    return apply_new_masks(weights, old, result.masks, last), result.masks, result.objective

@@ -7,13 +7,17 @@ FedAvg with one global mask and ``<section>.local_steps`` local iterations, like
   holds no data): connection sensitivity |θ₀ ⊙ (θ₀ − θ₁)| (the code divides by the learning
   rate, which does not change the ranking), one global ranking over all maskable layers, the top
   ⌊density·N + 0.5⌋ kept (the code keeps every score ≥ the threshold, ties included). The mask
-  is applied to θ₁ and stays fixed from round 2 on.
+  is applied to θ₁ once round 1 was evaluated (``prepare_next_round``), so round 1's row is the
+  dense model its clients trained (the code prunes before its round-0 evaluation), and stays
+  fixed from round 2's download on.
 - ``imp``: iterative magnitude pruning (the code's ``iterative.py``): every ``imp.every`` rounds
   (−1: rounds / (2 · prunes), the code's ``MAX_ROUND / 2 / NUM_ITERATIVE_PRUNING``), for
   ``imp.prunes`` times, each layer drops ⌊q · active⌋ of its active weights by |w|, q = 1 −
   density^(1/prunes), so the model reaches ``density`` after the last prune, halfway through
   the run. No rewinding. The code counts rounds from 0 and prunes after round idx > 0 with
-  idx % interval == 0; fedmpi prunes after round r with r % every == 0.
+  idx % interval == 0; fedmpi prunes after round r with r % every == 0. Both prune once the
+  round was evaluated, for the next round's download; fedmpi never after the last round (no
+  round would train it: with ``every · prunes`` ≥ rounds the model stops above ``density``).
 
 The target density is ``<section>.density``. "SNIP / IMP to the density PruneFL ends with", as
 the paper (and the code, which reads PruneFL's saved model) compares them, is a campaign's
@@ -57,13 +61,18 @@ class SNIP(MaskedFedAvg):
         self.target = float(self.settings["density"])
 
     def aggregate(self, round_, results):
-        before = self.weights
+        self.theta0 = self.weights if round_ == 1 else None   # θ₀, for the scores after round 1
         super().aggregate(round_, results)
+
+    def prepare_next_round(self, round_):
+        """After the dense round 1 was evaluated: the mask on θ₁, from round 2's download on."""
         if round_ == 1 and self.target < 1.0:
+            before = self.theta0
             scores = {n: np.abs(before[n].astype(np.float64) * (before[n].astype(np.float64)
                                                                   - self.weights[n].astype(np.float64)))
                       for n in self.info.maskable}
             self.set_masks(global_top(scores, int(math.floor(self.target * self.maskable_size + 0.5))))
+        return {}
 
 
 def global_top(scores: dict[str, np.ndarray], k: int) -> dict[str, np.ndarray]:
@@ -105,13 +114,14 @@ class IterativeMagnitudePruning(MaskedFedAvg):
     def is_prune_round(self, round_: int) -> bool:
         return round_ % self.every == 0 and round_ // self.every <= self.prunes and self.fraction > 0
 
-    def aggregate(self, round_, results):
-        super().aggregate(round_, results)
+    def prepare_next_round(self, round_):
+        """After a prune round was evaluated: the pruned mask, from the next round's download on."""
         if not self.is_prune_round(round_):
-            return
+            return {}
         masks = self.masks or {n: np.ones(self.info.shapes[n], bool) for n in self.info.maskable}
         counts = {}
         for name, mask in masks.items():
             active = int(np.count_nonzero(mask))
             counts[name] = active - int(self.fraction * active)
         self.set_masks(magnitude_masks({n: self.weights[n] for n in masks}, counts, within=masks))
+        return {}

@@ -52,6 +52,7 @@ class ScaleFL(TieredAlgorithm):
     doc = "docs/methods/hypemefed.md"
     figures = ("heterogeneous",)
     section = "scalefl"
+    own_loss = "cross-entropy over the exits with self-distillation"
     # tier t trains depth tiers.levels[t] at width widths[t]
     defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.05, "kd_temperature": 3.0, "kd_after": 0.25}
 

@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = {
         "nesterov": False,
         "betas": [0.9, 0.999],
         "eps": 1e-8,
+        # the clients' training loss: cross_entropy (softmax) | bce_onehot (the PruneFL authors'
+        # FEMNIST/CIFAR-10 loss: BCE-with-logits on one-hot targets, mean over batch × classes)
+        "loss": "cross_entropy",
         # clients of a rank trained at once (fedmpi/training/multi_client.py): the round's sorted
         # clients in consecutive blocks of this many, a block never split across ranks; results
         # are the same as one by one, bit for bit; 1: one by one
@@ -57,9 +60,12 @@ DEFAULTS: dict[str, Any] = {
     "tiers": {"mix": [1.0, 1.0, 1.0], "levels": [1, 2, 3], "widths": [0.25, 0.5, 1.0]},
     "device": {
         # the device profile behind sim_seconds (docs/timing.md): a built-in name (laptop,
-        # raspberry-pi-4, jetson-nano, phone-lte) or a measured profile (profiles/NAME.yaml,
-        # written by `fedmpi profile`)
+        # raspberry-pi-4, jetson-nano, phone-lte) or a profile file (profiles/NAME.yaml: measured
+        # by `fedmpi profile`, or coefficients such as prunefl-raspberry-pi.yaml)
         "profile": "laptop",
+        # seconds charged to every client of every method in every round (sim_seconds) and part of
+        # c0 in PruneFL's objective: the PruneFL authors' constant; 0: none beyond the profile's own
+        "time_constant": 0.0,
         "tier_profiles": [],      # one profile per tier of tiers.mix for that tier's clients; []: profile
         "sparse_kernels": "off",  # off | auto (sparse kernel below the measured break-even) | always
         "kernel_profile": None,   # measured profile whose break-evens auto uses; None: device.profile

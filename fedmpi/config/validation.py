@@ -8,6 +8,7 @@ each one.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..aggregation import MAX_CONTRIBUTIONS, SUM_MODES
@@ -16,7 +17,7 @@ from ..errors import ConfigError
 from ..data import DATASETS
 from ..models import MODELS, variant_options
 from ..timing import MeasuredProfile, load_profile
-from ..training import OPTIMIZERS
+from ..training import LOSSES, OPTIMIZERS
 from .defaults import PARTITIONS, UNION_TYPES, defaults
 from .keys import flatten, get_dotted, set_dotted
 
@@ -109,6 +110,11 @@ def _check_local(cfg: dict) -> None:
     _require(len(local["betas"]) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in local["betas"]),
              "local.betas", "must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     _require(local["eps"] > 0, "local.eps", "must be > 0")
+    _require(local["loss"] in LOSSES, "local.loss",
+             f"unknown loss '{local['loss']}'; choose one of {', '.join(LOSSES)}")
+    own = getattr(ALGORITHMS[cfg["algorithm"]], "own_loss", None)
+    _require(local["loss"] == "cross_entropy" or not own, "local.loss",
+             f"{cfg['algorithm']} trains with a loss of its own ({own}); set local.loss=cross_entropy")
     _require(local["client_batch"] >= 1, "local.client_batch", "must be at least 1 (1: clients one by one)")
     _require(local["backward"] in ("auto", "autograd"), "local.backward", "must be 'auto' or 'autograd'")
     _require(not local["nesterov"] or (local["optimizer"] == "sgd" and local["momentum"] > 0), "local.nesterov",
@@ -172,6 +178,8 @@ def _check_device(cfg: dict) -> None:
     device = cfg["device"]
     _require(device["torch"] in ("cpu", "cuda"), "device.torch", "must be 'cpu' or 'cuda'")
     load_profile(device["profile"], "device.profile")   # a built-in name, or a valid measured file
+    _require(math.isfinite(device["time_constant"]) and device["time_constant"] >= 0, "device.time_constant",
+             "must be >= 0 seconds per round (0: no constant beyond the profile's own)")
     _require(all(isinstance(p, str) for p in device["tier_profiles"]), "device.tier_profiles",
              "must be a list of profile names or measured profile paths")
     _require(not device["tier_profiles"] or len(device["tier_profiles"]) == len(cfg["tiers"]["mix"]),

@@ -60,6 +60,21 @@ def hold_out_local_test(partition: Partition, fraction: float, seed: int) -> Par
     return Partition(train, test, local_test_in_train=True)
 
 
+# ``generator(seed, LOCAL_SPLIT, draw, client)``: draw 0 is the local test hold-out above, this one
+# a client's validation split, so neither split shifts the other
+VALIDATION_DRAW = 1
+
+
+def validation_split(n: int, fraction: float, seed: int, client: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions 0..n−1 of client ``client``'s training data (in partition order) split into
+    (train, validation), both ascending: ⌊fraction·n⌋ positions (at least 1 when n ≥ 2, never all;
+    none when ``fraction`` is 0) drawn from ``generator(seed, LOCAL_SPLIT, VALIDATION_DRAW, client)``,
+    so the split depends on (seed, client) alone, never on the rank or the round."""
+    held = min(max(int(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
+    order = rng.generator(seed, rng.LOCAL_SPLIT, VALIDATION_DRAW, client).permutation(n)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
 def _sorted_parts(parts) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 

@@ -4,8 +4,11 @@ One round: select clients from (seed, round) → assign them to worker ranks (ba
 → build each client's download (algorithm hook) and encode it against the masks the client
 already holds (clients whose encodings coincide share one payload) → bcast (one payload) or
 scatterv (several) → workers train → gather reports and uploads → decode in client-id order →
-``algorithm.aggregate`` → evaluate when due (every rank takes part) → append the round to the
-results file, flush → checkpoint when due.
+``algorithm.aggregate`` (the round's model) → its columns (``round_metrics``, ``density``) →
+evaluate when due (every rank takes part) → ``algorithm.prepare_next_round`` (a change for the
+next round's download, such as PruneFL's reconfiguration; never after the last round) → append
+the round to the results file, flush → checkpoint when due. So the evaluation and every column
+that describes the model see the model the round's clients trained.
 
 With ``aggregation.where: workers`` the uploads stay on the ranks that trained them: the tasks
 carry each client's weight in the round's sum, the reports the masks each upload changed, and
@@ -24,7 +27,6 @@ from .. import rng
 from ..algorithms import ClientResult
 from ..comm.codec import Encoded, MaskPositions, decode, encode
 from ..errors import PreemptedError
-from ..models.flops import scale_flops
 from ..progress import Progress
 from ..results import ResultsWriter, run_attrs
 from .checkpoint import ServerState, read_checkpoint, write_checkpoint
@@ -96,7 +98,9 @@ class Server:
 
     # -- one round ------------------------------------------------------------------------------
     def round(self, round_: int, state: ServerState):
-        """One round; returns (its results row, its clients' rows, whether a rank was asked to stop)."""
+        """One round; returns (its results row, its clients' rows, whether a rank was asked to stop).
+        The evaluation and the model's columns come before ``_prepare_next_round``: they describe
+        the model the round's clients trained, not the one the next round will download."""
         started = time.perf_counter()
         traffic_before = (self.comm.traffic.payload_bytes, self.comm.traffic.control_bytes)
         clients, assignment = self._select_and_assign(round_)
@@ -110,6 +114,7 @@ class Server:
         metrics = self._merge(round_, results, sums)
         if evaluate:
             metrics.update(self._evaluate(round_))
+        metrics.update(self._prepare_next_round(round_))
         round_row = self._round_row(round_, state, client_rows, metrics, time.perf_counter() - started, traffic_before)
         return round_row, client_rows, any(r.terminate_requested for r in rank_reports)
 
@@ -218,12 +223,14 @@ class Server:
             state.known_masks[report.client_id] = pack_masks(held)
 
     def _merge(self, round_: int, results: list[ClientResult], sums) -> dict:
-        """``algorithm.aggregate`` (with the ranks' sums when they summed); the round's metrics."""
+        """``algorithm.aggregate`` (with the ranks' sums when they summed): the round's model; the
+        columns that describe it (``round_metrics`` and ``density``), taken before anything changes
+        it for the next round."""
         if sums is None:
             self.algorithm.aggregate(round_, results)
         else:
             self.algorithm.aggregate(round_, results, sums)
-        metrics = self.algorithm.round_metrics(round_)
+        metrics = {**self.algorithm.round_metrics(round_), "density": self.algorithm.density()}
         PHASES.mark("merge")
         return metrics
 
@@ -234,12 +241,26 @@ class Server:
         PHASES.mark("evaluate")
         return metrics
 
+    def _prepare_next_round(self, round_: int) -> dict:
+        """``algorithm.prepare_next_round`` after every round but the last (no round would train
+        what it changes): the server's change for the next round's download, made once this
+        round's model was described and evaluated; the columns it reports."""
+        if round_ >= self.ctx.cfg["rounds"]:
+            return {}
+        metrics = self.algorithm.prepare_next_round(round_)
+        PHASES.mark("prepare next round")
+        return metrics
+
     # -- results rows ---------------------------------------------------------------------------
     def _client_row(self, round_: int, report, rank: int) -> dict:
         ctx = self.ctx
-        flops = report.samples_processed * 3 * scale_flops(ctx.info.layer_flops, report.densities)
+        dense_grads = self.algorithm.dense_weight_gradients(round_)   # what the client computed
+        flops = ctx.profile.train_flops(report.samples_processed, report.densities, dense_grads)
         sim = ctx.profile.client_seconds(report.client_id, report.samples_processed, report.densities,
-                                         report.upload_bytes, report.download_bytes)
+                                         report.upload_bytes, report.download_bytes,
+                                         dense_weight_gradients=dense_grads)
+        if not self.algorithm.charges_round_time(round_):
+            sim = 0.0
         return {
             "round": round_, "client_id": report.client_id, "rank": rank, "num_samples": report.num_samples,
             "upload_bytes": report.upload_bytes, "download_bytes": report.download_bytes,
@@ -264,12 +285,11 @@ class Server:
         nan = float("nan")
         return {
             "test_accuracy": nan, "client_accuracy": nan, "test_loss": nan,   # unless evaluated
-            **metrics,
+            **metrics,   # density among them: of the round's model (_merge)
             "round": round_,
             "upload_bytes": upload, "download_bytes": download,
             "cum_upload_bytes": totals.upload_bytes, "cum_download_bytes": totals.download_bytes,
             "header_bytes": sum(r["header_bytes"] for r in client_rows),
-            "density": self.algorithm.density(),
             "wall_seconds": wall, "cum_wall_seconds": totals.wall_seconds,
             "compute_seconds": sum(r["compute_seconds"] for r in client_rows),
             "sim_seconds": sim, "cum_sim_seconds": totals.sim_seconds,

@@ -2,8 +2,10 @@
 step-time lines fitted by ``fedmpi profile`` on a real machine, loaded from a YAML file).
 
 ``load_profile(spec)`` takes a built-in name (``laptop``, ``raspberry-pi-4``, ``jetson-nano``,
-``phone-lte``) or the path of a measured profile (``profiles/NAME.yaml``; relative to the working
-directory); anything wrong with the file is a ``ConfigError`` (exit 2) that names it.
+``phone-lte``) or the path of a profile file (``profiles/NAME.yaml``; relative to the working
+directory): a measured profile, or a coefficient profile (``kind: coefficients``, coefficients.py,
+such as the PruneFL authors' ``profiles/prunefl-raspberry-pi.yaml``); anything wrong with the file
+is a ``ConfigError`` (exit 2) that names it.
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ def load_profile(spec: str, key: str = "device.profile") -> Profile:
     return _CACHE[cache_key]
 
 
-def parse_profile(text: str, path: str, key: str = "device.profile") -> MeasuredProfile:
+def parse_profile(text: str, path: str, key: str = "device.profile"):
+    """A ``MeasuredProfile``, or a ``CoefficientProfile`` (coefficients.py) for ``kind: coefficients``."""
     import yaml
 
     def bad(problem: str) -> ConfigError:
@@ -164,8 +167,13 @@ def parse_profile(text: str, path: str, key: str = "device.profile") -> Measured
         raise bad("must be a YAML mapping (a measured profile written by `fedmpi profile`)")
     if doc.get("format") != FORMAT:
         raise bad(f"'format' must be '{FORMAT}', got {doc.get('format')!r}")
+    if doc.get("kind") == "coefficients":   # per-weight coefficients (the PruneFL authors' kind)
+        from .coefficients import parse_coefficients
+
+        return parse_coefficients(doc, path, key)
     if doc.get("kind") != "measured":
-        raise bad(f"'kind' must be 'measured', got {doc.get('kind')!r}")
+        raise bad(f"'kind' must be 'measured' (written by `fedmpi profile`) or 'coefficients', "
+                  f"got {doc.get('kind')!r}")
 
     def number(mapping: dict, name: str, where: str, *, minimum: float | None = 0.0, positive=False) -> float:
         value = mapping.get(name)

@@ -10,7 +10,8 @@ write out: per step the forward ``addmm``/``relu``, the cross-entropy as ``_log_
 ``_log_softmax_backward_data``, ``mm`` for the weight and input gradients in autograd's operand
 order, ``sum(0)`` for the bias, ``threshold_backward`` for ReLU), and fedmpi's SGD step
 (``optim.sgd_step``). ``tests/test_training.py`` checks the bits against the autograd path for
-every setting this path accepts; anything else trains through autograd (``ExplicitMLP.covers``).
+every setting this path accepts; anything else (``local.loss: bce_onehot`` too) trains through
+autograd (``ExplicitMLP.covers``).
 """
 from __future__ import annotations
 

@@ -22,11 +22,12 @@ Clients whose sample counts differ have differently shaped batches; a group is s
 sub-groups of equal size (exact shapes, no padding), so a partition with unequal clients gains only
 where sizes repeat (iid and shards partitions give equal sizes).
 
-Only what is known to be exact is grouped (``group_unsupported`` says why not): SGD, the default
-cross-entropy objective, no step hooks, no ``steps`` limit, the full model, no sparse kernels, a
-model without buffers (no batch norm) whose parameters all sit in ``nn.Linear`` / ``nn.Conv2d``
-layers, and no random op in the forward (``vmap`` refuses one). Otherwise ``train_group`` trains the
-clients one by one with ``LocalTrainer.train``: the same results, without the speed-up.
+Only what is known to be exact is grouped (``group_unsupported`` says why not): SGD, the
+cross-entropy objective (``local.loss: cross_entropy``; ``bce_onehot`` has no grouped kernel), no
+step hooks, no ``steps`` limit, the full model, no sparse kernels, a model without buffers (no
+batch norm) whose parameters all sit in ``nn.Linear`` / ``nn.Conv2d`` layers, and no random op in
+the forward (``vmap`` refuses one). Otherwise ``train_group`` trains the clients one by one with
+``LocalTrainer.train``: the same results, without the speed-up.
 On CUDA the optimizer's per-client kernels are the same, but bit-equality with the one-by-one loop
 (which uses ``torch.optim``'s foreach kernels there) is not claimed.
 """
@@ -83,14 +84,17 @@ def model_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def group_unsupported(trainer, *, optimizer=None, objective=cross_entropy, hooks=(), steps=None,
+def group_unsupported(trainer, *, optimizer=None, objective=None, hooks=(), steps=None,
                       variant=None, masks=None) -> str | None:
-    """Why these training settings cannot be grouped exactly (None: they can)."""
+    """Why these training settings cannot be grouped exactly (None: they can); ``objective`` None:
+    the trainer's (``local.loss``)."""
     spec = optimizer or trainer.optimizer
     if spec.name != "sgd":
         return f"optimizer {spec.name} (only SGD is grouped)"
-    if objective is not cross_entropy:
-        return "a custom objective"
+    if objective is None:
+        objective = getattr(trainer, "objective", cross_entropy)
+    if objective is not cross_entropy:   # GroupCrossEntropy is the only grouped loss kernel
+        return "an objective other than cross-entropy (local.loss or the method's own)"
     if tuple(hooks):
         return "step hooks"
     if steps is not None:

@@ -21,7 +21,7 @@ from ..sparsity import apply_masks_torch
 from ..update import tensor_view
 from .explicit import ExplicitMLP
 from .hooks import StepHook
-from .objectives import Objective, cross_entropy
+from .objectives import Objective, loss_objective
 from .optim import OptimizerSpec
 
 
@@ -41,6 +41,8 @@ class LocalTrainer:
         self.device = torch.device(device)
         self.local = local_cfg
         self.optimizer = OptimizerSpec.from_config(local_cfg)
+        # local.loss: the objective of every client an algorithm does not give its own
+        self.objective = loss_objective(local_cfg.get("loss", "cross_entropy"))
         # "auto": models fedmpi can train without autograd (explicit.py) do so, same bits
         self.backward = local_cfg.get("backward", "auto")
         self._build_variant = build_variant
@@ -95,7 +97,7 @@ class LocalTrainer:
     def train(self, weights: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, *, seed: int,
               round_: int, client_id: int, masks: dict[str, np.ndarray] | None = None,
               prox_mu: float = 0.0, epochs: int | None = None, steps: int | None = None,
-              optimizer: OptimizerSpec | None = None, objective: Objective = cross_entropy,
+              optimizer: OptimizerSpec | None = None, objective: Objective | None = None,
               hooks: Iterable[StepHook] = (), variant: dict | None = None,
               sparse_layers: Iterable[str] | None = None,
               ) -> tuple[dict[str, np.ndarray], float, int]:
@@ -106,6 +108,7 @@ class LocalTrainer:
         With ``masks``, masked weights are zero before the first step and re-zeroed after every
         step (forward uses the sparse weights; gradients stay dense). ``prox_mu`` adds FedProx's
         μ/2·‖θ − θ_start‖² on the live parameters (not part of the reported loss).
+        ``objective``: None is the trainer's (``local.loss``).
         ``sparse_layers`` names masked layers to run with a real sparse kernel (CPU; None: the
         trainer's ``sparse_kernels`` policy picks them from their densities); results equal the
         masked dense layers' up to float rounding. Their weight gradient is dense when ``hooks``
@@ -131,6 +134,7 @@ class LocalTrainer:
         model.train()
         anchors = [p.detach().clone() for p in trained] if prox_mu > 0 else None
         spec = optimizer or self.optimizer
+        objective = self.objective if objective is None else objective
         explicit = ExplicitMLP(model, spec) if self.backward == "auto" and ExplicitMLP.covers(
             model, device=self.device, objective=objective, optimizer=spec, hooks=hooks, prox_mu=prox_mu,
             compact=compact, variant=variant) else None
@@ -193,8 +197,10 @@ class LocalTrainer:
 
     def gradients(self, weights: dict[str, np.ndarray], x: torch.Tensor, y: torch.Tensor, names, *,
                   seed: int, batches: int, masks: dict[str, np.ndarray] | None = None,
-                  objective: Objective = cross_entropy, variant: dict | None = None) -> dict[str, np.ndarray]:
-        """Dense gradient of the plain task loss (no proximal term), summed over ``batches`` batches."""
+                  objective: Objective | None = None, variant: dict | None = None) -> dict[str, np.ndarray]:
+        """Dense gradient of the plain task loss (no proximal term), summed over ``batches`` batches;
+        ``objective`` None: the trainer's (``local.loss``)."""
+        objective = self.objective if objective is None else objective
         generator = torch.Generator().manual_seed(seed)
         model = self.load(weights, variant)
         params = dict(model.named_parameters())
