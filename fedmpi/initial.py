@@ -50,7 +50,8 @@ def build_initial(cfg: dict, load_once: Callable | None = None,
         mark("data")
     partition = partition_dataset(
         dataset, data["partition"], cfg["clients"]["total"], seed=cfg["seed"],
-        alpha=data["alpha"], shard_size=data["shard_size"], shards_per_client=data["shards_per_client"])
+        alpha=data["alpha"], shard_size=data["shard_size"], shards_per_client=data["shards_per_client"],
+        min_client_samples=data["min_client_samples"])
     if data["local_test_fraction"] > 0:
         partition = hold_out_local_test(partition, data["local_test_fraction"], cfg["seed"])
     empty = [c for c, idx in enumerate(partition.train_indices) if len(idx) == 0]

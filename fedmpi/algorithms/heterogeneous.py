@@ -35,6 +35,17 @@ from .base import Algorithm, ClientResult, ClientTask
 from .evaluation import EvalModel
 
 
+def tier_slots(k: int, tiers: int, leftover: str = "lowest") -> list[int]:
+    """Per-round slots of each tier: k // tiers each, plus the k mod tiers left over, one each to
+    the lowest tiers ("lowest") or all to tier 2 ("authors": the HypeMeFed authors' main.py,
+    ``select_participants``, ``num_parts[1] += num_participants - sum(num_parts)``)."""
+    slots = [k // tiers] * tiers
+    if leftover == "authors":
+        slots[min(1, tiers - 1)] += k % tiers   # one tier: nothing is left over
+    else:
+        for t in range(k % tiers):
+            slots[t] += 1
+    return slots
 
 
 class TieredAlgorithm(Algorithm):
@@ -77,12 +88,13 @@ class TieredAlgorithm(Algorithm):
 
     # ---- server --------------------------------------------------------------------------
     def select_clients(self, round_, generator):
-        """Draw evenly per tier (the remainder goes to the lowest tiers), without replacement."""
+        """Draw evenly per tier, without replacement; the k mod tiers slots left over go by
+        ``tiers.leftover``, and a tier with fewer clients than its slots gives all it has."""
         k = self.cfg["clients"]["per_round"]
         chosen = []
-        for t in range(self.num_tiers):
+        for t, slots in enumerate(tier_slots(k, self.num_tiers, self.cfg["tiers"].get("leftover", "lowest"))):
             members = np.flatnonzero(self.tier == t)
-            take = min(len(members), k // self.num_tiers + (1 if t < k % self.num_tiers else 0))
+            take = min(len(members), slots)
             chosen.extend(int(c) for c in generator.choice(members, size=take, replace=False))
         return sorted(chosen)
 

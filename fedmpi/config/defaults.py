@@ -9,6 +9,7 @@ from typing import Any
 from ..algorithms import config_sections
 
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
+LEFTOVER_RULES = ("lowest", "authors")   # tiers.leftover
 
 DEFAULTS: dict[str, Any] = {
     "experiment": "",          # names the figure set this run belongs to (plots group by it)
@@ -24,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
         "alpha": 0.5,          # Dirichlet concentration
         "shard_size": 20,
         "shards_per_client": 2,
+        # dirichlet: redraw the split until every client holds at least this many training
+        # samples (the HypeMeFed authors use 50); 0: no such redraw
+        "min_client_samples": 0,
         # > 0: hold out this fraction of each client's own data as its local test split
         # (HypeMeFed's 80/20); 0: a client's local test set is the global test images of its labels
         "local_test_fraction": 0.0,
@@ -50,6 +54,9 @@ DEFAULTS: dict[str, Any] = {
         # auto: models fedmpi can train without autograd (the MLP; fedmpi/training/explicit.py)
         # do so, with the same bits; autograd: always through autograd
         "backward": "auto",
+        # true: skip each epoch's last partial batch, and a client with fewer samples than
+        # batch_size trains them as one batch (the HypeMeFed authors' DataLoader)
+        "drop_last": False,
     },
     "eval": {
         "every": 1,
@@ -57,7 +64,9 @@ DEFAULTS: dict[str, Any] = {
     },
     # heterogeneous clients (the tiered methods): tier t holds mix[t] of the clients and trains
     # depth levels[t] (multi-exit blocks/exits) or width widths[t] (channel fraction)
-    "tiers": {"mix": [1.0, 1.0, 1.0], "levels": [1, 2, 3], "widths": [0.25, 0.5, 1.0]},
+    # leftover: who gets the per_round mod tiers slots left over from the even split: lowest (one
+    # each to tiers 1, 2, ...) | authors (all to tier 2, as the HypeMeFed authors' main.py does)
+    "tiers": {"mix": [1.0, 1.0, 1.0], "levels": [1, 2, 3], "widths": [0.25, 0.5, 1.0], "leftover": "lowest"},
     "device": {
         # the device profile behind sim_seconds (docs/timing.md): a built-in name (laptop,
         # raspberry-pi-4, jetson-nano, phone-lte) or a profile file (profiles/NAME.yaml: measured

@@ -18,7 +18,7 @@ from ..data import DATASETS
 from ..models import MODELS, variant_options
 from ..timing import MeasuredProfile, load_profile
 from ..training import LOSSES, OPTIMIZERS
-from .defaults import PARTITIONS, UNION_TYPES, defaults
+from .defaults import LEFTOVER_RULES, PARTITIONS, UNION_TYPES, defaults
 from .keys import flatten, get_dotted, set_dotted
 
 
@@ -95,6 +95,10 @@ def _check_data(cfg: dict) -> None:
     _require(data["alpha"] > 0, "data.alpha", "must be > 0")
     _require(data["shard_size"] >= 1, "data.shard_size", "must be at least 1")
     _require(data["shards_per_client"] >= 1, "data.shards_per_client", "must be at least 1")
+    _require(data["min_client_samples"] >= 0, "data.min_client_samples",
+             "must be 0 (no minimum) or a positive number of samples")
+    _require(data["min_client_samples"] == 0 or data["partition"] == "dirichlet",
+             "data.min_client_samples", "applies only to data.partition: dirichlet; set it to 0")
     _require(0 <= data["local_test_fraction"] < 1, "data.local_test_fraction", "must be in [0, 1)")
 
 
@@ -138,6 +142,8 @@ def _check_tiers(cfg: dict) -> None:
              "entries must be exit levels 1, 2 or 3")
     _require(all(isinstance(v, (int, float)) and 0 < v <= 1 for v in tiers["widths"]), "tiers.widths",
              "entries must be width rates in (0, 1]")
+    _require(tiers["leftover"] in LEFTOVER_RULES, "tiers.leftover",
+             f"unknown rule '{tiers['leftover']}'; choose one of {', '.join(LEFTOVER_RULES)}")
     _require(not ALGORITHMS[cfg["algorithm"]].tiered or {"level", "width"} <= set(variant_options(cfg["model"])),
              "model", f"algorithm {cfg['algorithm']} trains submodels of a multi-exit family: use model: "
                       f"multiexit_vgg (or multiexit_vgg_small, or a model whose builder takes level and width)")

@@ -16,13 +16,18 @@ SCHEMES = ("iid", "dirichlet", "shards", "natural")
 
 # Dirichlet: how many fresh draws to try before topping up starved clients by hand.
 DIRICHLET_MAX_TRIES = 100
+# Dirichlet with data.min_client_samples: how many fresh draws to try before giving up (exit 2).
+MIN_CLIENT_SAMPLES_MAX_DRAWS = 1000
 
 
 def partition_dataset(dataset: Dataset, scheme: str, num_clients: int, *, seed: int,
-                      alpha: float, shard_size: int, shards_per_client: int) -> Partition:
+                      alpha: float, shard_size: int, shards_per_client: int,
+                      min_client_samples: int = 0) -> Partition:
     """Split ``dataset`` over ``num_clients`` clients by ``scheme``.
 
-    Every client's train and local-test indices are int64 and sorted ascending.
+    ``min_client_samples`` > 0 (``dirichlet`` only): redraw the whole split until every client
+    holds at least that many training samples. Every client's train and local-test indices are
+    int64 and sorted ascending.
     """
     if not isinstance(num_clients, (int, np.integer)) or num_clients < 1:
         raise ConfigError("clients.total", f"must be a positive integer, got {num_clients!r}")
@@ -42,7 +47,7 @@ def partition_dataset(dataset: Dataset, scheme: str, num_clients: int, *, seed: 
     if scheme == "dirichlet":
         if not alpha > 0:
             raise ConfigError("data.alpha", f"must be > 0, got {alpha!r}")
-        return _dirichlet(dataset, num_clients, float(alpha), g)
+        return _dirichlet(dataset, num_clients, float(alpha), g, int(min_client_samples))
     return _shards(dataset, num_clients, shard_size, shards_per_client, g)
 
 
@@ -128,19 +133,45 @@ def _top_up(counts: np.ndarray, minimum: int) -> np.ndarray:
     return counts
 
 
+def _redraw_until_minimum(class_sizes: np.ndarray, num_clients: int, alpha: float,
+                          g: np.random.Generator, minimum: int) -> np.ndarray:
+    """The HypeMeFed authors' rule (eis-lab/HypeMeFed, framework/DataManager.py,
+    ``non_iid_partition``: ``while min_size < min_data_size`` redraws every class's Dir(alpha)
+    proportions and keeps the draw once its smallest client holds ``min_data_size`` samples; their
+    STL-10 and SVHN runs pass 50 from ``get_datasets``). Their loop is unbounded; this one stops
+    after MIN_CLIENT_SAMPLES_MAX_DRAWS draws. Every draw comes from ``g`` (the seed), never the rank."""
+    n_train = int(class_sizes.sum())
+    if minimum * num_clients > n_train:
+        raise ConfigError("data.min_client_samples",
+                          f"{num_clients} clients x {minimum} samples need {minimum * num_clients}, "
+                          f"but the training set has {n_train}; lower data.min_client_samples "
+                          f"(at most {n_train // num_clients}) or clients.total")
+    for _ in range(MIN_CLIENT_SAMPLES_MAX_DRAWS):
+        counts = _dirichlet_counts(class_sizes, num_clients, alpha, g)
+        if counts.sum(axis=1).min() >= minimum:
+            return counts
+    raise ConfigError("data.min_client_samples",
+                      f"no Dir({alpha:g}) split in {MIN_CLIENT_SAMPLES_MAX_DRAWS} draws gave all "
+                      f"{num_clients} clients at least {minimum} training samples; lower "
+                      f"data.min_client_samples, or raise data.alpha")
+
+
 def _dirichlet(dataset: Dataset, num_clients: int, alpha: float,
-               g: np.random.Generator) -> Partition:
+               g: np.random.Generator, min_client_samples: int = 0) -> Partition:
     y_train, y_test = dataset.y_train, dataset.y_test
     classes = np.unique(y_train)
     class_sizes = np.array([(y_train == c).sum() for c in classes], dtype=np.int64)
-    # A client with almost no data makes FedAvg weights and local epochs meaningless.
-    minimum = max(1, min(10, len(y_train) // num_clients // 2))
-    for _ in range(DIRICHLET_MAX_TRIES):
-        counts = _dirichlet_counts(class_sizes, num_clients, alpha, g)
-        if counts.sum(axis=1).min() >= minimum:
-            break
+    if min_client_samples > 0:
+        counts = _redraw_until_minimum(class_sizes, num_clients, alpha, g, min_client_samples)
     else:
-        counts = _top_up(counts, minimum)
+        # A client with almost no data makes FedAvg weights and local epochs meaningless.
+        minimum = max(1, min(10, len(y_train) // num_clients // 2))
+        for _ in range(DIRICHLET_MAX_TRIES):
+            counts = _dirichlet_counts(class_sizes, num_clients, alpha, g)
+            if counts.sum(axis=1).min() >= minimum:
+                break
+        else:
+            counts = _top_up(counts, minimum)
 
     train_parts = [[] for _ in range(num_clients)]
     test_parts = [[] for _ in range(num_clients)]

@@ -46,6 +46,7 @@ from ..update import tensor_view
 from .group_kernels import GroupCrossEntropy, NotGroupable, PerClientKernels
 from .objectives import cross_entropy
 from .optim import sgd_step
+from .trainer import batch_plan
 
 
 @dataclass
@@ -182,10 +183,10 @@ def _train_equal(trainer, members: list[Member], prox_mu: float, epochs: int | N
 
     batched_forward = vmap(forward)
     step_losses, sizes = [], []
-    size = local["batch_size"]
+    size, end = batch_plan(n, local)   # the one-by-one trainer's batches, local.drop_last included
     for _ in range(epochs if epochs is not None else local["epochs"]):
         orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
-        for start in range(0, n, size):
+        for start in range(0, end, size):
             batch = orders[:, start:start + size]
             logits = batched_forward(dict(zip(names, leaves)), x[rows, batch])
             loss = GroupCrossEntropy.apply(logits, y[rows, batch])

@@ -25,6 +25,17 @@ from .objectives import Objective, loss_objective
 from .optim import OptimizerSpec
 
 
+def batch_plan(n: int, local: dict) -> tuple[int, int]:
+    """(batch size, end of the last batch) for one pass over ``n`` samples. ``local.drop_last``
+    follows the HypeMeFed authors' client (framework/FedClients/FedClient.py, ``FedClient.__init__``):
+    batch size min(batch_size, n), and ``DataLoader(drop_last=True)`` skips the last partial batch."""
+    size = local["batch_size"]
+    if not local.get("drop_last", False):
+        return size, n
+    size = max(min(size, n), 1)
+    return size, n - n % size
+
+
 def variant_key(variant: dict | None) -> tuple:
     return tuple(sorted((variant or {}).items()))
 
@@ -89,8 +100,8 @@ class LocalTrainer:
 
     def _batches(self, n: int, generator: torch.Generator):
         order = torch.randperm(n, generator=generator)
-        size = self.local["batch_size"]
-        for start in range(0, n, size):
+        size, end = batch_plan(n, self.local)
+        for start in range(0, end, size):
             yield order[start:start + size]
 
     # -- training -----------------------------------------------------------------------------
