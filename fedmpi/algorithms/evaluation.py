@@ -5,7 +5,8 @@ optional model variant and masks, and which samples — the global test set and/
 test sets (per client: the global test images of its labels, or its held-out split with
 ``data.local_test_fraction``). The engine spreads the samples of all models over every rank in
 fixed chunks, so outcomes never depend on the rank count. An ``EvalOutcome`` holds per-sample
-correctness for every exit of a multi-exit model (exit -1 is the deepest one the variant has).
+correctness for every exit of a multi-exit model (exit -1 is the deepest one the variant has);
+``mean_client_accuracy`` averages clients scored on different models' outcomes.
 """
 from __future__ import annotations
 
@@ -43,6 +44,13 @@ class EvalOutcome:
         """Mean over clients (id order, those with a non-empty local test set) of each client's
         accuracy; ``exit_of(client)`` picks the exit per client (default: the deepest)."""
         chosen = sorted(self.local_correct) if clients is None else clients
-        accuracies = [self.local_correct[c][-1 if exit_of is None else exit_of(c)].mean()
-                      for c in chosen if len(self.local_correct[c][0])]
-        return float(np.mean(accuracies)) if accuracies else float("nan")
+        return mean_client_accuracy([(self, c, -1 if exit_of is None else exit_of(c)) for c in chosen])
+
+
+def mean_client_accuracy(scores: list[tuple[EvalOutcome, int, int]]) -> float:
+    """Mean, in the given order, of each (outcome, client, exit)'s accuracy: the client's local
+    test set at that exit of the model ``outcome`` is from (tiered methods score each client on its
+    own tier's submodel this way); clients with an empty local test set are left out."""
+    accuracies = [outcome.local_correct[c][exit].mean() for outcome, c, exit in scores
+                  if len(outcome.local_correct[c][0])]
+    return float(np.mean(accuracies)) if accuracies else float("nan")

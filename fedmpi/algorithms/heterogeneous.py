@@ -16,9 +16,15 @@ runs (width p scales in·out channels, a shallow client skips the deeper blocks 
 ``train_flops`` and ``sim_seconds`` (under ``device.tier_profiles``, its tier's device) are the
 submodel's.
 
-The paper's metric is ``client_accuracy``: the global model at each client's deepest exit on
-that client's local test set. Per round they also record each exit's accuracy on the global test
-set (``exit_accuracy[e]``) and the mean client accuracy per tier (``tier_accuracy[t]``).
+Evaluation protocol (docs/methods/hypemefed.md, "Evaluation protocol"), one code path for every
+tiered method: a client is scored on the submodel it runs — its tier's blocks and exits at its
+tier's width, the model it downloads — at that submodel's deepest exit, on its local test set
+(``client_accuracy``, the mean over clients; ``tier_accuracy[t]``, over tier t's). A depth-l
+submodel's exits are the first l exits of the full-depth model at the same width, so the evaluator
+runs one model per distinct tier width (the full model for width 1), not one per tier or client.
+``exit_accuracy[e]``: exit e on the global test set, at the narrowest width among the tiers that
+hold exit e (the full model where no tier does). ``test_accuracy``/``test_loss``: the full model's
+deepest exit on the global test set.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from ..tiers import tier_of_clients
 from ..training import weighted_exits
 from ..update import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
-from .evaluation import EvalModel
+from .evaluation import EvalModel, mean_client_accuracy
 
 
 def tier_slots(k: int, tiers: int, leftover: str = "lowest") -> list[int]:
@@ -63,12 +69,15 @@ class TieredAlgorithm(Algorithm):
         self.blocks = [self._blocks(v) for v in self.variants]
         self.densities = [self._densities(b) for b in self.blocks]
         self._downloads: dict[int, ModelUpdate] = {}
+        self.widths = [float(v.get("width", 1.0)) for v in self.variants]
+        # every width below 1 a tier runs at → its blocks at full depth (evaluated as one model)
+        self._width_blocks = {w: self._blocks({"width": w}) for w in sorted(set(self.widths)) if w < 1.0}
 
     def variant(self, tier: int) -> dict:
         raise NotImplementedError
 
     def exit_of(self, client: int) -> int:
-        """Index of the client's deepest exit in the full model's outputs."""
+        """Index of the client's deepest exit in the outputs of the full-depth model at its width."""
         return self.variants[self.tier[client]].get("level", 3) - 1
 
     def _blocks(self, variant: dict) -> dict[str, tuple]:
@@ -137,18 +146,48 @@ class TieredAlgorithm(Algorithm):
     def client_columns(self):
         return {"tier": np.int64}
 
+    # ---- evaluation (one protocol for every tiered method) ---------------------------------
+    @staticmethod
+    def width_key(width: float) -> str:
+        """The outcome key of the full-depth model at ``width`` ("global": the full model)."""
+        return "global" if width == 1.0 else f"width{width!r}"
+
+    def exit_width(self, exit_: int) -> float:
+        """The width ``exit_accuracy[exit_ + 1]`` is measured at: the narrowest tier holding that
+        exit (every tier holding it can run that model); 1 (the full model) where none does."""
+        held = [w for v, w in zip(self.variants, self.widths) if v.get("level", 3) > exit_]
+        return min(held) if held else 1.0
+
     def evaluation_models(self, round_):
-        return [EvalModel("global", self.weights)]
+        """The full model (global test set; local test sets of the width-1 tiers' clients) and, per
+        width below 1 that a tier runs at, the full-depth slice at that width (local test sets of
+        its tiers' clients; the global test set where an exit is measured at that width)."""
+        clients = range(self.info.num_clients)
+        at_width = {w: [c for c in clients if self.widths[self.tier[c]] == w] for w in set(self.widths)}
+        full_members = at_width.get(1.0, [])
+        models = [EvalModel("global", self.weights,
+                            local_clients=None if len(full_members) == self.info.num_clients else full_members)]
+        exit_widths = {self.exit_width(e) for e in range(3)}
+        for width, blocks in self._width_blocks.items():
+            values = {n: np.ascontiguousarray(self.weights[n][tuple(slice(a, b) for a, b in blocks[n])])
+                      for n in blocks}
+            models.append(EvalModel(self.width_key(width), values, variant={"width": width},
+                                    global_test=width in exit_widths, local_clients=at_width[width]))
+        return models
+
+    def _client_scores(self, outcomes, clients):
+        """(outcome, client, exit) for each client: its tier's submodel at its deepest exit."""
+        return [(outcomes[self.width_key(self.widths[self.tier[c]])], c, self.exit_of(c)) for c in clients]
 
     def evaluation_metrics(self, round_, outcomes):
-        outcome = outcomes["global"]
-        metrics = {"test_accuracy": outcome.test_accuracy(), "test_loss": outcome.test_loss(),
-                   "client_accuracy": outcome.mean_client_accuracy(exit_of=self.exit_of)}
-        for e in range(len(outcome.test_correct)):
-            metrics[f"exit_accuracy[{e + 1}]"] = outcome.test_accuracy(e)
+        full = outcomes["global"]
+        metrics = {"test_accuracy": full.test_accuracy(), "test_loss": full.test_loss(),
+                   "client_accuracy": mean_client_accuracy(self._client_scores(outcomes, range(self.info.num_clients)))}
+        for e in range(len(full.test_correct)):
+            metrics[f"exit_accuracy[{e + 1}]"] = outcomes[self.width_key(self.exit_width(e))].test_accuracy(e)
         for t in range(self.num_tiers):
             members = [int(c) for c in np.flatnonzero(self.tier == t)]
-            metrics[f"tier_accuracy[{t + 1}]"] = outcome.mean_client_accuracy(exit_of=self.exit_of, clients=members)
+            metrics[f"tier_accuracy[{t + 1}]"] = mean_client_accuracy(self._client_scores(outcomes, members))
         return metrics
 
 
@@ -184,6 +223,3 @@ class HeteroFL(TieredAlgorithm):
 
     def variant(self, tier):
         return {"width": float(self.cfg["tiers"]["widths"][tier])}
-
-    def exit_of(self, client):
-        return -1

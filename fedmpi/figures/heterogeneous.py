@@ -6,7 +6,8 @@ depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL — and a run that has ``exit_
 - ``<stem>_exit_accuracy.png``: each exit's accuracy on the global test set at the final evaluated
   round, a bar group per method, a bar per exit;
 - ``<stem>_tier_accuracy.png``: each tier's client accuracy (the mean over the tier's clients of
-  the global model at their deepest exit on their local test splits), the same way;
+  their tier's submodel -- depth exit, width slice or both -- on their local test splits), the
+  same way;
 - ``<stem>_heterogeneous_table.md``: a table like the paper's main table, a row per method:
   ``client_accuracy`` (the paper's metric), ``test_accuracy``, each exit, each tier, the upload per
   client and the modelled time.
@@ -125,9 +126,10 @@ def heterogeneous_table(groups) -> str:
     rounds = sorted({r.rounds_done for g in groups for r in g.runs if r.rounds_done})
     span = str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
     note = (f"Final evaluated round of each run ({span} rounds); mean ± sample std over seeds. "
-            "client_accuracy: the paper's metric, the mean over clients of the global model at each "
-            "client's deepest exit on its local test split; test_accuracy: the deepest exit on the global "
-            "test set; exit e: exit e on the global test set; tier t: client_accuracy over tier t's clients; "
+            "client_accuracy: the paper's metric, the mean over clients of each client's tier submodel "
+            "(its depth exit and width slice) on its local test split; test_accuracy: the full model's "
+            "deepest exit on the global test set; exit e: exit e on the global test set, at the narrowest "
+            "width holding it; tier t: client_accuracy over tier t's clients; "
             "upload per client: cumulative upload / clients.total; modelled time: cum_sim_seconds "
             "(each tier on its device profile, a round as long as its slowest client). "
             "— : the method has no such column.")
