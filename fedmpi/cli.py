@@ -76,14 +76,6 @@ def default_out_path(cfg: dict, config_path: str | None) -> Path:
     return Path("results") / f"{stem}_{cfg['algorithm']}_seed{cfg['seed']}.h5"
 
 
-def _out_decision(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[str, str]:
-    """What rank 0 decides about ``--out`` before any data is loaded: ('fresh'|'resume'|'done'|
-    'error', message); ``engine.out_decision`` has the rules (docs/interface.md)."""
-    from .engine.out_decision import decide_output
-
-    return decide_output(out, cfg, resume, force)
-
-
 def cmd_run(args) -> int:
     from .comm.transport import Communicator
     from .engine import report_failure
@@ -113,6 +105,7 @@ def _run_on_every_rank(args, comm) -> int:
     existing results file) return their exit status here; anything else raises."""
     from .config import load_config
     from .engine import Run
+    from .engine.out_decision import decide_output
 
     cfg, problem = None, None
     try:
@@ -137,14 +130,17 @@ def _run_on_every_rank(args, comm) -> int:
         return ConfigError.exit_code
     comm.wait_mode = cfg["mpi"]["wait"]
     out = Path(args.out) if args.out else default_out_path(cfg, args.config)
-    decision, message = comm.bcast_object(_out_decision(out, cfg, args.resume, args.force)
+    # rank 0 decides about --out before any data is loaded (engine.out_decision has the rules)
+    checkpoint: dict = {}
+    decision, message = comm.bcast_object(decide_output(out, cfg, args.resume, args.force, checkpoint)
                                           if comm.is_server else None)
     if comm.is_server and message:
         print(f"fedmpi: {message}", file=sys.stderr)
     if decision not in ("fresh", "resume"):
         return 0 if decision == "done" else 2
     progress = cfg["output"]["progress"]
-    run = Run(cfg, comm, out, resume=decision == "resume", progress=None if progress == "auto" else progress,
+    run = Run(cfg, comm, out, checkpoint=checkpoint if comm.is_server and decision == "resume" else None,
+              progress=None if progress == "auto" else progress,
               versions=_versions() if comm.is_server else None, version=__version__,
               commit=_git_commit() if comm.is_server else "")
     try:

@@ -97,7 +97,11 @@ def checked_checkpoint(path: Path, cfg: dict) -> dict:
 
 def read_checkpoint(path: Path, cfg: dict) -> tuple[ServerState, dict]:
     """(server state, algorithm state) from the checkpoint of a run of ``cfg``."""
-    contents = checked_checkpoint(path, cfg)
+    return restored(checked_checkpoint(path, cfg))
+
+
+def restored(contents: dict) -> tuple[ServerState, dict]:
+    """(server state, algorithm state) from a checkpoint's contents (``read_checkpoint_file``)."""
     state = ServerState(contents["round"], RoundTotals(**contents["totals"]), contents["client_states"],
                         contents["known_masks"])
     return state, contents["algorithm"]

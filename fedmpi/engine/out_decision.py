@@ -51,13 +51,16 @@ def stored_run(path: Path) -> StoredRun:
         return StoredRun(problem=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def decide_output(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[str, str]:
+def decide_output(out: Path, cfg: dict, resume: bool, force: bool,
+                  checkpoint: dict | None = None) -> tuple[str, str]:
     """``(decision, message)``: decision ``fresh`` (start the run, writing ``out``; the message, if
     any, says why a file is started over), ``resume`` (continue from the checkpoint), ``done``
-    (finished already: exit 0) or ``error`` (exit 2, the message says what to fix)."""
+    (finished already: exit 0) or ``error`` (exit 2, the message says what to fix). On ``resume``
+    the checkpoint's contents, read and checked here, go into ``checkpoint`` if given: rank 0
+    restores from them without reading the file a second time."""
     if out.is_dir():
         return "error", f"--out {out} is a directory; name a results file (e.g. {out / 'run.h5'})"
-    decision, message = _against_existing(out, cfg, resume, force)
+    decision, message = _against_existing(out, cfg, resume, force, checkpoint)
     if decision in ("fresh", "resume"):
         problem = unusable_directory(out)
         if problem:
@@ -65,7 +68,8 @@ def decide_output(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[str,
     return decision, message
 
 
-def _against_existing(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[str, str]:
+def _against_existing(out: Path, cfg: dict, resume: bool, force: bool,
+                      checkpoint: dict | None) -> tuple[str, str]:
     ckpt = checkpoint_path(out)
     if not resume:
         if out.exists() and not force:
@@ -102,6 +106,8 @@ def _against_existing(out: Path, cfg: dict, resume: bool, force: bool) -> tuple[
         if stored.rounds < contents["round"]:
             return refuse(f"{out} holds {stored.rounds} rounds, fewer than the {contents['round']} its checkpoint "
                           f"{ckpt} was written after")
+        if checkpoint is not None:
+            checkpoint.update(contents)
         return "resume", ""
     if stored is not None and stored.rounds > 0:
         return refuse(f"{out} holds {stored.rounds} completed rounds and there is no checkpoint {ckpt} to continue "

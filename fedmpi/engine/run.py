@@ -20,14 +20,16 @@ from .worker import work
 
 
 class Run:
-    def __init__(self, cfg: dict, comm, out_path: Path, *, resume: bool = False,
+    def __init__(self, cfg: dict, comm, out_path: Path, *, checkpoint: dict | None = None,
                  progress: bool | None = None, versions: dict | None = None, version: str = "",
                  commit: str = ""):
         self.cfg = cfg
         self.comm = comm
         self.out_path = Path(out_path)
         self.checkpoint_path = checkpoint_path(self.out_path)
-        self.resume = resume
+        # rank 0, resuming: the checkpoint's contents, read once when deciding about --out
+        self.checkpoint = checkpoint
+        self.resume = checkpoint is not None
         self.progress_flag = progress
         self.attrs_extra = (versions or {}, version, commit)
         self.terminate_requested = False

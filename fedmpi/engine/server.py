@@ -29,7 +29,7 @@ from ..comm.codec import Encoded, MaskPositions, decode, encode
 from ..errors import PreemptedError
 from ..progress import Progress
 from ..results import ResultsWriter, run_attrs
-from .checkpoint import ServerState, read_checkpoint, write_checkpoint
+from .checkpoint import ServerState, restored, write_checkpoint
 from .context import RunContext
 from .messages import RankReport, RankTask, RoundPlan, assign_clients, pack_masks, unpack_masks
 from .phases import PHASES
@@ -58,8 +58,8 @@ class Server:
         ctx, cfg, run = self.ctx, self.ctx.cfg, self.run
         algorithm = self.algorithm
         extra = {"extra_round_fields": algorithm.round_columns(), "extra_client_fields": algorithm.client_columns()}
-        if resume:   # rank 0 found a checkpoint of this config beside a file of it (engine.out_decision)
-            state, algorithm_state = read_checkpoint(run.checkpoint_path, cfg)
+        if resume:   # rank 0 read and checked a checkpoint of this config beside a file of it (engine.out_decision)
+            state, algorithm_state = restored(run.checkpoint)
             algorithm.load_state_dict(algorithm_state)
             writer = ResultsWriter(run.out_path, {}, resume_rounds=state.round, **extra)
         else:
