@@ -17,12 +17,11 @@ method. ``profiles/prunefl-raspberry-pi.yaml`` holds the authors' values.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 from ..errors import ConfigError
-from .profiles import BYTES_PER_VALUE
+from .profiles import BYTES_PER_VALUE, ProfileFields
 
 
 @dataclass(frozen=True)
@@ -81,22 +80,10 @@ class CoefficientProfile:
 def parse_coefficients(doc: dict, path: str, key: str = "device.profile") -> CoefficientProfile:
     """The ``kind: coefficients`` document ``doc`` (already YAML-parsed) of file ``path``."""
 
-    def bad(problem: str) -> ConfigError:
-        return ConfigError(key, f"{path}: {problem}")
-
-    def number(mapping: dict, name: str, where: str = "", *, positive: bool = False) -> float:
-        value = mapping.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(f"'{where}{name}' must be a finite number, got {value!r}")
-        if value < 0 or (positive and value == 0):
-            raise bad(f"'{where}{name}' must be {'> 0' if positive else '>= 0'}, got {value!r}")
-        return float(value)
-
-    if not isinstance(doc.get("name"), str) or not doc["name"]:
-        raise bad(f"'name' must be a non-empty string, got {doc.get('name')!r}")
-    batch = doc.get("batch_size")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise bad(f"'batch_size' must be a positive integer, got {batch!r}")
+    fields = ProfileFields(path, key)
+    bad, number = fields.bad, fields.number
+    fields.text(doc, "name")
+    batch = fields.positive_int(doc, "batch_size")
     models_doc = doc.get("models")
     if not isinstance(models_doc, dict) or not models_doc:
         raise bad("'models' must be a non-empty mapping of model names to their coefficients")
@@ -105,10 +92,7 @@ def parse_coefficients(doc: dict, path: str, key: str = "device.profile") -> Coe
         where = f"models.{model}."
         if not isinstance(entry, dict):
             raise bad(f"models.{model} must be a mapping, got {entry!r}")
-        shape = entry.get("input_shape")
-        if not isinstance(shape, list) or not shape or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-            raise bad(f"'{where}input_shape' must be a list of positive integers, got {shape!r}")
+        shape = fields.integers(entry.get("input_shape"), "input_shape", where)
         layers = entry.get("layers")
         if not isinstance(layers, dict) or not layers:
             raise bad(f"'{where}layers' must be a non-empty mapping of maskable weight names to seconds "

@@ -152,12 +152,51 @@ def load_profile(spec: str, key: str = "device.profile") -> Profile:
     return _CACHE[cache_key]
 
 
+class ProfileFields:
+    """Reading a profile file's fields (measured or coefficients): each bad one is exit 2 naming
+    ``key``, the file and the field."""
+
+    def __init__(self, path: str, key: str):
+        self.path, self.key = path, key
+
+    def bad(self, problem: str) -> ConfigError:
+        return ConfigError(self.key, f"{self.path}: {problem}")
+
+    def number(self, mapping: dict, name: str, where: str = "", *, minimum: float | None = 0.0,
+               positive: bool = False) -> float:
+        value = mapping.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.bad(f"{where}'{name}' must be a finite number, got {value!r}")
+        if positive and value <= 0:
+            raise self.bad(f"{where}'{name}' must be > 0, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise self.bad(f"{where}'{name}' must be >= {minimum}, got {value!r}")
+        return float(value)
+
+    def integers(self, value, name: str, where: str = "") -> tuple[int, ...]:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise self.bad(f"{where}'{name}' must be a list of positive integers, got {value!r}")
+        return tuple(value)
+
+    def positive_int(self, mapping: dict, name: str) -> int:
+        value = mapping.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.bad(f"'{name}' must be a positive integer, got {value!r}")
+        return value
+
+    def text(self, mapping: dict, name: str) -> str:
+        if not isinstance(mapping.get(name), str) or not mapping[name]:
+            raise self.bad(f"'{name}' must be a non-empty string, got {mapping.get(name)!r}")
+        return mapping[name]
+
+
 def parse_profile(text: str, path: str, key: str = "device.profile"):
     """A ``MeasuredProfile``, or a ``CoefficientProfile`` (coefficients.py) for ``kind: coefficients``."""
     import yaml
 
-    def bad(problem: str) -> ConfigError:
-        return ConfigError(key, f"{path}: {problem}")
+    fields = ProfileFields(path, key)
+    bad, number, integers = fields.bad, fields.number, fields.integers
 
     try:
         doc = yaml.safe_load(text)
@@ -175,22 +214,6 @@ def parse_profile(text: str, path: str, key: str = "device.profile"):
         raise bad(f"'kind' must be 'measured' (written by `fedmpi profile`) or 'coefficients', "
                   f"got {doc.get('kind')!r}")
 
-    def number(mapping: dict, name: str, where: str, *, minimum: float | None = 0.0, positive=False) -> float:
-        value = mapping.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad(f"{where}'{name}' must be a finite number, got {value!r}")
-        if positive and value <= 0:
-            raise bad(f"{where}'{name}' must be > 0, got {value!r}")
-        if minimum is not None and value < minimum:
-            raise bad(f"{where}'{name}' must be >= {minimum}, got {value!r}")
-        return float(value)
-
-    def integers(value, name: str, where: str = "") -> tuple[int, ...]:
-        if not isinstance(value, list) or not value or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-            raise bad(f"{where}'{name}' must be a list of positive integers, got {value!r}")
-        return tuple(value)
-
     def line(mapping: dict, name: str, where: str, required: bool) -> LayerLine | None:
         value = mapping.get(name)
         if value is None and not required:
@@ -201,12 +224,8 @@ def parse_profile(text: str, path: str, key: str = "device.profile"):
                          number(value, "slope", f"{where}{name}."))
 
     for name in ("name", "model"):
-        if not isinstance(doc.get(name), str) or not doc[name]:
-            raise bad(f"'{name}' must be a non-empty string, got {doc.get(name)!r}")
-    classes, batch = doc.get("num_classes"), doc.get("batch_size")
-    for label, value in (("num_classes", classes), ("batch_size", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise bad(f"'{label}' must be a positive integer, got {value!r}")
+        fields.text(doc, name)
+    classes, batch = fields.positive_int(doc, "num_classes"), fields.positive_int(doc, "batch_size")
     layers_doc = doc.get("layers")
     if not isinstance(layers_doc, dict) or not layers_doc:
         raise bad("'layers' must be a non-empty mapping of maskable weight names")
