@@ -275,6 +275,32 @@ TIERED = {
 }
 
 
+# PruneFL's and LotteryFL's small synthetic configs, shared by their test modules
+PRUNEFL = {
+    "data": {"name": "synthetic", "partition": "natural"},
+    "model": "mlp",
+    "clients": {"total": 8, "per_round": 4},
+    "rounds": 7,
+    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+    "eval": {"every": 1},
+    "algorithm": "prunefl",
+    # c0 of a few dense rounds' traffic keeps the model from collapsing on the laptop profile
+    "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10, "ip_max_iterations": 120,
+                "ip_patience": 3, "time_constant": 0.05},
+}
+
+LOTTERYFL = {
+    "data": {"name": "synthetic", "partition": "natural"},
+    "model": "mlp",
+    "clients": {"total": 8, "per_round": 4},
+    "rounds": 8,
+    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+    "eval": {"every": 1},
+    "algorithm": "lotteryfl",
+    "lotteryfl": {"acc_threshold": 0.1, "target_density": 0.1, "local_steps": 5},
+}
+
+
 def write_idx(root, n_train=180, n_test=60, seed=0):
     """A small MNIST-format dataset (IDX, gzipped) with a learnable pattern per label."""
     g = np.random.default_rng(seed)

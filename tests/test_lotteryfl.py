@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import (assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
+from helpers import (LOTTERYFL, assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
                      sigkill_and_resume)
 
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
@@ -23,16 +23,7 @@ from fedmpi.models.flops import layer_flops
 from fedmpi.training import LocalTrainer
 from fedmpi.update import ModelUpdate
 
-LF = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 8,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "lotteryfl",
-    "lotteryfl": {"acc_threshold": 0.1, "target_density": 0.1, "local_steps": 5},
-}
+LF = LOTTERYFL
 
 
 def setup(**sets):

@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 import pytest
+
+from helpers import LOTTERYFL
 import torch
 
 from fedmpi.algorithms import ClientResult, ClientTask, ModelInfo, build_algorithm
@@ -19,16 +21,7 @@ from fedmpi.models.flops import layer_flops
 from fedmpi.training import LocalTrainer
 from fedmpi.update import ModelUpdate
 
-LF = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 8,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "lotteryfl",
-    "lotteryfl": {"acc_threshold": 0.1, "target_density": 0.1, "local_steps": 5},
-}
+LF = LOTTERYFL
 
 
 def config(*sets):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import (assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
+from helpers import (PRUNEFL, assert_all_columns_identical, fedmpi, needs_mpiexec, read_results, same_bits,
                      sigkill_and_resume)
 
 from fedmpi import rng
@@ -28,18 +28,7 @@ from fedmpi.models.flops import layer_flops
 from fedmpi.training import LocalTrainer
 from fedmpi.training.hooks import SummedGradientSquared
 
-PF = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 7,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "prunefl",
-    # c0 of a few dense rounds' traffic keeps the model from collapsing on the laptop profile
-    "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10, "ip_max_iterations": 120,
-                "ip_patience": 3, "time_constant": 0.05},
-}
+PF = PRUNEFL
 
 
 def mlp_info():

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import fedmpi, read_results, same_bits
+from helpers import PRUNEFL, fedmpi, read_results, same_bits
 
 from fedmpi.config import DEFAULTS, load_config
 from fedmpi.errors import ConfigError
@@ -23,17 +23,7 @@ from fedmpi.training import LocalTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
-PF = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 7,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "prunefl",
-    "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10, "ip_max_iterations": 120,
-                "ip_patience": 3, "time_constant": 0.05},
-}
+PF = PRUNEFL
 
 
 def hand_bce(logits, labels) -> float:
