@@ -75,11 +75,16 @@ def child(request: dict):
                 sys.argv = ["-m", *argv]
                 sys.path[0] = request["cwd"]          # what ``python -m`` puts first
                 runpy.run_module("fedmpi", run_name="__main__", alter_sys=True)
+                status = 0
+            elif not os.path.isfile(argv[0]):
+                print(f"{sys.executable}: can't open file {os.path.abspath(argv[0])!r}: [Errno 2] "
+                      "No such file or directory", file=sys.stderr)
+                status = 2
             else:
                 sys.argv = list(argv)
                 sys.path[0] = os.path.dirname(os.path.abspath(argv[0]))   # ``python script.py``
                 runpy.run_path(argv[0], run_name="__main__")
-            status = 0
+                status = 0
         except SystemExit as stop:
             status = exit_status(stop.code)
         except BaseException:                         # noqa: BLE001 — the interpreter prints it too
