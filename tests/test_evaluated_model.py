@@ -45,6 +45,10 @@ GENERATED = {"hypemefed"}             # conv weights a shallow client did not tr
                                       # by the server's hypernetworks before the mean: only the
                                       # tensors every client of the round trained are checked
 MOMENTUM = {"fedavgm"}                # θ ← θ − η·v, v ← β·v + (θ − mean): the server's optimizer step
+UNWEIGHTED = {"heterofl"}             # the authors' plain mean over the clients that sent an element
+QUERIED_BN = {"heterofl"}             # static BN: the evaluated model's BN statistics are queried on
+                                      # the server from training data (test_heterofl_complete checks
+                                      # them), never uploaded
 
 
 def snapshot(arrays) -> dict:
@@ -90,7 +94,7 @@ def maskable_names(cfg: dict) -> list[str]:
     return maskable_parameter_names(build_model(cfg["model"], shape, 10))
 
 
-def holders_mean(uploads, tensor: str, shape: tuple):
+def holders_mean(uploads, tensor: str, shape: tuple, weighted: bool = True):
     """(Σ_k n_k·θ_k / Σ_k n_k over the clients k that sent each element, Σ_k n_k, the number of
     clients that sent the tensor): an element is sent where the upload holds the tensor, inside
     its block (width slices) and its mask."""
@@ -98,6 +102,7 @@ def holders_mean(uploads, tensor: str, shape: tuple):
     for _, samples, values, masks, slices in uploads:
         if tensor not in values:
             continue
+        samples = samples if weighted else 1
         senders += 1
         region = tuple(slice(a, b) for a, b in slices[tensor]) if tensor in slices else ()
         held = masks[tensor] if tensor in masks else np.ones(np.shape(values[tensor]), bool)
@@ -113,7 +118,9 @@ def check_round(name: str, record: dict, velocity: dict) -> list[str]:
     problems = []
     for tensor, value in evaluated.items():
         start = record["start"][tensor]
-        mean, votes, senders = holders_mean(record["uploads"], tensor, start.shape)
+        if name in QUERIED_BN and tensor.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked"):
+            continue
+        mean, votes, senders = holders_mean(record["uploads"], tensor, start.shape, weighted=name not in UNWEIGHTED)
         if name in GENERATED and value.ndim == 4 and senders < len(record["uploads"]):
             continue
         expected = mean

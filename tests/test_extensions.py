@@ -91,19 +91,26 @@ def test_depth_submodel_bytes_are_exact(runs):
 
 
 def test_width_slices_bytes_are_exact(runs):
-    """HeteroFL: a rate-p client's tensors are blocks of the global ones; sliced rows also pay
-    their description in the header (name, dtype, ndim, shape, start/end per dim)."""
+    """HeteroFL: a rate-p client's tensors are blocks of the global ones (those it trains: no
+    exits 1-2, no BN statistics); sliced rows also pay their description in the header (name,
+    dtype, ndim, shape, start/end per dim). Of the classifier a client uploads the rows of its
+    classes (``label_classes``), with bitmaps saying which (an index byte for a 1-entry bias)."""
     _, res = runs("heterofl", 1)
     clients = res["clients"]
     full = variant_sizes()
     for tier, width in ((1, 0.25), (2, 0.5), (3, 1.0)):
-        sizes = variant_sizes(width=width)
+        variant = {"width": width, "track_running_stats": False, "exits": "last"}
+        sizes = variant_sizes(**variant)
         this = clients["tier"] == tier
-        assert np.all(clients["upload_bytes"][this] == 4 * sum(sizes.values()))
+        assert np.all(clients["download_bytes"][this] == 4 * sum(sizes.values()))
         from fedmpi.models import build_model
 
-        shapes = {n: t.shape for n, t in build_model("multiexit_vgg", (1, 28, 28), 10, width=width).state_dict().items()
+        shapes = {n: t.shape for n, t in build_model("multiexit_vgg", (1, 28, 28), 10, **variant).state_dict().items()
                   if t.is_floating_point()}
+        row = shapes["exits.2.linear.weight"][1]
+        for upload, k in zip(clients["upload_bytes"][this].tolist(), clients["label_classes"][this].tolist()):
+            masks = 0 if k == 10 else (10 * row + 7) // 8 + min(2, k)
+            assert upload == 4 * (sum(sizes.values()) - (10 - k) * (row + 1)) + masks, (tier, k)
         header = sum(9 + (0 if sizes[n] == full[n] else len(n) + 3 + 12 * len(shapes[n])) for n in sizes)
         assert np.all(clients["header_bytes"][this] == header), tier
 
@@ -114,10 +121,10 @@ PERSONALISED = textwrap.dedent("""
     import numpy as np
     from fedmpi import rng
     from fedmpi.algorithms import EvalModel
-    from fedmpi.algorithms.heterogeneous import DepthFL
+    from fedmpi.algorithms.heterogeneous import DepthwiseAveraging
     from fedmpi.cli import main
 
-    class PersonalisedDepthFL(DepthFL):
+    class PersonalisedDepthFL(DepthwiseAveraging):
         '''Depth-wise averaging plus, for a few clients, "their own" masked model on their local
         test split (masks drawn from (seed, client)): LotteryFL's personalised accuracy.'''
 
@@ -148,10 +155,10 @@ PERSONALISED = textwrap.dedent("""
 EXTRA_TENSOR = textwrap.dedent("""
     import sys
     import numpy as np
-    from fedmpi.algorithms.heterogeneous import DepthFL
+    from fedmpi.algorithms.heterogeneous import DepthwiseAveraging
     from fedmpi.cli import main
 
-    class ImportanceUpload(DepthFL):
+    class ImportanceUpload(DepthwiseAveraging):
         '''Every client also uploads an unregistered tensor (PruneFL's importance upload): here
         a 3x5 float32 filled with the client id; the server checks it arrived intact.'''
 
@@ -177,22 +184,22 @@ SCRIPTS = {"personalised": (PERSONALISED, "PersonalisedDepthFL"), "extra_tensor"
 
 @needs_mpiexec
 def test_personalised_and_per_exit_evaluation_identical_for_1_2_4_ranks(runs):
-    _, base = runs("depthfl", 1, "personalised")
+    _, base = runs("depthwise_avg", 1, "personalised")
     assert np.all(np.isfinite(base["rounds"]["personal_accuracy"]))
-    _, plain = runs("depthfl", 1)
+    _, plain = runs("depthwise_avg", 1)
     # the personalised models are really different models from the global one
     assert not same_bits(base["rounds"]["personal_accuracy"], base["rounds"]["client_accuracy"])
     assert same_bits(base["rounds"]["client_accuracy"], plain["rounds"]["client_accuracy"])
     for ranks in (2, 4):
-        _, other = runs("depthfl", ranks, "personalised")
+        _, other = runs("depthwise_avg", ranks, "personalised")
         assert_all_columns_identical(base, other, f"personalised P=1 vs P={ranks}")
 
 
 @needs_mpiexec
 @pytest.mark.parametrize("ranks", [1, 3])
 def test_extra_tensor_upload_crosses_mpi_with_exact_bytes(runs, ranks):
-    _, res = runs("depthfl", ranks, "extra_tensor")
-    _, plain = runs("depthfl", 1)
+    _, res = runs("depthwise_avg", ranks, "extra_tensor")
+    _, plain = runs("depthwise_avg", 1)
     extra_values = 15 * 4
     extra_header = 9 + len("importance") + 3 + 4 * 2      # unregistered: name, dtype, ndim, 2 dims
     assert np.all(res["clients"]["upload_bytes"] == plain["clients"]["upload_bytes"] + extra_values)
@@ -206,8 +213,9 @@ def test_declared_columns_are_read_by_info_and_drawn_by_plots(runs, work):
     proc, _ = fedmpi(["info", str(path)])
     assert proc.returncode == 0, proc.stderr
     assert "exit_accuracy[*]" in proc.stdout and "tier_accuracy[*]" in proc.stdout
-    last = res["rounds"]["exit_accuracy[3]"][-1]
-    assert f"3={last:.4f}" in proc.stdout
+    last = float(res["rounds"]["exit_accuracy[3]"][-1])   # info writes 4 significant digits
+    exits = next(line for line in proc.stdout.splitlines() if "exit_accuracy[*]" in line)
+    assert exits.endswith(f"3={int(last) if last.is_integer() else format(last, '.4g')}"), exits
     results = work / "declared_columns"        # this run alone: the session's directory holds others
     results.mkdir()
     shutil.copy(path, results)

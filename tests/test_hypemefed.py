@@ -326,7 +326,7 @@ def test_generation_changes_only_the_generated_blocks(runs):
     changes only blocks 2 and 3 (generated conv weights), so exit 1 agrees bit for bit and the deep
     exits do not."""
     _, hyp = runs("hypemefed", 1)
-    _, depth = runs("depthfl", 1)
+    _, depth = runs("depthwise_avg", 1)
     first = hyp["clients"]["round"] == 1
     assert same_bits(hyp["clients"]["train_loss"][first], depth["clients"]["train_loss"][first])
     assert same_bits(hyp["rounds"]["exit_accuracy[1]"][:1], depth["rounds"]["exit_accuracy[1]"][:1])

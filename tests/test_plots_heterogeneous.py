@@ -41,7 +41,7 @@ def drawn(tmp_path_factory):
                  2 * MIB, 2.0)
     write_tiered(results / "hyp1.h5", "hypemefed", 1, [0.20, NAN, 0.58], [0.50, 0.70, 0.80], [0.40, 0.65, 0.85],
                  4 * MIB, 3.0)
-    write_tiered(results / "depth0.h5", "depthfl", 0, [0.10, NAN, 0.45], [0.30, 0.40, 0.50], [0.35, 0.45, 0.55],
+    write_tiered(results / "depth0.h5", "depthwise_avg", 0, [0.10, NAN, 0.45], [0.30, 0.40, 0.50], [0.35, 0.45, 0.55],
                  MIB, 1.0)
     for seed in (0, 1):   # full-depth FedAvg: no exit or tier columns
         write_run_with_writer(results / f"fedavg{seed}.h5",

@@ -44,6 +44,8 @@ def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
 
     cfg = copy.deepcopy(TIERED)
     cfg["data"]["root"] = str(write_idx(tmp_path / "mnist"))
+    if algorithm == "heterofl":   # the stored BN statistics, as predictions() (the query: test_heterofl_complete)
+        cfg["heterofl"] = {"static_bn": False}
     cfg = load_config(None, extra={**cfg, "algorithm": algorithm})
     ctx = build_context(cfg)
     algo = ctx.algorithm

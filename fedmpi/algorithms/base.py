@@ -73,6 +73,17 @@ class ClientTask:
 
 
 @dataclass
+class TrainData:
+    """Every client's training data, for an algorithm whose server computes from it
+    (``needs_train_data``: HeteroFL's query of the BN statistics). Read-only."""
+
+    x: Any                            # torch tensors of the whole training array
+    y: Any
+    client_indices: list              # per client, its rows of x and y (the partition's train indices)
+    device: str                       # the torch device the run trains on
+
+
+@dataclass
 class ClientResult:
     client_id: int
     num_samples: int
@@ -98,6 +109,8 @@ class Algorithm:
     figures: tuple[str, ...] = ()   # figure modules beyond the common ones (``fedmpi.figures.<name>``)
     needs_local_test = False  # its clients get their local test set (``ClientTask.local_test``)
     needs_initial_weights = False   # its clients get θ₀, the run's initial model (``ClientTask.initial_weights``)
+    needs_train_data = False  # every rank sets ``train_data`` (a ``TrainData``) before round 1
+    train_data: TrainData | None = None
     # True: ``aggregate`` merges through ``merge_over_holders`` with ``partial_sum_weight``, so
     # aggregation.sum may be fixed_point and aggregation.where workers (config validation reads it)
     partial_sums = False

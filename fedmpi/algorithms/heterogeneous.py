@@ -3,11 +3,12 @@ belongs to a tier (``tiers.mix``), and a tier trains a submodel — fewer blocks
 (``tiers.levels``) or fewer channels (``tiers.widths``). The server averages every element over
 the clients that trained it and keeps its value where nobody did.
 
-- ``depthfl``  : depth-wise averaging (DepthFL-style FedAvg over holders, no weight generation);
-                 a level-e client trains blocks 0..e with the joint loss over exits 1..e.
+- ``depthwise_avg`` : depth-wise averaging (FedAvg over holders, no weight generation, no
+                 distillation); a level-e client trains blocks 0..e with the joint loss over exits
+                 1..e. ``depthfl`` (depthfl.py) adds DepthFL's mutual self-distillation to it.
 - ``fedavg_s`` : FedAvg-S, every client at the smallest depth (level 1).
-- ``heterofl`` : HeteroFL (Diao et al., ICLR 2021), width scaling: a client at rate p trains the
-                 first ⌈p·C⌉ channels of every hidden layer at full depth, loss at the last exit.
+- ``heterofl`` (heterofl.py): HeteroFL (Diao et al., ICLR 2021), width scaling: a client at rate p
+                 trains the first ⌈p·C⌉ channels of every hidden layer at full depth.
 
 Time: a client reports ``densities`` = for every maskable layer of the full model, its submodel's
 weights in that layer / the full layer's (0 for layers it does not hold). For convolutions and
@@ -35,7 +36,6 @@ import numpy as np
 from ..aggregation import average_over_holders
 from ..models import build_model
 from ..tiers import tier_of_clients
-from ..training import weighted_exits
 from ..update import ModelUpdate
 from .base import Algorithm, ClientResult, ClientTask
 from .evaluation import EvalModel, mean_client_accuracy
@@ -191,8 +191,11 @@ class TieredAlgorithm(Algorithm):
         return metrics
 
 
-class DepthFL(TieredAlgorithm):
-    name = "depthfl"
+class DepthwiseAveraging(TieredAlgorithm):
+    """A level-e client trains blocks 0..e on ``local.loss`` summed over its exits 1..e; every
+    tensor averaged over the clients that hold it."""
+
+    name = "depthwise_avg"
     label = "depth-wise averaging"
     doc = "docs/methods/hypemefed.md"
     figures = ("heterogeneous",)
@@ -201,7 +204,7 @@ class DepthFL(TieredAlgorithm):
         return {"level": int(self.cfg["tiers"]["levels"][tier])}
 
 
-class FedAvgS(DepthFL):
+class FedAvgS(DepthwiseAveraging):
     """Every client at the smallest depth the tiers name (the lower bound)."""
 
     name = "fedavg_s"
@@ -211,15 +214,3 @@ class FedAvgS(DepthFL):
 
     def variant(self, tier):
         return {"level": int(min(self.cfg["tiers"]["levels"]))}
-
-
-class HeteroFL(TieredAlgorithm):
-    name = "heterofl"
-    label = "HeteroFL"
-    doc = "docs/methods/hypemefed.md"
-    figures = ("heterogeneous",)
-    objective = staticmethod(weighted_exits([0.0, 0.0, 1.0]))   # width only: the full-depth exit
-    own_loss = "cross-entropy at the full-depth exit"
-
-    def variant(self, tier):
-        return {"width": float(self.cfg["tiers"]["widths"][tier])}

@@ -5,7 +5,7 @@ Hypernetwork-based Weight Generation", ACM SenSys 2024), on the multi-exit famil
     for r = 1 .. R
       C ← K clients, drawn evenly per tier                                  (TieredAlgorithm)
       each c ∈ C at level e_c: download blocks 0..e_c and exits 1..e_c, train E epochs on
-        Σ_{e ≤ e_c} CE(exit_e), upload that sub-model                        (DepthFL's local update)
+        Σ_{e ≤ e_c} CE(exit_e), upload that sub-model                (depth-wise averaging's local update)
       train H[i→i+1, k] on {(W_c[block i, conv k], W_c[block i+1, conv k]) : e_c ≥ i+1}
       generate: level-2 clients block 3 ← H[2→3](block 2); level-1 clients block 2 ← H[1→2](block 1),
         then block 3 ← H[2→3](generated block 2)
@@ -43,13 +43,13 @@ import numpy as np
 from ..aggregation import average_over_holders
 from ..update import ModelUpdate
 from ..errors import require
-from .heterogeneous import DepthFL
+from .heterogeneous import DepthwiseAveraging
 from .hypernetworks import HyperNetworks, single_thread
 
 AGGREGATIONS = ("samples", "uniform")
 
 
-class HypeMeFed(DepthFL):
+class HypeMeFed(DepthwiseAveraging):
     name = "hypemefed"
     label = "HypeMeFed"
     doc = "docs/methods/hypemefed.md"

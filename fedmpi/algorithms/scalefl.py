@@ -12,12 +12,23 @@ and self-distillation among them.
         (the deepest exit held is the teacher; γ = 0 for the first kd_after·R rounds)
       server: every element averaged over the clients that hold it, weighted by samples
 
-As in the authors' code (git-disl/scale-fl): exit weights j+1, temperature 3, distillation from
-the client's last exit switched on after the first quarter of the rounds, widths per level
-0.7/0.75/1 (its defaults for the three largest of four levels). Simplifications, each the plain
-reading of the paper: the teacher's logits are detached, the KL divergence is averaged per sample
-(``batchmean``; the code's ``KLDivLoss()`` also divides by the classes), channels are the leading
-ones (HeteroFL's rule) and averages are sample-weighted like every fedmpi tiered method.
+As in the authors' code (git-disl/scale-fl) and its CIFAR runs: exit weights j+1 (train.py,
+``execute_epoch``), temperature 3 (args.py, ``--KD_T`` default 3), distillation from the client's
+last exit switched on after the first quarter of the rounds (train.py, ``gamma_active = round >
+args.num_rounds * 0.25``), widths per level 0.7/0.75/1 (args.py, ``--vertical_scale_ratios``
+default 0.7 0.7 0.75 1: the three largest of four levels), and γ = 0: args.py's ``--KD_gamma``
+default is 0 and the README's CIFAR-10 and CIFAR-100 commands do not set it (only its BERT/AgNews
+command passes ``--KD_gamma 0.05``), so their CIFAR runs train on the exit-weighted cross-entropy
+alone. ``scalefl.kd_gamma: 0.05`` gives the BERT setting.
+
+Batch norm differs: the authors build every BN with ``track_running_stats=False`` unless ``-trs``
+is passed (args.py; the README's commands do not pass it), so their BN normalises with the current
+batch's statistics in training and in evaluation and holds no running statistics to average.
+fedmpi's multi-exit model tracks running statistics, averages them over holders and evaluates with
+them. Simplifications, each the plain reading of the paper: the teacher's logits are detached, the
+KL divergence is averaged per sample (``batchmean``; the code's ``KLDivLoss()`` also divides by the
+classes), channels are the leading ones (HeteroFL's rule) and averages are sample-weighted like
+every fedmpi tiered method.
 """
 from __future__ import annotations
 
@@ -52,9 +63,11 @@ class ScaleFL(TieredAlgorithm):
     doc = "docs/methods/hypemefed.md"
     figures = ("heterogeneous",)
     section = "scalefl"
-    own_loss = "cross-entropy over the exits with self-distillation"
-    # tier t trains depth tiers.levels[t] at width widths[t]
-    defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.05, "kd_temperature": 3.0, "kd_after": 0.25}
+    own_loss = "cross-entropy over the exits, weighted j+1, with self-distillation when scalefl.kd_gamma > 0"
+    # tier t trains depth tiers.levels[t] at width widths[t]; kd_gamma 0, temperature 3 and the
+    # start after a quarter of the rounds are the authors' CIFAR settings (args.py defaults, which
+    # their CIFAR commands keep; see the module docstring)
+    defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.0, "kd_temperature": 3.0, "kd_after": 0.25}
 
     @classmethod
     def check_config(cls, cfg):

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..algorithms import Algorithm, ModelInfo, build_algorithm
+from ..algorithms.base import TrainData
 from ..errors import ConfigError
 from ..models import maskable_parameter_names
 from ..models.flops import model_layer_flops
@@ -65,14 +66,19 @@ def build_context(cfg: dict, load_once=None, mark=None) -> RunContext:
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         train = (torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train))
         test = (torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test))
+    device = torch_device(cfg)
+    trainer = LocalTrainer(model, cfg["local"], device, build_variant=initial.builder,
+                           sparse_kernels=timing.kernel_policy())
+    algorithm = build_algorithm(cfg, info)
+    if algorithm.needs_train_data:   # views of the arrays every rank holds, not copies
+        algorithm.train_data = TrainData(train[0], train[1], partition.train_indices, device)
     return RunContext(
         cfg=cfg, partition=partition,
         sizes={c: len(idx) for c, idx in enumerate(partition.train_indices)},
         info=info,
         initial_weights=initial.weights,
-        trainer=LocalTrainer(model, cfg["local"], torch_device(cfg), build_variant=initial.builder,
-                             sparse_kernels=timing.kernel_policy()),
-        algorithm=build_algorithm(cfg, info),
+        trainer=trainer,
+        algorithm=algorithm,
         train=train,
         test=test,
         profile=timing,

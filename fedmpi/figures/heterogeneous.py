@@ -1,7 +1,7 @@
 """Figures and table of the heterogeneous-client methods (``make plots`` draws them for every
 experiment with a method whose class lists ``"heterogeneous"`` in ``figures`` — HypeMeFed,
-depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL — and a run that has ``exit_accuracy[*]`` or
-``tier_accuracy[*]`` columns):
+depth-wise averaging, DepthFL, FedAvg-S, FedAvg on the full-depth clients only, HeteroFL, ScaleFL — and a
+run that has ``exit_accuracy[*]`` or ``tier_accuracy[*]`` columns):
 
 - ``<stem>_exit_accuracy.png``: each exit's accuracy on the global test set at the final evaluated
   round, a bar group per method, a bar per exit;
@@ -15,9 +15,12 @@ depth-wise averaging, FedAvg-S, HeteroFL, ScaleFL — and a run that has ``exit_
 Bars and table cells are the mean over seeds ± the sample standard deviation (none for one seed)
 of each run's final evaluated value. A method without a column (FedAvg at full depth declares no
 exits or tiers) has no bar there and "—" in the table. Methods are named by their class's
-``label``, a method outside the family "(full depth)" (it trains the whole model), a method that is
-not installed by its algorithm name. Accuracy vs round and vs modelled time are the common figures
-of :mod:`fedmpi.figures.common`.
+``label`` (a method that is not installed here: by its algorithm name). A method that is not tiered
+(its class declares ``tiered = False``) trains the whole model at every client: on a model with
+depth variants (its builder takes ``level``, as ``multiexit_vgg`` does) that is the model the
+tiered methods shrink for their smaller clients, so the run ignores the tiers' limits and is named
+"(upper bound: every client at full depth)"; on another model "(full depth)". Accuracy vs round and
+vs modelled time are the common figures of :mod:`fedmpi.figures.common`.
 """
 from __future__ import annotations
 
@@ -36,12 +39,34 @@ CONTEXT = {"fedavg_s": "smallest depth"}
 BAR_NOTE = "final evaluated round; bar = mean, whisker = sample std over seeds"
 
 
+def has_depth_variants(model: str) -> bool:
+    """Whether ``model``'s builder takes a ``level`` (depth) variant option; False for a model
+    that is not installed here."""
+    from fedmpi.errors import ConfigError
+    from fedmpi.models import variant_options   # imports torch: only when figures are drawn
+
+    try:
+        return "level" in variant_options(model)
+    except ConfigError:
+        return False
+
+
+def is_upper_bound(group) -> bool:
+    """The group's method is not tiered (every client trains the whole model) and its model has
+    depth variants: every client at full depth, which no tier-limited method can beat."""
+    cls = algorithm_class(group.algorithm)
+    return (cls is not None and not cls.tiered
+            and any(has_depth_variants(str(run.config.get("model", ""))) for run in group.runs))
+
+
 def method_name(group) -> str:
     """The paper's name of the group's method, other differing settings after it."""
     cls = algorithm_class(group.algorithm)
     name = algorithm_label(group.algorithm)
-    if cls is not None and "heterogeneous" not in cls.figures:
-        name += " (full depth)"      # FedAvg and other methods that train the whole model
+    if is_upper_bound(group):
+        name += " (upper bound: every client at full depth)"
+    elif cls is not None and not cls.tiered:
+        name += " (full depth)"      # a method that trains the whole model, on a model without depths
     elif group.algorithm in CONTEXT:
         name += f" ({CONTEXT[group.algorithm]})"
     extra = group.label.split(" ")[1:]
@@ -132,7 +157,8 @@ def heterogeneous_table(groups) -> str:
             "width holding it; tier t: client_accuracy over tier t's clients; "
             "upload per client: cumulative upload / clients.total; modelled time: cum_sim_seconds "
             "(each tier on its device profile, a round as long as its slowest client). "
-            "— : the method has no such column.")
+            "upper bound: every client trains the full-depth model, which the tiers' smaller clients "
+            "cannot hold. — : the method has no such column.")
     return note + "\n\n" + markdown_table(headers, rows)
 
 

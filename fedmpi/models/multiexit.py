@@ -15,6 +15,15 @@ Variants (built as separate models whose state_dicts line up with the full one):
 
 The same network runs on time series (input C x L) with 1-D convolutions, norms and pools.
 HypeMeFed's own UniMiB-SHAR model instead reshapes the 3x151 signal into an 18x25 image.
+
+HeteroFL's options (Diao et al., ICLR 2021; off by default, and then the network is exactly the one
+above):
+- ``track_running_stats`` False: static batch norm, every BN normalises with the current batch's
+  statistics and holds no running statistics (no ``running_mean``/``running_var`` in the state).
+- ``scaler`` True: a ``Scaler`` after every convolution, before its BN, divides by the width rate
+  in training and passes through at evaluation (the authors' ``modules.Scaler``).
+- ``exits`` "last": only the deepest exit head is built (under its full-model name, ``exits.{level-1}``)
+  and forward returns ``[its logits]``: HeteroFL's model has one classifier.
 """
 import math
 
@@ -50,21 +59,35 @@ def default_channels(input_shape: tuple[int, ...]) -> tuple[int, ...]:
     return WIDE_CHANNELS if min(input_shape[1:]) >= WIDE_FROM else NARROW_CHANNELS
 
 
-class ConvBlock(nn.Module):
-    """[conv3x3-BN-ReLU-conv3x3-BN-ReLU-maxpool 2], 1-D or 2-D."""
+class Scaler(nn.Module):
+    """HeteroFL's scaler: divides by the width rate in training, the identity at evaluation."""
 
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int):
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.rate if self.training else x
+
+
+class ConvBlock(nn.Module):
+    """[conv3x3-(scaler)-BN-ReLU-conv3x3-(scaler)-BN-ReLU-maxpool 2], 1-D or 2-D."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *,
+                 track_running_stats: bool = True, scale: float | None = None):
         super().__init__()
         conv, norm, pool = _LAYERS[spatial_dims]
         self.conv1 = conv(in_channels, out_channels, 3, padding=1)
-        self.bn1 = norm(out_channels)
+        self.bn1 = norm(out_channels, track_running_stats=track_running_stats)
         self.conv2 = conv(out_channels, out_channels, 3, padding=1)
-        self.bn2 = norm(out_channels)
+        self.bn2 = norm(out_channels, track_running_stats=track_running_stats)
         self.pool = pool(2)
+        # no parameters or buffers: the state_dict is the same with or without it
+        self.scaler = nn.Identity() if scale is None else Scaler(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn1(self.scaler(self.conv1(x))))
+        x = torch.relu(self.bn2(self.scaler(self.conv2(x))))
         return self.pool(x)
 
 
@@ -88,25 +111,32 @@ class MultiExitVGG(nn.Module):
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, level: int = NUM_EXITS,
-                 width: float = 1.0, channels: tuple[int, ...] | None = None):
+                 width: float = 1.0, channels: tuple[int, ...] | None = None, *,
+                 track_running_stats: bool = True, scaler: bool = False, exits: str = "all"):
         super().__init__()
         in_channels, *spatial = input_shape
         full = channels or default_channels(input_shape)
         channels = [hidden_channels(c, width) for c in full[:level + 1]]
         self.blocks = nn.ModuleList()
         for out_channels in channels:
-            self.blocks.append(ConvBlock(len(spatial), in_channels, out_channels))
+            self.blocks.append(ConvBlock(len(spatial), in_channels, out_channels,
+                                         track_running_stats=track_running_stats, scale=width if scaler else None))
             in_channels = out_channels
+        # exits "last": the shallower heads are parameter-free placeholders, so the deepest head
+        # keeps the full model's name (exits.{level-1}) and nothing else is in the state
+        self.held = [exits == "all" or b == level for b in range(1, level + 1)]
         # Block b's output keeps floor(side / 2^(b+1)) positions per side (pools floor).
         self.exits = nn.ModuleList(
             ExitHead(channels[b] * math.prod(side // 2 ** (b + 1) for side in spatial), num_classes)
+            if self.held[b - 1] else nn.Identity()
             for b in range(1, level + 1)
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.blocks[0](x)
         logits = []
-        for block, head in zip(self.blocks[1:], self.exits):
+        for block, head, held in zip(self.blocks[1:], self.exits, self.held):
             x = block(x)
-            logits.append(head(x))
+            if held:
+                logits.append(head(x))
         return logits
