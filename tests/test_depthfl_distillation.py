@@ -200,3 +200,18 @@ def test_depthfl_differs_from_depthwise_avg_only_where_a_client_holds_two_or_mor
     assert np.all(loss[tier > 1] != plain_loss[tier > 1])
     # the deeper clients trained differently, so the averaged model differs
     assert depthfl["rounds"]["test_loss"][0] != plain["rounds"]["test_loss"][0]
+
+
+def test_a_depthfl_results_file_from_before_the_distillation_reads_as_depthwise_averaging(tmp_path):
+    """Results written when ``depthfl`` was the plain method carry no ``depthfl`` section: they
+    are read (grouped, labelled, drawn) as ``depthwise_avg``, not as DepthFL."""
+    from fake_results import make_config, make_rounds, write_fake_run
+    from fedmpi.figures.common import algorithm_label
+    from fedmpi.results.reader import read_run
+
+    rounds = make_rounds([0.5, 0.6], 100)
+    old = write_fake_run(tmp_path / "old.h5", make_config("depthfl", rounds=2), rounds)
+    new = write_fake_run(tmp_path / "new.h5", make_config("depthfl", rounds=2, depthfl={"kd": True}), rounds)
+    assert read_run(old).algorithm == "depthwise_avg"
+    assert algorithm_label(read_run(old).algorithm) == "depth-wise averaging"
+    assert read_run(new).algorithm == "depthfl"

@@ -50,7 +50,12 @@ class RunResult:
 
     @property
     def algorithm(self) -> str:
-        return str(self.config.get("algorithm", "?"))
+        name = str(self.config.get("algorithm", "?"))
+        # a `depthfl` run written before DepthFL had its distillation (and its own `depthfl`
+        # section) ran the plain depth-wise averaging, whose name is `depthwise_avg` now
+        if name == "depthfl" and "depthfl" not in self.config:
+            return "depthwise_avg"
+        return name
 
     @property
     def seed(self):
