@@ -8,6 +8,7 @@ depends on the rank count. All MPI goes through ``comm.transport.Communicator``.
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -46,13 +47,16 @@ class Run:
             error = (exc.exit_code, str(exc))
         except Exception as exc:  # noqa: BLE001 - reported with the rank, then every rank stops
             error = (1, f"{type(exc).__name__}: {exc}")
-        errors = self.comm.gather_objects((self.comm.rank, error))
+        # the host too: a job across nodes may fail on one node only (a data root missing there)
+        errors = self.comm.gather_objects((self.comm.rank, socket.gethostname(), error))
         verdict = None
         if self.comm.is_server:
-            failed = [(r, e) for r, e in errors if e is not None]
+            failed = [(r, host, e) for r, host, e in errors if e is not None]
             if failed:
-                rank, (code, message) = failed[0]
-                verdict = (code, message if self.comm.size == 1 else f"rank {rank}: {message}")
+                rank, host, (code, message) = failed[0]
+                several_hosts = len({h for _, h, _ in errors}) > 1
+                where = f"rank {rank} on {host}" if several_hosts else f"rank {rank}"
+                verdict = (code, message if self.comm.size == 1 else f"{where}: {message}")
         verdict = self.comm.bcast_object(verdict)
         if verdict is not None:
             exc = FedmpiError(verdict[1])
