@@ -33,6 +33,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from fedmpi.figures.common import BAND_NOTE, algorithm_figures, algorithm_label
+from fedmpi.results.groups import RunGroup
 from fedmpi.results.reader import config_get
 from fedmpi.results.tables import format_mean_std, markdown_table, mean_std
 
@@ -59,6 +60,9 @@ def method_name(group) -> str:
                 (False, False): "conventional FL (5 local iterations)"}[(initial, adaptive)]
         # its extra initial-pruning round is not a setting a reader compares
         skip = {"initial_pruning", "adaptive", "prunefl.initial_pruning", "prunefl.adaptive", "rounds"}
+    elif getattr(group, "per_seed_density", False):
+        name = f"{algorithm_label(algorithm)} to PruneFL's final density (each seed's)"
+        skip = {part.split("=")[0] for part in group.label.split(" ")[1:] if part.split("=")[0].endswith("density")}
     else:
         name = algorithm_label(algorithm)
         if is_reference(group):    # FedAvg: the conventional FL PruneFL is measured against
@@ -213,10 +217,36 @@ def time_to_target_table(groups) -> str:
 
 # --------------------------------------------------------------------------- entry point
 
+def per_seed_density_groups(groups) -> list:
+    """SNIP and IMP runs pruned to a density of their own seed's (a campaign's ``from_run``: the
+    final density of that seed's PruneFL run) are one setting: groups of one run each that differ
+    only in the density and not in seed are merged, named "... to PruneFL's final density"."""
+    def rest(group):
+        return (group.experiment, group.algorithm,
+                tuple(p for p in group.label.split(" ")[1:] if not p.split("=")[0].endswith("density")))
+
+    candidates: dict = {}
+    for group in groups:
+        if group.algorithm in ("snip", "imp") and len(group.runs) == 1:
+            candidates.setdefault(rest(group), []).append(group)
+    out, done = [], set()
+    for group in groups:
+        family = candidates.get(rest(group), []) if group.algorithm in ("snip", "imp") else []
+        if len(family) < 2 or len({g.runs[0].seed for g in family}) < len(family):
+            out.append(group)
+        elif rest(group) not in done:
+            done.add(rest(group))
+            merged = RunGroup(group.key, group.experiment, group.label, [g.runs[0] for g in family])
+            merged.per_seed_density = True
+            out.append(merged)
+    return out
+
+
 def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> list[Path]:
     """PruneFL's figures and table for one experiment; [] unless a PruneFL-family run is in it."""
     if not any(in_family(g) for g in groups):
         return []
+    groups = per_seed_density_groups(groups)
     written = []
     figures = [
         (f"{stem}_prunefl_accuracy_vs_time.png", "test accuracy vs modelled training time", "time",
