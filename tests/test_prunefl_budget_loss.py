@@ -215,7 +215,8 @@ def test_round_one_records_initial_prunings_iterations_and_samples(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the shipped campaigns
-CAMPAIGNS = sorted(ROOT.glob("bench/prunefl_*_campaign.yaml"))
+# the fixes campaign takes these choices back one at a time, on purpose
+CAMPAIGNS = sorted(p for p in ROOT.glob("bench/prunefl_*_campaign.yaml") if not p.name.endswith("_fixes_campaign.yaml"))
 
 
 @pytest.mark.parametrize("path", CAMPAIGNS, ids=[p.name for p in CAMPAIGNS])
