@@ -67,10 +67,11 @@ PYTEST := MPIEXEC=$(MPIEXEC) $(PY) -m pytest -q
 
 # TEST_JOBS pytest-xdist workers for the one-process suite: its end-to-end runs leave a core idle
 # for part of their time (MPI and SLURM waits), so 3 on 2 cores (4:25 against 5:11 with 2, here);
-# 1 runs it without xdist
+# 1 runs it without xdist. --dist loadgroup: the tests of one cluster (SLURM, the namespace
+# nodes; marked xdist_group) go to one worker instead of workers waiting on the cluster's lock
 TEST_JOBS ?= 3
 test: venv
-	$(PYTEST) $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS)) tests
+	$(PYTEST) $(if $(filter-out 1,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadgroup) tests
 	$(MAKE) --no-print-directory test-mpi
 
 test-unit: venv

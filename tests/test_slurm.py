@@ -25,7 +25,8 @@ from slurm_cluster import SlurmCluster, unavailable_reason
 from fedmpi.campaigns import load_campaign, run_name
 from fedmpi.results import run_status
 
-pytestmark = pytest.mark.slurm
+# one worker runs them all (make test: --dist loadgroup), rather than workers queueing on the cluster's lock
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm_cluster")]
 REPO = Path(__file__).resolve().parent.parent
 TINY_CAMPAIGN = REPO / "examples" / "campaign-tiny.yaml"
 

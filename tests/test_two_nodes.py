@@ -31,6 +31,7 @@ from helpers import (MPIEXEC, PY, REPO, Streaming, assert_all_columns_identical,
 UNAVAILABLE = netns_cluster.unavailable_reason()
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.xdist_group("namespace_cluster"),   # one worker, one cluster (make test: --dist loadgroup)
     needs_mpiexec,
     pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no namespace cluster here: {UNAVAILABLE}"),
 ]
