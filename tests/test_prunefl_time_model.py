@@ -68,7 +68,10 @@ def femnist_info(classes: int = 10) -> ModelInfo:
 
 
 def mlp_info() -> tuple[torch.nn.Module, ModelInfo]:
-    model = build_model("mlp", (60,), 10)
+    # the same initial weights whatever ran before in this process (tests compare two calls)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_model("mlp", (60,), 10)
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     return model, ModelInfo(shapes, maskable_parameter_names(model), layer_flops(model, (60,)), num_clients=8,
                             model="mlp", input_shape=(60,), num_classes=10)
