@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.figures.prunefl import is_reference, method_name
+from fedmpi.figures.prunefl import is_reference, method_name, per_seed_density_groups
 from fedmpi.results.tables import format_mean_std, format_number, markdown_table, mean_std
 
 TARGET_GAP = 0.01
@@ -92,5 +92,5 @@ def draw(experiment: str, groups, colors: dict, plots_dir: Path, stem: str) -> l
         return []
     table = plots_dir / f"{stem}_lotteryfl_upload_to_target.md"
     table.write_text(f"# {experiment}: personalised accuracy and upload to target\n\n"
-                     f"{upload_to_target_table(groups)}\n")
+                     f"{upload_to_target_table(per_seed_density_groups(groups))}\n")
     return [table]
