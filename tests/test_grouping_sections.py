@@ -36,3 +36,24 @@ def test_snip_runs_at_each_seeds_density_are_one_setting_a_density_sweep_is_not(
     (tmp_path / "sweep").mkdir()
     sweep = [make_config("snip", seed=0, rounds=3, snip={"density": d}) for d in (0.1, 0.2, 0.3)]
     assert len(per_seed_density_groups(group_runs(runs(tmp_path / "sweep", sweep)))) == 3
+
+
+def test_other_methods_sections_are_outside_a_runs_identity_for_resume_too():
+    """--resume compares identities: another method's section (or its default) does not make a
+    PruneFL run another run, its own section does, and an identity stored with every section (as
+    checkpoints written before this rule hold it) still matches."""
+    import json
+
+    from fedmpi.config import flatten, load_config
+    from fedmpi.results.writer import config_identity, identity_differences
+
+    plain = load_config(None, ["algorithm=prunefl"])
+    other = load_config(None, ["algorithm=prunefl", "scalefl.kd_gamma=0.05"])
+    own = load_config(None, ["algorithm=prunefl", "prunefl.reconfigure_every=3"])
+    assert identity_differences(config_identity(other), config_identity(plain)) == ""
+    assert identity_differences(config_identity(own), config_identity(plain)).startswith("prunefl.reconfigure_every")
+    stored_with_every_section = json.dumps(flatten(other), sort_keys=True)
+    assert identity_differences(stored_with_every_section, config_identity(plain)) == ""
+    scalefl = ["algorithm=scalefl", "model=multiexit_vgg_small"]
+    assert identity_differences(config_identity(load_config(None, scalefl)), config_identity(
+        load_config(None, [*scalefl, "scalefl.kd_gamma=0.05"]))) == "scalefl.kd_gamma: 0.0 → 0.05"

@@ -87,10 +87,10 @@ def read_checkpoint_file(path: Path) -> dict:
 def checked_checkpoint(path: Path, cfg: dict) -> dict:
     """``read_checkpoint_file``, refused (exit 2) unless it was written by a run of ``cfg``."""
     contents = read_checkpoint_file(path)
-    requested = config_identity(cfg)
-    if contents["config_identity"] != requested:
+    differences = identity_differences(contents["config_identity"], config_identity(cfg))
+    if differences:
         raise ConfigError("--resume", f"checkpoint {path} was written by a run with a different config ("
-                          f"{identity_differences(contents['config_identity'], requested)}); resume with the "
+                          f"{differences}); resume with the "
                           "config it was written with, or pass --force to start over")
     return contents
 

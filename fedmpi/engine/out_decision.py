@@ -88,9 +88,9 @@ def _against_existing(out: Path, cfg: dict, resume: bool, force: bool,
     if stored is not None:
         if stored.problem:
             return refuse(f"{out} cannot be read as a fedmpi results file ({stored.problem})", "to overwrite it")
-        requested = config_identity(cfg)
-        if stored.identity != requested:
-            return refuse(f"{out} holds a run of a different config ({identity_differences(stored.identity, requested)}"
+        differences = identity_differences(stored.identity, config_identity(cfg))
+        if differences:
+            return refuse(f"{out} holds a run of a different config ({differences}"
                           "); resume it with the config it was written with", "to overwrite it")
         if stored.finished:
             return "done", f"{out} is already finished; nothing to resume"

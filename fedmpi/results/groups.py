@@ -43,27 +43,9 @@ def _settings(run: RunResult) -> dict:
     """The config keys that change results, seed aside (it tells repetitions of a setting
     apart), values made hashable/comparable. A key the run's config lacks (written by a fedmpi
     that did not have it yet) counts as today's default: new keys default to the old behaviour.
-    Other methods' config sections are left out: a method reads only its own section, so a
-    PruneFL run is the same setting whatever ``scalefl.kd_gamma`` (or its default) said."""
-    algorithm = run.config.get("algorithm")
-    settings = {**identity_settings(defaults(algorithm)), **identity_settings(run.config)}
-    unread = _unread_sections(algorithm)
-    return {key: json.dumps(value, sort_keys=True) for key, value in settings.items()
-            if key != "seed" and key.split(".", 1)[0] not in unread}
-
-
-def _unread_sections(algorithm) -> set[str]:
-    """The method sections that ``algorithm`` does not read (none known for a method that is not
-    installed here: then every key counts)."""
-    from fedmpi.algorithms import ALGORITHMS, config_sections
-    from fedmpi.errors import ConfigError
-
-    try:
-        if algorithm not in ALGORITHMS:
-            return set()
-        return set(config_sections(algorithm)) - {ALGORITHMS[algorithm].section}
-    except ConfigError:
-        return set()
+    Other methods' config sections are not part of a run's identity (``identity_settings``)."""
+    settings = {**identity_settings(defaults(run.config.get("algorithm"))), **identity_settings(run.config)}
+    return {key: json.dumps(value, sort_keys=True) for key, value in settings.items() if key != "seed"}
 
 
 def group_key(run: RunResult) -> tuple:

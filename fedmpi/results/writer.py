@@ -84,9 +84,34 @@ NON_IDENTITY_KEYS = ("experiment", "data.root", "output", "checkpoint", "mpi", "
 
 
 def identity_settings(cfg: dict) -> dict:
-    """The flattened config keys that define a run, i.e. all but ``NON_IDENTITY_KEYS``."""
-    return {key: value for key, value in flatten(cfg).items()
-            if not any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)}
+    """The flattened config keys that define a run: all but ``NON_IDENTITY_KEYS`` and the config
+    sections of other methods than the run's."""
+    return run_identity(flatten(cfg))
+
+
+def run_identity(settings: dict) -> dict:
+    """``settings`` (flattened config keys) without ``NON_IDENTITY_KEYS`` and without the sections
+    of methods other than ``settings["algorithm"]``: a method reads only its own section, so a
+    PruneFL run is the same run whatever ``scalefl.kd_gamma`` (or its default) says. Applied to
+    identities stored by a fedmpi that still kept every section, too."""
+    unread = unread_sections(settings.get("algorithm"))
+    return {key: value for key, value in settings.items()
+            if not any(key == k or key.startswith(k + ".") for k in NON_IDENTITY_KEYS)
+            and key.split(".", 1)[0] not in unread}
+
+
+def unread_sections(algorithm) -> set[str]:
+    """The method sections that ``algorithm`` does not read; none known (every section counts) for
+    a method that is not installed here or a registry that cannot be read."""
+    from fedmpi.algorithms import ALGORITHMS, config_sections   # torch: only when identities are compared
+    from fedmpi.errors import ConfigError
+
+    try:
+        if algorithm not in ALGORITHMS:
+            return set()
+        return set(config_sections(algorithm)) - {ALGORITHMS[algorithm].section}
+    except ConfigError:
+        return set()
 
 
 def config_identity(cfg: dict) -> str:
@@ -97,7 +122,7 @@ def config_identity(cfg: dict) -> str:
 def identity_differences(stored: str, requested: str, limit: int = 4) -> str:
     """Where two :func:`config_identity` strings differ, as ``key: stored → requested`` (the first
     ``limit`` keys, then how many more); empty when they agree."""
-    old, new = json.loads(stored), json.loads(requested)
+    old, new = run_identity(json.loads(stored)), run_identity(json.loads(requested))
     show = lambda settings, key: json.dumps(settings[key]) if key in settings else "(absent)"  # noqa: E731
     keys = sorted(k for k in old.keys() | new.keys() if show(old, k) != show(new, k))   # 1 and 1.0 differ
     text = "; ".join(f"{k}: {show(old, k)} → {show(new, k)}" for k in keys[:limit])
