@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-PROGRAMS = ["mungekey", "munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel"]
+PROGRAMS = ["mungekey", "munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scontrol", "scancel"]
 PORTS = (6817, 6818)
 
 SLURM_CONF = """\
@@ -97,10 +97,12 @@ class SlurmCluster:
     The directory is removed on stop unless ``keep`` is set.
     """
 
-    def __init__(self, keep: bool = False):
+    ports = PORTS
+
+    def __init__(self, keep: bool = False, prefix: str = "fedmpi-slurm-"):
         # Not pytest's tmp_path: munged wants every directory above its socket world-executable,
         # and pytest's are private (0700). mkdtemp's parent (/tmp) is.
-        self.base = Path(tempfile.mkdtemp(prefix="fedmpi-slurm-"))
+        self.base = Path(tempfile.mkdtemp(prefix=prefix))
         self.keep = keep
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.base / "etc" / "slurm.conf"
@@ -138,14 +140,20 @@ class SlurmCluster:
                                f"--socket={munge}/munge.socket", f"--pid-file={munge}/munged.pid",
                                f"--seed-file={munge}/munge.seed",
                                f"--log-file={self.base}/log/munged.log"])
-        self.conf.write_text(SLURM_CONF.format(node=self.node, base=self.base, ports=PORTS,
-                                               cpus=os.cpu_count() or 1))
+        self.conf.write_text(self.config_text())
         self._wait_for(lambda: (munge / "munge.socket").exists(), timeout, "munged socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_idle, timeout, f"node {self.node} idle")
+        self.start_slurmds()
+        self._wait_for(self.nodes_idle, timeout, "the nodes idle")
 
-    def _node_idle(self) -> bool:
+    # ---- what a cluster of other nodes changes (tests/cluster/netns_slurm.py) ----------------
+    def config_text(self) -> str:
+        return SLURM_CONF.format(node=self.node, base=self.base, ports=self.ports, cpus=os.cpu_count() or 1)
+
+    def start_slurmds(self) -> None:
+        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
+
+    def nodes_idle(self) -> bool:
         result = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], env=self.env,
                                 capture_output=True, text=True)
         return result.stdout.strip() == "idle"
@@ -173,7 +181,12 @@ class SlurmCluster:
             # Only this cluster's jobs: the client talks to our slurmctld through SLURM_CONF.
             subprocess.run(["scancel", "--user", str(os.getuid())], env=self.env,
                            capture_output=True, timeout=10)
-        for name in ("slurmd", "slurmctld", "munged"):
+            # the jobs' slurmstepds are no children of ours: let the slurmds end them first
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and subprocess.run(
+                    ["squeue", "-h"], env=self.env, capture_output=True, text=True).stdout.strip():
+                time.sleep(0.3)
+        for name in [n for n in self.daemons if n.startswith("slurmd")] + ["slurmctld", "munged"]:
             daemon = self.daemons.pop(name, None)
             if daemon is None or daemon.poll() is not None:
                 continue
