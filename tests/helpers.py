@@ -290,28 +290,40 @@ TIERED = {
 
 # PruneFL's and LotteryFL's small synthetic configs, shared by their test modules
 PRUNEFL = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 7,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "prunefl",
+    **TINY, "rounds": 7, "algorithm": "prunefl",
     # c0 of a few dense rounds' traffic keeps the model from collapsing on the laptop profile
     "prunefl": {"local_steps": 5, "reconfigure_every": 2, "ip_interval": 10, "ip_max_iterations": 120,
                 "ip_patience": 3, "time_constant": 0.05},
 }
+LOTTERYFL = {**TINY, "rounds": 8, "algorithm": "lotteryfl",
+             "lotteryfl": {"acc_threshold": 0.1, "target_density": 0.1, "local_steps": 5}}
 
-LOTTERYFL = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 8,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 1},
-    "algorithm": "lotteryfl",
-    "lotteryfl": {"acc_threshold": 0.1, "target_density": 0.1, "local_steps": 5},
-}
+
+def toy_dataset(n_per_class=40, classes=10, n_test_per_class=7, seed=0):
+    """A Dataset of 2 zero features, labels shuffled so that label order and index order differ."""
+    from fedmpi.data import Dataset
+    rs = np.random.default_rng(seed)
+    y_train = rs.permutation(np.repeat(np.arange(classes), n_per_class)).astype(np.int64)
+    y_test = rs.permutation(np.repeat(np.arange(classes), n_test_per_class)).astype(np.int64)
+    return Dataset("toy", np.zeros((len(y_train), 2), np.float32), y_train,
+                   np.zeros((len(y_test), 2), np.float32), y_test, classes, (2,))
+
+
+def submodel_predictions(weights: dict, x, model: str = "multiexit_vgg", shape=(1, 28, 28), classes=10,
+                         **variant) -> tuple[np.ndarray, np.ndarray]:
+    """(argmax at the deepest exit, top-2 margin) of the submodel ``variant`` (level, width): the
+    leading block of every global tensor, loaded into a model the builder makes with ``variant``."""
+    import torch
+    from fedmpi.models import build_model
+    net = build_model(model, shape, classes, **variant)
+    state = {n: torch.from_numpy(np.ascontiguousarray(weights[n][tuple(slice(0, d) for d in t.shape)]))
+             for n, t in net.state_dict().items() if t.is_floating_point()}
+    net.load_state_dict(state, strict=False)
+    net.eval()
+    with torch.no_grad():
+        logits = net(x)[-1]
+    top2 = torch.topk(logits, 2, dim=1).values
+    return logits.argmax(dim=1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
 
 
 def write_idx(root, n_train=180, n_test=60, seed=0):

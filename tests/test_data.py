@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedmpi.data import (DATASETS, Dataset, Partition, load_dataset,
+from helpers import toy_dataset
+
+from fedmpi.data import (DATASETS, Partition, load_dataset,
                          partition_dataset)
 from fedmpi.data.readers import NORMALISATION
 from fedmpi.errors import ConfigError, DataError
@@ -69,15 +71,6 @@ def make_cifar10_dir(root, per_batch=4, n_test=5):
     test_y = rs.integers(0, 10, n_test)
     write_cifar_batch(d / "test_batch", test_x, test_y)
     return np.concatenate(train_x), np.concatenate(train_y), test_x, test_y
-
-
-def toy_dataset(n_per_class=40, classes=10, n_test_per_class=7, seed=0):
-    """Labels shuffled so that label order and index order differ."""
-    rs = np.random.default_rng(seed)
-    y_train = rs.permutation(np.repeat(np.arange(classes), n_per_class)).astype(np.int64)
-    y_test = rs.permutation(np.repeat(np.arange(classes), n_test_per_class)).astype(np.int64)
-    return Dataset("toy", np.zeros((len(y_train), 2), np.float32), y_train,
-                   np.zeros((len(y_test), 2), np.float32), y_test, classes, (2,))
 
 
 def part(ds, scheme, k, seed=0, alpha=0.5, shard_size=10, shards_per_client=2):

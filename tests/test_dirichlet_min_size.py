@@ -6,18 +6,11 @@ import numpy as np
 import pytest
 
 from fedmpi.config import load_config
-from fedmpi.data import Dataset, partition_dataset
+from helpers import toy_dataset
+
+from fedmpi.data import partition_dataset
 from fedmpi.errors import ConfigError
 from fedmpi.initial import build_initial
-
-
-def toy_dataset(n_per_class=40, classes=10, n_test_per_class=7, seed=0):
-    """400 training samples, labels shuffled so that label order and index order differ."""
-    rs = np.random.default_rng(seed)
-    y_train = rs.permutation(np.repeat(np.arange(classes), n_per_class)).astype(np.int64)
-    y_test = rs.permutation(np.repeat(np.arange(classes), n_test_per_class)).astype(np.int64)
-    return Dataset("toy", np.zeros((len(y_train), 2), np.float32), y_train,
-                   np.zeros((len(y_test), 2), np.float32), y_test, classes, (2,))
 
 
 def dirichlet(ds, k, seed, alpha, **extra):

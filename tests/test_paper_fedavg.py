@@ -15,12 +15,10 @@ import torch
 import yaml
 
 from fake_results import MIB, make_config, make_rounds, write_run_with_writer
-from helpers import REPO, TIERED, assert_same_metrics, needs_mpiexec, same_bits, write_idx
+from helpers import REPO, TIERED, assert_same_metrics, needs_mpiexec, same_bits, submodel_predictions, write_idx
 
 from fedmpi.config import load_config
-from fedmpi.models import build_model
 
-SHAPE, CLASSES = (1, 28, 28), 10
 NAN = math.nan
 
 
@@ -71,20 +69,6 @@ def test_the_same_bits_on_one_and_two_ranks(tiered_runs):
 
 
 # ------------------------------------------------------------------------------ how it is scored
-def predictions(weights: dict, x: torch.Tensor, level: int) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax at exit ``level``, top-2 margin) of the global model's blocks 0..level and exits
-    1..level, built here from the global weights."""
-    model = build_model("multiexit_vgg", SHAPE, CLASSES, level=level)
-    state = {n: torch.from_numpy(np.ascontiguousarray(weights[n])) for n, t in model.state_dict().items()
-             if t.is_floating_point()}
-    model.load_state_dict(state, strict=False)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)[-1]
-    top2 = torch.topk(logits, 2, dim=1).values
-    return logits.argmax(dim=1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
-
-
 def test_a_client_that_cannot_hold_the_full_model_is_scored_at_its_own_exit(tmp_path):
     """Each client's local test labels are set to what the global model predicts at its own tier's
     exit (blocks 0..e, exit e), so scoring every client there gives 1 in every tier; scoring the
@@ -106,10 +90,10 @@ def test_a_client_that_cannot_hold_the_full_model_is_scored_at_its_own_exit(tmp_
     assert levels == [1, 2, 3]
 
     (x_train, y_train), (x_test, y_test) = ctx.train, ctx.test
-    full, _ = predictions(algo.weights, x_train, 3)
+    full, _ = submodel_predictions(algo.weights, x_train, level=3)
     y_local, differs = y_train.clone(), 0
     for tier, level in enumerate(levels):
-        predicted, margin = predictions(algo.weights, x_train, level)
+        predicted, margin = submodel_predictions(algo.weights, x_train, level=level)
         for c in np.flatnonzero(algo.tier == tier):
             rows = ctx.partition.test_indices[c]
             assert len(rows) and margin[rows].min() > 1e-3

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, TINY, fedmpi, read_results, same_bits
+from helpers import PRUNEFL, REPO, TINY, fedmpi, read_results, same_bits
 
 from fedmpi.algorithms import ClientTask, ModelInfo, build_algorithm
 from fedmpi.comm.codec import HEADER_BYTES_PER_TENSOR, decode, encode
@@ -39,13 +39,7 @@ MLP_BIASES = 200 + 200 + 10
 LAPTOP = (20e9, 20e6 / 8, 100e6 / 8)                    # FLOP/s, uplink, downlink bytes/s
 
 PF = {
-    "data": {"name": "synthetic", "partition": "natural"},
-    "model": "mlp",
-    "clients": {"total": 8, "per_round": 4},
-    "rounds": 4,
-    "local": {"epochs": 1, "batch_size": 16, "lr": 0.05},
-    "eval": {"every": 2},
-    "algorithm": "prunefl",
+    **PRUNEFL, "rounds": 4, "eval": {"every": 2},
     "prunefl": {"local_steps": 5, "reconfigure_every": 1, "ip_interval": 10, "ip_max_iterations": 30,
                 "ip_patience": 2},
 }

@@ -12,29 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TIERED, write_idx
+from helpers import TIERED, submodel_predictions, write_idx
 
 from fedmpi.config import load_config
 from fedmpi.engine.context import build_context
 from fedmpi.engine.evaluation import Evaluator
-from fedmpi.models import build_model
-
-SHAPE, CLASSES = (1, 28, 28), 10
-
-
-def predictions(weights: dict, x: torch.Tensor, **variant) -> np.ndarray:
-    """(argmax at the deepest exit, top-2 margin) of the submodel ``variant``: the leading block
-    of every global tensor, loaded into a model the builder makes at that level/width."""
-    model = build_model("multiexit_vgg", SHAPE, CLASSES, **variant)
-    state = {n: torch.from_numpy(np.ascontiguousarray(weights[n][tuple(slice(0, d) for d in t.shape)]))
-             for n, t in model.state_dict().items() if t.is_floating_point()}
-    model.load_state_dict(state, strict=False)
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)[-1]
-    top2 = torch.topk(logits, 2, dim=1).values
-    return logits.argmax(dim=1).numpy(), (top2[:, 0] - top2[:, 1]).numpy()
-
 
 @pytest.mark.parametrize("algorithm", ["heterofl", "scalefl"])
 def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
@@ -44,7 +26,7 @@ def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
 
     cfg = copy.deepcopy(TIERED)
     cfg["data"]["root"] = str(write_idx(tmp_path / "mnist"))
-    if algorithm == "heterofl":   # the stored BN statistics, as predictions() (the query: test_heterofl_complete)
+    if algorithm == "heterofl":   # the stored BN statistics, as submodel_predictions() (the query: test_heterofl_complete)
         cfg["heterofl"] = {"static_bn": False}
     cfg = load_config(None, extra={**cfg, "algorithm": algorithm})
     ctx = build_context(cfg)
@@ -59,11 +41,11 @@ def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
 
     (x_train, y_train), (x_test, y_test) = ctx.train, ctx.test
     assert ctx.partition.local_test_in_train          # TIERED holds local test sets out of training
-    full, _ = predictions(weights, x_train)
+    full, _ = submodel_predictions(weights, x_train)
     y_local = y_train.clone()
     differs = 0
     for tier, variant in enumerate(tier_variants):
-        predicted, margin = predictions(weights, x_train, **variant)
+        predicted, margin = submodel_predictions(weights, x_train, **variant)
         for c in np.flatnonzero(algo.tier == tier):
             rows = ctx.partition.test_indices[c]
             assert len(rows) and margin[rows].min() > 1e-3   # no near-tie a chunking could flip
@@ -75,9 +57,9 @@ def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
     # global test labels: the smallest tier's submodel's predictions, so the exit it ends at is
     # measured on that submodel exactly when exit_accuracy scores it with 1
     smallest = tier_variants[0]
-    y_global, margin = predictions(weights, x_test, **smallest)
+    y_global, margin = submodel_predictions(weights, x_test, **smallest)
     assert margin.min() > 1e-3
-    full_test, _ = predictions(weights, x_test)
+    full_test, _ = submodel_predictions(weights, x_test)
     full_accuracy = float(np.mean(full_test == y_global))
     assert full_accuracy < 1
 
