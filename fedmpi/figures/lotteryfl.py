@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmpi.figures.prunefl import is_reference, method_name, per_seed_density_groups
+from fedmpi.figures.prunefl import method_name, per_seed_density_groups, reference_target
 from fedmpi.results.tables import format_mean_std, format_number, markdown_table, mean_std
 
 TARGET_GAP = 0.01
@@ -46,14 +46,11 @@ def _final(values: np.ndarray) -> float:
 
 
 def upload_to_target_table(groups) -> str:
-    reference = next((g for g in groups if is_reference(g)), None)
-    if reference is None:
+    found = reference_target(groups, lambda r: _final(personalised(r)), lambda r, t: first_upload_at(r, t)[0])
+    if found is None:
         return ("No FedAvg (or conventional-FL) reference in this experiment: no target personalised "
                 "accuracy.")
-    finals = [_final(personalised(r)) for r in reference.runs if r.rounds_done]
-    target = float(np.nanmean(finals)) - TARGET_GAP
-    ref_uploads = [first_upload_at(r, target)[0] for r in reference.runs if r.rounds_done]
-    ref_upload = float(np.nanmean(ref_uploads)) if np.isfinite(ref_uploads).any() else math.nan
+    reference, finals, target, ref_upload = found
     rows = []
     for group in groups:
         runs = [r for r in group.runs if r.rounds_done]

@@ -175,15 +175,26 @@ def first_time_at(run, target: float) -> tuple[float, float, float]:
     return float(run.column("cum_sim_seconds")[i]), float(run.round_numbers()[i]), measured
 
 
-def time_to_target_table(groups) -> str:
+def reference_target(groups, final_value, cost_at):
+    """The to-target tables' reference: (its group, its runs' final values, the target = their mean
+    − TARGET_GAP, its mean ``cost_at(run, target)`` over the runs that reach it); None without a
+    reference group."""
     reference = next((g for g in groups if is_reference(g)), None)
     if reference is None:
+        return None
+    runs = [r for r in reference.runs if r.rounds_done]
+    finals = [final_value(r) for r in runs]
+    target = float(np.nanmean(finals)) - TARGET_GAP
+    costs = [cost_at(r, target) for r in runs]
+    return reference, finals, target, float(np.nanmean(costs)) if np.isfinite(costs).any() else math.nan
+
+
+def time_to_target_table(groups) -> str:
+    found = reference_target(groups, lambda r: r.final("test_accuracy"), lambda r, t: first_time_at(r, t)[0])
+    if found is None:
         return ("No conventional-FL reference in this experiment (algorithm fedavg, or prunefl with "
                 "initial_pruning and adaptive off): no target accuracy.")
-    finals = [r.final("test_accuracy") for r in reference.runs if r.rounds_done]
-    target = float(np.nanmean(finals)) - TARGET_GAP
-    ref_times = [first_time_at(r, target)[0] for r in reference.runs if r.rounds_done]
-    ref_time = float(np.nanmean(ref_times)) if np.isfinite(ref_times).any() else math.nan
+    reference, finals, target, ref_time = found
     rows = []
     for group in groups:
         runs = [r for r in group.runs if r.rounds_done]
