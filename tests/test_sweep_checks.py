@@ -322,3 +322,38 @@ def test_a_malformed_base_config_is_named_once_as_the_file_not_as_each_runs_key(
     err = capsys.readouterr().err
     assert f"{base}: not valid YAML at line 2, column 1" in err
     assert "config key" not in err and "run " not in err
+
+
+# -- runs across nodes ---------------------------------------------------------------------------
+
+def sbatch_directives(tmp_path: Path) -> list[str]:
+    (script,) = (tmp_path / "results" / "slurm").glob("*.sbatch")
+    return [line.split(None, 1)[1] for line in script.read_text().splitlines() if line.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("slurm, args, expected", [
+    ({"nodes": 2, "tasks_per_node": 3}, [], ["--ntasks=6", "--nodes=2", "--ntasks-per-node=3"]),
+    ({"nodes": 3}, ["--ranks", "4"], ["--ntasks=4", "--nodes=3"]),
+    ({}, [], ["--ntasks=6"]),
+])
+def test_nodes_and_tasks_per_node_become_the_jobs_layout(tmp_path, monkeypatch, slurm, args, expected):
+    monkeypatch.chdir(tmp_path)
+    path = write_campaign(tmp_path, ranks=6, slurm=slurm)
+    assert sweep(str(path), "--slurm", "--dry-run", *args) == 0
+    layout = [d for d in sbatch_directives(tmp_path) if d.startswith(("--ntasks", "--nodes"))]
+    assert layout == expected
+
+
+@pytest.mark.parametrize("slurm, args, key", [
+    ({"nodes": 2, "tasks_per_node": 2}, [], "slurm.tasks_per_node"),          # 4 is not 6
+    ({"nodes": 2, "tasks_per_node": 3}, ["--ranks", "4"], "slurm.tasks_per_node"),
+    ({"nodes": 7}, [], "slurm.nodes"),                                        # a node without a rank
+    ({"nodes": 0}, [], "slurm.nodes"),
+])
+def test_a_layout_that_does_not_fit_the_ranks_is_exit_2_naming_the_key(tmp_path, monkeypatch, capsys,
+                                                                       slurm, args, key):
+    monkeypatch.chdir(tmp_path)
+    path = write_campaign(tmp_path, ranks=6, slurm=slurm)
+    assert sweep(str(path), "--slurm", "--dry-run", *args) == 2
+    assert f"'{key}'" in capsys.readouterr().err
+    assert written_job_files(tmp_path) == []

@@ -61,6 +61,8 @@ class SlurmSettings:
     time: str = "01:00:00"
     cpus_per_task: int = 1
     gpus_per_task: int = 0
+    nodes: int | None = None        # spread a run's ranks over this many nodes (--nodes)
+    tasks_per_node: int | None = None  # ranks on each node (--ntasks-per-node); nodes × this = ranks
     modules: list[str] = field(default_factory=list)
     mpi: str = "mpiexec"            # how ranks start inside the job: "mpiexec" or "srun"
     srun_mpi: str = "pmi2"          # srun --mpi=... when mpi is "srun"
@@ -218,8 +220,9 @@ def _slurm_settings(block, campaign_dir: Path) -> SlurmSettings:
         raise ConfigError("slurm.mpi", f"must be 'mpiexec' or 'srun', got {settings.mpi!r}")
     positive_int(settings.cpus_per_task, "slurm.cpus_per_task")
     positive_int(settings.gpus_per_task, "slurm.gpus_per_task", allow_zero=True)
-    if settings.max_parallel is not None:
-        positive_int(settings.max_parallel, "slurm.max_parallel")
+    for key in ("max_parallel", "nodes", "tasks_per_node"):
+        if getattr(settings, key) is not None:
+            positive_int(getattr(settings, key), f"slurm.{key}")
     for key in ("modules", "extra_sbatch"):
         if not isinstance(getattr(settings, key), list):
             raise ConfigError(f"slurm.{key}", "must be a list")
@@ -304,7 +307,22 @@ def load_campaign(path, results_dir=None) -> Campaign:
     inputs = link(runs, references, point_names, seeds)
     runs = [Run(run.name, run.overrides, run.result, inputs.get(run.name, ())) for run in runs]
 
-    return Campaign(name=name, base=base, inline_config=inline,
-                    common=flatten(common), ranks=positive_int(spec.get("ranks", 1), "ranks"),
-                    results_dir=results, runs=runs,
-                    slurm=_slurm_settings(spec.get("slurm"), here))
+    ranks = positive_int(spec.get("ranks", 1), "ranks")
+    slurm = _slurm_settings(spec.get("slurm"), here)
+    check_layout(slurm, ranks)
+    return Campaign(name=name, base=base, inline_config=inline, common=flatten(common), ranks=ranks,
+                    results_dir=results, runs=runs, slurm=slurm)
+
+
+def check_layout(slurm: SlurmSettings, ranks: int) -> None:
+    """The ranks fit the nodes asked for: every node gets at least one rank, and with
+    ``tasks_per_node`` exactly ``nodes × tasks_per_node`` ranks (``--ranks`` may change them)."""
+    if slurm.tasks_per_node is not None:
+        nodes = slurm.nodes or 1
+        if nodes * slurm.tasks_per_node != ranks:
+            raise ConfigError("slurm.tasks_per_node", f"{nodes} node(s) × {slurm.tasks_per_node} "
+                                                      f"tasks per node is not the campaign's {ranks} "
+                                                      f"ranks; make the product equal ranks")
+    elif slurm.nodes is not None and slurm.nodes > ranks:
+        raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes for {ranks} ranks would leave a node "
+                                         f"without a rank; ask for at most {ranks} nodes")

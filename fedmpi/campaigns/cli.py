@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedmpi.campaigns.campaign import load_campaign, positive_int
+from fedmpi.campaigns.campaign import check_layout, load_campaign, positive_int
 from fedmpi.campaigns.checks import text
 from fedmpi.campaigns.local import list_runs, missing_runs, run_local
 from fedmpi.campaigns.slurm import submit_slurm
@@ -58,6 +58,8 @@ def sweep_main(args: argparse.Namespace) -> int:
         campaign = load_campaign(args.campaign, args.results_dir)
         if args.ranks is not None:
             campaign.ranks = positive_int(args.ranks, "--ranks")
+            if args.slurm:
+                check_layout(campaign.slurm, campaign.ranks)
         for flag in ("partition", "account", "time"):
             if getattr(args, flag):
                 setattr(campaign.slurm, flag, text(getattr(args, flag), f"--{flag}"))

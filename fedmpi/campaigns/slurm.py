@@ -189,7 +189,7 @@ def _write_script(campaign: Campaign, template: str, script: Path, table: Path, 
     # values that may hold spaces, quotes or # are quoted for sbatch; extra_sbatch is the
     # user's own directives, written as given
     directives = [f"--job-name={job_name}", f"--array=0-{tasks - 1}{throttle}",
-                  f"--ntasks={campaign.ranks}", f"--cpus-per-task={settings.cpus_per_task}",
+                  *_layout(settings, campaign.ranks), f"--cpus-per-task={settings.cpus_per_task}",
                   f"--time={sbatch_value(settings.time)}",
                   # %% is sbatch's literal %: a % of the path itself must not become a pattern
                   f"--output={sbatch_value(str(job_dir).replace('%', '%%') + '/%A_%a.out')}",
@@ -211,6 +211,17 @@ def _write_script(campaign: Campaign, template: str, script: Path, table: Path, 
         "FEDMPI_SRUN_MPI": settings.srun_mpi,
         "FEDMPI_MODULES": " ".join(settings.modules),
     }))
+
+
+def _layout(settings, ranks: int) -> list[str]:
+    """The directives placing a run's ranks: ``--ntasks``, and across nodes ``--nodes`` (with
+    ``--ntasks-per-node`` when the campaign fixes it; otherwise SLURM fills the nodes in order)."""
+    directives = [f"--ntasks={ranks}"]
+    if settings.nodes is not None:
+        directives.append(f"--nodes={settings.nodes}")
+    if settings.tasks_per_node is not None:
+        directives.append(f"--ntasks-per-node={settings.tasks_per_node}")
+    return directives
 
 
 def _sbatch_command(script: Path, after: list[tuple[int, int]], job_ids=()) -> list[str]:

@@ -7,6 +7,7 @@ depends on the rank count. All MPI goes through ``comm.transport.Communicator``.
 """
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -48,15 +49,17 @@ class Run:
         except Exception as exc:  # noqa: BLE001 - reported with the rank, then every rank stops
             error = (1, f"{type(exc).__name__}: {exc}")
         # the host too: a job across nodes may fail on one node only (a data root missing there)
-        errors = self.comm.gather_objects((self.comm.rank, socket.gethostname(), error))
+        errors = self.comm.gather_objects((self.comm.rank, socket.gethostname(), os.getpid(), error))
         verdict = None
         if self.comm.is_server:
-            failed = [(r, host, e) for r, host, e in errors if e is not None]
+            several_hosts = len({host for _, host, _, _ in errors}) > 1
+            failed = [(r, host, e) for r, host, _, e in errors if e is not None]
             if failed:
                 rank, host, (code, message) = failed[0]
-                several_hosts = len({h for _, h, _ in errors}) > 1
                 where = f"rank {rank} on {host}" if several_hosts else f"rank {rank}"
                 verdict = (code, message if self.comm.size == 1 else f"{where}: {message}")
+            elif several_hosts:
+                print_placement(errors)
         verdict = self.comm.bcast_object(verdict)
         if verdict is not None:
             exc = FedmpiError(verdict[1])
@@ -81,6 +84,17 @@ class Run:
     def _on_sigterm(self, signum, frame) -> None:
         # finish the round, checkpoint, exit 75 -- decided by the server once per round
         self.terminate_requested = True
+
+
+def print_placement(ranks: list[tuple]) -> None:
+    """Which host and PID each rank has, when they span hosts: a rank that dies without a word
+    (SIGKILL, a node lost) is reported by the process manager by host and PID only."""
+    hosts: dict[str, list[str]] = {}
+    for rank, host, pid, _ in ranks:
+        hosts.setdefault(host, []).append(f"{rank} (pid {pid})")
+    where = "; ".join(f"{host}: rank{'s' * (len(r) > 1)} {', '.join(r)}" for host, r in hosts.items())
+    sys.stderr.write(f"fedmpi: {len(ranks)} ranks on {len(hosts)} hosts: {where}\n")
+    sys.stderr.flush()
 
 
 def report_failure(rank: int, size: int, exc: BaseException) -> None:

@@ -84,8 +84,10 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def in_node(node: str, *argv: str) -> list[str]:
-    """``argv`` run in ``node``'s network and UTS namespaces."""
-    return ["nsenter", f"--net=/run/netns/{node}", f"--uts={uts_file(node)}", "--", *argv]
+    """``argv`` run in ``node``'s network and UTS namespaces, through ``ip netns exec`` (as
+    launch_in_node.sh): it mounts the node's own /sys, where UCX finds the node's network devices,
+    so MPI ranks started by a slurmd made this way can reach the other node."""
+    return ["nsenter", f"--uts={uts_file(node)}", "--", "ip", "netns", "exec", node, *argv]
 
 
 def unavailable_reason() -> str | None:

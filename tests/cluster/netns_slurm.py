@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 from slurm_cluster import SlurmCluster, _port_in_use
 
@@ -64,6 +65,20 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def cgroup_mounts() -> list[str]:
+    """Shell commands mounting this host's cgroup file systems (at /sys/fs/cgroup and below) again,
+    in a mount namespace whose /sys lacks them. slurmd refuses a mix of cgroup versions other than
+    the host's, so the layout is copied, not chosen."""
+    commands = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        source, target, kind, options = line.split()[:4]
+        if target == "/sys/fs/cgroup" or target.startswith("/sys/fs/cgroup/"):
+            if kind not in ("tmpfs", "cgroup", "cgroup2"):
+                continue
+            commands += [f"mkdir -p {target}", f"mount -t {kind} -o {options} {source} {target}"]
+    return commands
+
+
 class NetnsSlurm(SlurmCluster):
     """tests/slurm_cluster.py's cluster with one slurmd in each node of ``cluster`` (a running
     NetnsCluster) instead of one on this host; a context manager. ``env``: the environment for
@@ -83,9 +98,18 @@ class NetnsSlurm(SlurmCluster):
                                  base=self.base, ports=self.ports, nodes="\n".join(lines), names=",".join(nodes))
 
     def start_slurmds(self) -> None:
+        hosts = self.base / "etc" / "hosts"
+        names = [f"{netns_cluster.node_address(i)} {node}" for i, node in enumerate(self.cluster.nodes)]
+        hosts.write_text("\n".join([Path("/etc/hosts").read_text().rstrip("\n"), *names]) + "\n")
         for node in self.cluster.nodes:
             (self.base / "spool" / node).mkdir()
-            self._spawn(f"slurmd-{node}", netns_cluster.in_node(node, "slurmd", "-D", "-N", node, "-f", str(self.conf)))
+            # in_node gives the node a /sys of its own, without the cgroup file systems slurmd
+            # checks for: mount the host's again there, the same kinds with the same options
+            # and an /etc/hosts naming the nodes, for the job's processes alone: mpiexec's
+            # proxies started by srun connect back to the batch node by its name
+            start = " && ".join([*cgroup_mounts(), f"mount --bind '{hosts}' /etc/hosts",
+                                 f"exec slurmd -D -N {node} -f '{self.conf}'"])
+            self._spawn(f"slurmd-{node}", netns_cluster.in_node(node, "sh", "-c", start))
 
     def nodes_idle(self) -> bool:
         shown = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
