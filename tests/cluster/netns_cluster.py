@@ -39,10 +39,9 @@ STATE = Path("/run/fedmpi-netns")    # the nodes' UTS namespaces are bind-mounte
 LAUNCHER = Path(__file__).resolve().parent / "launch_in_node.sh"
 PROGRAMS = ["ip", "tc", "unshare", "nsenter", "mount", "umount", "sh"]
 LOCK = Path("/run/fedmpi-netns.lock")   # one cluster at a time (pytest-xdist workers queue here)
-# The environment of a run across the nodes. MPICH's default network module, UCX, finds the
-# nodes on one machine (one boot id) and would move their messages through shared memory, past
-# the veth links; restricted to TCP, it sends them through the nodes' network interfaces.
-# (MPIR_CVAR_CH4_NETMOD=ofi works too: libfabric's TCP provider uses the interfaces.)
+# The environment of a run across the nodes. UCX (MPICH's default) sees one machine (one boot id)
+# and would pass messages through shared memory, past the veth links; restricted to TCP it uses
+# the nodes' interfaces. (MPIR_CVAR_CH4_NETMOD=ofi, libfabric's TCP provider, works too.)
 MPI_ENV = {"UCX_TLS": "tcp"}
 MOUNTS_VARIABLE = "FEDMPI_NODE_MOUNTS"   # read by launch_in_node.sh
 
@@ -194,13 +193,12 @@ class NetnsCluster:
         self.made.append(("link", outside))
         _run("ip", "link", "set", outside, "master", BRIDGE)
         _run("ip", "link", "set", outside, "up")
-        _shape(outside, self.rate)
         inside = ["ip", "netns", "exec", node]
         _run(*inside, "ip", "addr", "add", f"{node_address(index)}/24", "dev", NODE_LINK)
         _run(*inside, "ip", "link", "set", NODE_LINK, "up")
         _run(*inside, "ip", "link", "set", "lo", "up")
         _run(*inside, "ip", "route", "add", "default", "via", GATEWAY)
-        _run(*inside, "tc", "qdisc", "add", "dev", NODE_LINK, "root", *_tbf(self.rate))
+        _shape_node(node, self.rate, "add")
 
     # -- removing ------------------------------------------------------------------------
     def down(self) -> None:
@@ -240,6 +238,13 @@ class NetnsCluster:
         return ["-launcher", "ssh", "-launcher-exec", str(LAUNCHER), "-hosts", hosts,
                 "-localhost", GATEWAY, "-n", str(sum(ranks_per_node))]
 
+    def set_rate(self, rate: str) -> None:
+        """Reshape every node's link, both directions, to ``rate`` (the cluster stays up)."""
+        _rate_bits(rate)
+        for node in self.nodes:
+            _shape_node(node, rate, "replace")
+        self.rate = rate
+
     def pids_on(self, node: str) -> list[int]:
         """Processes running in ``node``'s network namespace."""
         target = os.stat(f"/run/netns/{node}").st_ino
@@ -270,8 +275,10 @@ def _rate_bits(rate: str) -> int:
     raise ValueError(f"rate {rate!r}: write a whole number with kbit, mbit or gbit (e.g. 1gbit, 10gbit)")
 
 
-def _shape(link: str, rate: str) -> None:
-    _run("tc", "qdisc", "add", "dev", link, "root", *_tbf(rate))
+def _shape_node(node: str, rate: str, verb: str) -> None:
+    """tc qdisc ``verb`` (add, replace): a tbf of ``rate`` on both ends of ``node``'s link."""
+    _run("tc", "qdisc", verb, "dev", host_link(node), "root", *_tbf(rate))
+    _run("ip", "netns", "exec", node, "tc", "qdisc", verb, "dev", NODE_LINK, "root", *_tbf(rate))
 
 
 def _remove(kind: str, name: str) -> None:
@@ -324,20 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         removed = remove_leftovers()
         print("removed: " + (" ".join(removed) if removed else "nothing (no fedmpi namespace cluster here)"))
         return 0
-    reason = unavailable_reason()
-    if reason:
-        print(f"cannot make a namespace cluster: {reason}", file=sys.stderr)
-        return 2
+    cluster = None
     try:
-        cluster = NetnsCluster(rate=args.rate)
-    except ValueError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    try:
-        cluster.up()
+        cluster = NetnsCluster(rate=args.rate)     # a bad rate: ValueError
+        cluster.up()                               # unavailable here, or already up: RuntimeError
     except (RuntimeError, ValueError) as exc:
-        cluster.down()
-        print(exc, file=sys.stderr)
+        if cluster is not None:
+            cluster.down()
+        print(f"cannot make a namespace cluster: {exc}", file=sys.stderr)
         return 2
     for index, node in enumerate(cluster.nodes):
         print(f"{node} {node_address(index)} link {host_link(node)} rate {args.rate}")
