@@ -43,7 +43,8 @@ def build_initial(cfg: dict, load_once: Callable | None = None,
 
     def load():
         return load_dataset(data["name"], data["root"], seed=cfg["seed"],
-                            num_clients=cfg["clients"]["total"], synthetic=data["synthetic"])
+                            num_clients=cfg["clients"]["total"], synthetic=data["synthetic"],
+                            unimib_layout=data["unimib_layout"])
 
     dataset = load_once(load) if load_once is not None else load()
     if mark is not None:

@@ -57,3 +57,20 @@ def test_other_methods_sections_are_outside_a_runs_identity_for_resume_too():
     scalefl = ["algorithm=scalefl", "model=multiexit_vgg_small"]
     assert identity_differences(config_identity(load_config(None, scalefl)), config_identity(
         load_config(None, [*scalefl, "scalefl.kd_gamma=0.05"]))) == "scalefl.kd_gamma: 0.0 → 0.05"
+
+
+def test_a_key_added_after_a_checkpoint_was_written_counts_as_its_default_for_resume():
+    """A checkpoint written before a config key existed (here data.unimib_layout) resumes when
+    the key keeps its default, and is refused, naming the key, when it does not."""
+    import json
+
+    from fedmpi.config import load_config
+    from fedmpi.results.writer import config_identity, identity_differences
+
+    plain = load_config(None, ["algorithm=fedavg"])
+    older = json.loads(config_identity(plain))
+    del older["data.unimib_layout"]
+    stored = json.dumps(older, sort_keys=True)
+    assert identity_differences(stored, config_identity(plain)) == ""
+    changed = load_config(None, ["algorithm=fedavg", "local.epochs=7"])
+    assert identity_differences(stored, config_identity(changed)).startswith("local.epochs")

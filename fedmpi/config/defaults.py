@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
         # > 0: hold out this fraction of each client's own data as its local test split
         # (HypeMeFed's 80/20); 0: a client's local test set is the global test images of its labels
         "local_test_fraction": 0.0,
+        # UniMiB-SHAR only: series (3x151 signals, 1-D layers) | image (HypeMeFed's 1x18x25 image)
+        "unimib_layout": "series",
         "synthetic": {"alpha": 1.0, "beta": 1.0, "dim": 60, "classes": 10, "test_fraction": 0.2},
     },
     "clients": {"total": 100, "per_round": 10},

@@ -14,7 +14,7 @@ from typing import Any
 from ..aggregation import MAX_CONTRIBUTIONS, SUM_MODES
 from ..algorithms import ALGORITHMS, config_sections
 from ..errors import ConfigError
-from ..data import DATASETS
+from ..data import DATASETS, UNIMIB_LAYOUTS, UNIMIB_TASKS
 from ..models import MODELS, variant_options
 from ..timing import MeasuredProfile, load_profile
 from ..training import LOSSES, OPTIMIZERS
@@ -100,6 +100,11 @@ def _check_data(cfg: dict) -> None:
     _require(data["min_client_samples"] == 0 or data["partition"] == "dirichlet",
              "data.min_client_samples", "applies only to data.partition: dirichlet; set it to 0")
     _require(0 <= data["local_test_fraction"] < 1, "data.local_test_fraction", "must be in [0, 1)")
+    _require(data["unimib_layout"] in UNIMIB_LAYOUTS, "data.unimib_layout",
+             f"unknown layout '{data['unimib_layout']}'; choose series (3x151 signals) or image "
+             f"(HypeMeFed's 1x18x25 image)")
+    _require(data["unimib_layout"] == "series" or data["name"] in UNIMIB_TASKS, "data.unimib_layout",
+             f"image applies only to data.name {', '.join(UNIMIB_TASKS)}; set it to series")
 
 
 def _check_local(cfg: dict) -> None:

@@ -15,11 +15,12 @@ from fedmpi.plugins import Registry
 
 from . import readers
 from .partition import SCHEMES, hold_out_local_test, partition_dataset
+from .readers_extra import UNIMIB_LAYOUTS, UNIMIB_TASKS, with_unimib_layout
 from .synthetic import SYNTHETIC_DEFAULTS, make_synthetic
 from .types import Dataset, DatasetSpec, Partition
 
-__all__ = ["Dataset", "DatasetSpec", "Partition", "DATASETS", "SCHEMES", "SYNTHETIC_DEFAULTS",
-           "check_dataset_spec", "hold_out_local_test", "load_dataset", "partition_dataset"]
+__all__ = ["Dataset", "DatasetSpec", "Partition", "DATASETS", "SCHEMES", "SYNTHETIC_DEFAULTS", "UNIMIB_LAYOUTS",
+           "UNIMIB_TASKS", "check_dataset_spec", "hold_out_local_test", "load_dataset", "partition_dataset"]
 
 
 def _file_reader(name: str):
@@ -78,12 +79,14 @@ def check_dataset_spec(name: str, spec) -> None:
 DATASETS = Registry("fedmpi.datasets", "dataset", "data.name", _builtin_datasets, check_dataset_spec)
 
 
-def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int, synthetic: dict | None = None
-                 ) -> Dataset:
+def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int, synthetic: dict | None = None,
+                 unimib_layout: str = "series") -> Dataset:
     """Load dataset ``name`` (a registered name or an import path) from ``root`` (or its default
     location), normalised. ``seed``, ``num_clients`` and ``synthetic`` (``data.synthetic``, see
     SYNTHETIC_DEFAULTS) matter for the generated ``synthetic`` data set, which has one LEAF user
-    per client. Raises ConfigError for an unknown name or missing root, DataError for a bad file."""
+    per client; ``unimib_layout`` (``data.unimib_layout``) for UniMiB-SHAR: ``image`` gives
+    HypeMeFed's 1x18x25 images. Raises ConfigError for an unknown name or missing root, DataError
+    for a bad file."""
     spec = DATASETS[DATASETS.resolve(name)]
     if spec.files:
         root = spec.default_root if root is None else root
@@ -91,4 +94,5 @@ def load_dataset(name: str, root: str | None, *, seed: int, num_clients: int, sy
             raise ConfigError("data.root", f"dataset {name!r} has no default location; set data.root to the "
                                            f"directory holding {spec.files}")
     path = None if root is None else Path(root).expanduser()
-    return spec.read(path, seed=seed, num_clients=num_clients, synthetic=synthetic)
+    dataset = spec.read(path, seed=seed, num_clients=num_clients, synthetic=synthetic)
+    return with_unimib_layout(dataset, unimib_layout)

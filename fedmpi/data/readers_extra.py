@@ -12,6 +12,11 @@
   public code loads). Samples are 1-D signals of shape (3, 151). The dataset has no test split:
   fedmpi holds out every fifth sample of each class (in file order) as the global test set, and
   standardises each axis with the mean and standard deviation of the training part (float32).
+  ``data.unimib_layout: image`` turns each standardised signal into HypeMeFed's single-channel
+  18×25 image (``unimib_image``; eis-lab/HypeMeFed, models/unimib/vgg.py, ``forward``): the last
+  sample of each axis is dropped and the 3×150 values are laid out row by row, so rows 0–5 hold x,
+  6–11 y, 12–17 z, each row 25 consecutive samples. The authors' code feeds raw m/s² values
+  (utilities/unimib_dataset.py); fedmpi keeps its per-axis standardisation for both layouts.
 
 Each ``read_*`` returns ``(x_train, y_train, x_test, y_test)``; STL-10 images are uint8 (N, 3, 96,
 96) normalised later like every image dataset, UniMiB-SHAR signals come back already standardised.
@@ -19,11 +24,12 @@ Every problem with a file raises ``DataError`` naming it.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
-from fedmpi.errors import DataError
+from fedmpi.errors import ConfigError, DataError
 
 STL10_DIR = "stl10_binary"
 STL10_SIDE = 96
@@ -35,6 +41,9 @@ STL10_NORMALISATION = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
 UNIMIB_TASKS = {"unimib_shar": ("acc", 17), "unimib_shar_adl": ("adl", 9), "unimib_shar_fall": ("fall", 8)}
 UNIMIB_AXES, UNIMIB_LENGTH = 3, 151
 UNIMIB_TEST_EVERY = 5          # every fifth sample of each class is a global test sample
+# data.unimib_layout: series, the (3, 151) signals; image, HypeMeFed's (1, 18, 25) image of them
+UNIMIB_LAYOUTS = ("series", "image")
+UNIMIB_IMAGE_SHAPE = (1, 18, 25)
 
 
 # ---------------------------------------------------------------- STL-10 binary
@@ -144,6 +153,29 @@ def read_unimib_task(root, task: str, num_classes: int):
         return ((x - mean) / std).astype(np.float32)
 
     return standardise(train), classes[~test] - 1, standardise(signals[test]), classes[test] - 1
+
+
+def unimib_image(signals: np.ndarray) -> np.ndarray:
+    """(N, 3, 151) signals -> (N, 1, 18, 25) images, as HypeMeFed's UniMiB-SHAR model builds them
+    (``x[:, :, :, :-1].reshape(N, 1, 18, 25)`` on (N, 1, 3, 151)): each axis's last sample dropped,
+    the 3×150 values (x, then y, then z) read row by row into 18 rows of 25."""
+    kept = signals[:, :, :UNIMIB_LENGTH - 1]
+    return np.ascontiguousarray(kept.reshape(len(signals), *UNIMIB_IMAGE_SHAPE))
+
+
+def with_unimib_layout(dataset, layout: str):
+    """``dataset`` (a loaded ``Dataset``) in ``data.unimib_layout`` ``layout``; ``series`` leaves
+    every data set as it is, ``image`` needs a UniMiB-SHAR one (ConfigError otherwise)."""
+    if layout == "series":
+        return dataset
+    if layout not in UNIMIB_LAYOUTS:
+        raise ConfigError("data.unimib_layout", f"unknown layout {layout!r}; choose series (3x151 signals) "
+                                                f"or image (HypeMeFed's 1x18x25 image)")
+    if dataset.name not in UNIMIB_TASKS:
+        raise ConfigError("data.unimib_layout", f"image applies only to data.name {', '.join(UNIMIB_TASKS)}; "
+                                                f"data.name is {dataset.name!r}: set data.unimib_layout to series")
+    return dataclasses.replace(dataset, x_train=unimib_image(dataset.x_train), x_test=unimib_image(dataset.x_test),
+                               input_shape=UNIMIB_IMAGE_SHAPE)
 
 
 def _unimib_reader(name: str):
