@@ -28,6 +28,8 @@ def test_each_client_is_scored_on_its_tiers_submodel(algorithm, tmp_path):
     cfg["data"]["root"] = str(write_idx(tmp_path / "mnist"))
     if algorithm == "heterofl":   # the stored BN statistics, as submodel_predictions() (the query: test_heterofl_complete)
         cfg["heterofl"] = {"static_bn": False}
+    if algorithm == "scalefl":    # stored BN statistics too: batch statistics would depend on the evaluator's chunks
+        cfg["scalefl"] = {"track_running_stats": True}
     cfg = load_config(None, extra={**cfg, "algorithm": algorithm})
     ctx = build_context(cfg)
     algo = ctx.algorithm

@@ -105,6 +105,10 @@ class Algorithm:
     section: str | None = None    # the config section it reads (``feddst``: ``feddst.alpha``, ...)
     defaults: dict[str, Any] = {}  # that section's keys and defaults; a default's type is the key's type
     union_types: dict[str, tuple] = {}   # keys of the section that take several types
+    # keys of the section whose default is not what runs made before the key existed did, each
+    # with that earlier value: a stored config without the key reads as it (results grouping and
+    # --resume, ``config.defaults.stored_defaults``); a key added with the old behaviour needs none
+    before_key_existed: dict[str, Any] = {}
     tiered = False            # trains submodels of a multi-exit model (the ``tiers`` section)
     figures: tuple[str, ...] = ()   # figure modules beyond the common ones (``fedmpi.figures.<name>``)
     needs_local_test = False  # its clients get their local test set (``ClientTask.local_test``)

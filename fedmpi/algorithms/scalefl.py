@@ -21,12 +21,21 @@ default is 0 and the README's CIFAR-10 and CIFAR-100 commands do not set it (onl
 command passes ``--KD_gamma 0.05``), so their CIFAR runs train on the exit-weighted cross-entropy
 alone. ``scalefl.kd_gamma: 0.05`` gives the BERT setting.
 
-Batch norm differs: the authors build every BN with ``track_running_stats=False`` unless ``-trs``
-is passed (args.py; the README's commands do not pass it), so their BN normalises with the current
-batch's statistics in training and in evaluation and holds no running statistics to average.
-fedmpi's multi-exit model tracks running statistics, averages them over holders and evaluates with
-them. Simplifications, each the plain reading of the paper: the teacher's logits are detached, the
-KL divergence is averaged per sample (``batchmean``; the code's ``KLDivLoss()`` also divides by the
+Batch norm as in the authors' CIFAR runs: they build every BN with ``track_running_stats=False``
+unless ``-trs`` is passed (args.py; the README's commands do not pass it; the exit heads' BN is
+``track_running_stats=False`` outright, models/resnet.py), and never switch the model to eval
+mode, so BN normalises with the current batch's statistics in training and in evaluation and holds
+no running statistics to average (fed.py, ``average_weights``, averages ``running_*`` only where
+they exist). ``scalefl.track_running_stats: false`` (the default) builds every client's submodel
+and every model the server evaluates so (torch's BN without running statistics uses the batch's
+statistics in eval mode too); nobody sends or averages BN statistics. At evaluation the batches
+are the evaluator's chunks of ``eval.batch_size`` samples (the authors': their loaders' batches,
+each client's samples in batches of up to 512 in ``local_validate``, fed.py line 150).
+``true``: running statistics tracked in training, sent, averaged over holders and used at
+evaluation.
+
+Simplifications, each the plain reading of the paper: the teacher's logits are detached, the KL
+divergence is averaged per sample (``batchmean``; the code's ``KLDivLoss()`` also divides by the
 classes), channels are the leading ones (HeteroFL's rule) and averages are sample-weighted like
 every fedmpi tiered method.
 """
@@ -35,8 +44,14 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from ..errors import require
+from ..models import variant_options
 from ..training import exit_outputs
+from .evaluation import EvalModel
 from .heterogeneous import TieredAlgorithm
+
+# what a BN tracking running statistics holds beyond its affine parameters (float tensors only:
+# num_batches_tracked is an integer and never communicated)
+RUNNING_STATS = (".running_mean", ".running_var")
 
 
 def self_distillation(gamma: float, temperature: float):
@@ -66,8 +81,12 @@ class ScaleFL(TieredAlgorithm):
     own_loss = "cross-entropy over the exits, weighted j+1, with self-distillation when scalefl.kd_gamma > 0"
     # tier t trains depth tiers.levels[t] at width widths[t]; kd_gamma 0, temperature 3 and the
     # start after a quarter of the rounds are the authors' CIFAR settings (args.py defaults, which
-    # their CIFAR commands keep; see the module docstring)
-    defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.0, "kd_temperature": 3.0, "kd_after": 0.25}
+    # their CIFAR commands keep; see the module docstring), and so is BN without running
+    # statistics (their -trs flag, which no README command passes)
+    defaults = {"widths": [0.7, 0.75, 1.0], "kd_gamma": 0.0, "kd_temperature": 3.0, "kd_after": 0.25,
+                "track_running_stats": False}
+    # fedmpi's ScaleFL tracked running statistics before this key: its stored runs read as true
+    before_key_existed = {"track_running_stats": True}
 
     @classmethod
     def check_config(cls, cfg):
@@ -79,6 +98,10 @@ class ScaleFL(TieredAlgorithm):
         require(scale["kd_gamma"] >= 0, "scalefl.kd_gamma", "must be >= 0")
         require(scale["kd_temperature"] > 0, "scalefl.kd_temperature", "must be > 0")
         require(0 <= scale["kd_after"] <= 1, "scalefl.kd_after", "must be a fraction of the rounds in [0, 1]")
+        if cfg["algorithm"] == cls.name and not scale["track_running_stats"]:
+            require("track_running_stats" in variant_options(cfg["model"]), "scalefl.track_running_stats",
+                    f"false needs a model with the track_running_stats option; {cfg['model']} lacks it: use "
+                    f"multiexit_vgg or multiexit_vgg_small, or set scalefl.track_running_stats: true")
 
     def __init__(self, cfg, info):
         self.settings = cfg["scalefl"]
@@ -88,7 +111,24 @@ class ScaleFL(TieredAlgorithm):
                             for active in (False, True)}
 
     def variant(self, tier):
-        return {"level": int(self.cfg["tiers"]["levels"][tier]), "width": float(self.settings["widths"][tier])}
+        variant = {"level": int(self.cfg["tiers"]["levels"][tier]), "width": float(self.settings["widths"][tier])}
+        if not self.settings["track_running_stats"]:
+            variant["track_running_stats"] = False
+        return variant
 
     def objective_for(self, round_, tier):
         return self._objectives[round_ > self.settings["kd_after"] * self.cfg["rounds"]]
+
+    def evaluation_models(self, round_):
+        """The tiered protocol's models; without running statistics, each built so as well (its BN
+        normalises with every evaluated chunk's own statistics) and sent without the global
+        model's BN buffers, which no client trains (they keep their initial values)."""
+        models = super().evaluation_models(round_)
+        if self.settings["track_running_stats"]:
+            return models
+        static = []
+        for model in models:
+            weights = {n: v for n, v in model.weights.items() if not n.endswith(RUNNING_STATS)}
+            static.append(EvalModel(model.key, weights, {**(model.variant or {}), "track_running_stats": False},
+                                    model.masks, model.global_test, model.local_clients))
+        return static

@@ -111,3 +111,15 @@ def defaults(algorithm: str | None = None) -> dict:
             for section, cls in config_sections(algorithm).items():
                 tree[section] = copy.deepcopy(cls.defaults)
     return tree
+
+
+def stored_defaults(algorithm: str | None = None) -> dict:
+    """What a stored config of ``algorithm`` that lacks a key ran with: ``defaults(algorithm)``
+    naming that algorithm (so its own section counts in the run's identity), except each method
+    section's ``before_key_existed`` (keys added with a default unlike the behaviour before them)."""
+    tree = defaults(algorithm)
+    if algorithm is not None:
+        tree["algorithm"] = algorithm
+    for section, cls in config_sections(algorithm).items():
+        tree[section].update(copy.deepcopy(cls.before_key_existed))
+    return tree

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
 
-from fedmpi.config import defaults
+from fedmpi.config.defaults import stored_defaults
 from fedmpi.results.reader import RunResult
 from fedmpi.results.writer import identity_settings
 
@@ -42,9 +42,10 @@ class RunGroup:
 def _settings(run: RunResult) -> dict:
     """The config keys that change results, seed aside (it tells repetitions of a setting
     apart), values made hashable/comparable. A key the run's config lacks (written by a fedmpi
-    that did not have it yet) counts as today's default: new keys default to the old behaviour.
+    that did not have it yet) counts as today's default (new keys default to the old behaviour),
+    or as the method's ``before_key_existed`` value where a new key's default is not the old behaviour.
     Other methods' config sections are not part of a run's identity (``identity_settings``)."""
-    settings = {**identity_settings(defaults(run.config.get("algorithm"))), **identity_settings(run.config)}
+    settings = {**identity_settings(stored_defaults(run.config.get("algorithm"))), **identity_settings(run.config)}
     return {key: json.dumps(value, sort_keys=True) for key, value in settings.items() if key != "seed"}
 
 

@@ -123,11 +123,11 @@ def identity_differences(stored: str, requested: str, limit: int = 4) -> str:
     """Where two :func:`config_identity` strings differ, as ``key: stored → requested`` (the first
     ``limit`` keys, then how many more); empty when they agree. A key the stored identity lacks
     counts as its default (the identity was written by a fedmpi without that key, which behaved
-    as its default does), as results grouping counts it."""
-    from fedmpi.config.defaults import defaults   # the method registry: only when identities are compared
+    as its default does, or as the method's ``before_key_existed`` says), as results grouping counts it."""
+    from fedmpi.config.defaults import stored_defaults   # the method registry: only when identities are compared
 
     stored_settings = json.loads(stored)
-    old = {**identity_settings(defaults(stored_settings.get("algorithm"))), **run_identity(stored_settings)}
+    old = {**identity_settings(stored_defaults(stored_settings.get("algorithm"))), **run_identity(stored_settings)}
     new = run_identity(json.loads(requested))
     show = lambda settings, key: json.dumps(settings[key]) if key in settings else "(absent)"  # noqa: E731
     keys = sorted(k for k in old.keys() | new.keys() if show(old, k) != show(new, k))   # 1 and 1.0 differ
