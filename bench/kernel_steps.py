@@ -5,7 +5,7 @@ One timed step per kernel, as ``LocalTrainer.train`` (fedmpi/training/trainer.py
 
 - ``dense`` (the masked dense layer): zero the gradients; forward with the module's own kernel on
   the masked weight; backward from a fixed output gradient (dense weight gradient, input
-  gradient); the optimizer step on the whole weight and the bias; re-masking (``apply_masks_torch``).
+  gradient); the optimizer step on the whole weight and the bias; re-masking (``fedmpi.sparsity.Remasker``, as the trainer).
 - ``sparse`` (CSR kernel, gradient of every weight: what the trainer runs when a step hook reads
   inactive gradients, as PruneFL's importance does): the same through the sparse kernel; the
   optimizer still steps the dense weight, so the re-masking stays.
@@ -72,7 +72,7 @@ from fedmpi.algorithms.prunefl import PruneFL  # noqa: E402
 from fedmpi.algorithms.prunefl_reconfiguration import RoundTimeModel, apply_new_masks, reconfigure  # noqa: E402
 from fedmpi.config.defaults import DEFAULTS  # noqa: E402
 from fedmpi.sparse_kernels import SparseStructure, sparse_forward  # noqa: E402
-from fedmpi.sparsity import apply_masks_torch  # noqa: E402
+from fedmpi.sparsity import Remasker  # noqa: E402
 from fedmpi.timing.measure import CLOCKS, _step_fn, _timed, exact_mask, layer_inputs  # noqa: E402
 from fedmpi.training import LocalTrainer  # noqa: E402
 from fedmpi.training.hooks import SquaredGradientAccumulator, SummedGradientSquared  # noqa: E402
@@ -162,6 +162,7 @@ class KernelStep:
         self.params = {name: module.weight, **({} if module.bias is None else {"bias": module.bias})}
         # the trainer re-masks the layers whose dense weight the optimizer steps
         self.masks = {name: mask} if self.values is None else {}
+        self.remask = Remasker(self.params, self.masks)
         self.importance = SummedGradientSquared(list(self.params)) if self.values is None else None
         self.batch = len(x)
 
@@ -170,7 +171,7 @@ class KernelStep:
         if importance:
             self.importance.after_backward(self.params, self.batch)
         self.optimizer.step()
-        apply_masks_torch(self.params, self.masks)
+        self.remask()
 
     @torch.no_grad()
     def load(self) -> None:

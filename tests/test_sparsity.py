@@ -518,3 +518,28 @@ def test_schedule_round_and_r_end():
         schedule_round(5, "code")
     assert info.value.key == "feddst.readjust_rule"
     assert resolve_r_end(-1, 21) == 10 and resolve_r_end(7, 20) == 7
+
+
+def test_remasker_gives_masked_fills_bits_and_positive_zeros():
+    """The trainer's fused re-masking (p <- 0 + p*m) against masked_fill_: the same bits for
+    finite values, +0.0 (not -0.0) outside the mask; a kept -0.0 becomes +0.0."""
+    import torch
+
+    from fedmpi.sparsity import Remasker
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 48, generator=generator)
+    bias = torch.randn(48, generator=generator)
+    mask = torch.rand(64, 48, generator=generator) < 0.3
+    kept, dropped = tuple(mask.nonzero()[0].tolist()), tuple((~mask).nonzero()[0].tolist())
+    weight[kept] = -0.0
+    weight[dropped] = -2.5                                # a dropped negative entry becomes +0.0
+    expected = weight.clone().masked_fill_(~mask, 0)
+    expected[kept] = 0.0
+    params = {"w": weight, "b": bias}
+    before_bias = bias.clone()
+    Remasker(params, {"w": mask.numpy()})()
+    assert torch.equal(weight.view(torch.int32), expected.view(torch.int32))
+    assert torch.equal(bias, before_bias)
+    with pytest.raises(ValueError, match="mask shape"):
+        Remasker(params, {"b": np.ones(3, bool)})

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import DivergenceError
 from ..rng import seed_torch_global
-from ..sparsity import apply_masks_torch
+from ..sparsity import Remasker, apply_masks_torch
 from ..update import tensor_view
 from .explicit import ExplicitMLP
 from .hooks import StepHook
@@ -141,7 +141,7 @@ class LocalTrainer:
         # dense weight: the optimizer steps those, and they need no re-masking
         compact = kernels.compact_parameters()
         trained = [compact.get(n, p) for n, p in params.items()]
-        dense_masks = {n: m for n, m in torch_masks.items() if n not in compact}
+        remask = Remasker(params, {n: m for n, m in torch_masks.items() if n not in compact})
         model.train()
         anchors = [p.detach().clone() for p in trained] if prox_mu > 0 else None
         spec = optimizer or self.optimizer
@@ -169,7 +169,7 @@ class LocalTrainer:
                     raise DivergenceError(round_, client_id, task_loss)
                 if explicit is not None:
                     explicit.backward_step(saved)
-                    apply_masks_torch(params, dense_masks)
+                    remask()
                 else:
                     if anchors is not None:
                         loss = loss + prox_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(trained, anchors))
@@ -178,7 +178,7 @@ class LocalTrainer:
                     for hook in hooks:
                         hook.after_backward(params, len(yb))
                     opt.step()
-                    apply_masks_torch(params, dense_masks)
+                    remask()
                     for hook in hooks:
                         hook.after_step(params)
                 loss_sum += task_loss * len(yb)
