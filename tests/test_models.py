@@ -29,7 +29,8 @@ def conv_macs(c_in, c_out, k, out_hw):
 def test_registry_holds_the_promised_names():
     assert set(MODELS) >= {"mnistnet", "cifar10net", "femnist_cnn", "vgg11", "multiexit_vgg", "mlp"}
     builtin = {name for name in MODELS if MODELS.origin(name).source == "builtin"}   # plug-ins aside
-    assert {name for name, _, _ in CASES} | {MULTI_EXIT, "multiexit_vgg_small"} == builtin
+    assert {name for name, _, _ in CASES} | {MULTI_EXIT, "multiexit_vgg_small", "multiexit_vgg_pooled",
+                                               "multiexit_vgg_small_pooled"} == builtin
     assert variant_options(MULTI_EXIT) == variant_options("multiexit_vgg_small") == (
         "level", "width", "track_running_stats", "scaler", "exits")
     assert all(variant_options(name) == () for name, _, _ in CASES)

@@ -68,37 +68,42 @@ def _image_or_series_for_multiexit(got: tuple[int, ...]) -> bool:
     return len(got) in (2, 3) and min(got[1:]) >= MIN_SIDE
 
 
-def _multiexit(name, channel_divisor, input_shape, num_classes, level, width, **heterofl):
+def _multiexit(name, channel_divisor, exit_pool, input_shape, num_classes, level, width, **heterofl):
     if isinstance(level, bool) or not isinstance(level, numbers.Integral) or not 1 <= level <= NUM_EXITS:
-        raise ConfigError("model", f"multiexit_vgg level (exits held) must be an integer in "
+        raise ConfigError("model", f"{name} level (exits held) must be an integer in "
                                    f"1..{NUM_EXITS}, got {level!r}")
     if isinstance(width, bool) or not isinstance(width, numbers.Real) or not 0 < width <= 1:
-        raise ConfigError("model", f"multiexit_vgg width (HeteroFL rate) must be a number in (0, 1], "
+        raise ConfigError("model", f"{name} width (HeteroFL rate) must be a number in (0, 1], "
                                    f"got {width!r}")
     for key in ("track_running_stats", "scaler"):
         if not isinstance(heterofl[key], bool):
-            raise ConfigError("model", f"multiexit_vgg {key} must be true or false, got {heterofl[key]!r}")
+            raise ConfigError("model", f"{name} {key} must be true or false, got {heterofl[key]!r}")
     if heterofl["exits"] not in ("all", "last"):
-        raise ConfigError("model", f"multiexit_vgg exits must be 'all' or 'last', got {heterofl['exits']!r}")
+        raise ConfigError("model", f"{name} exits must be 'all' or 'last', got {heterofl['exits']!r}")
     channels = tuple(c // channel_divisor for c in default_channels(input_shape))
     return MultiExitVGG(input_shape, num_classes, level=int(level), width=float(width), channels=channels,
-                        **heterofl)
+                        exit_pool=exit_pool, **heterofl)
 
 
-# HeteroFL's options (multiexit.py): static batch norm, the scaler, only the deepest exit
-def _build_multiexit_vgg(input_shape, num_classes, *, level=NUM_EXITS, width=1.0, track_running_stats=True,
-                         scaler=False, exits="all"):
-    return _multiexit("multiexit_vgg", 1, input_shape, num_classes, level, width,
-                      track_running_stats=track_running_stats, scaler=scaler, exits=exits)
+def _multiexit_builder(name: str, channel_divisor: int, exit_pool: str):
+    """The builder of one multi-exit model: its variants are the depth ``level``, the width rate and
+    HeteroFL's options (multiexit.py: static batch norm, the scaler, only the deepest exit)."""
+    def build(input_shape, num_classes, *, level=NUM_EXITS, width=1.0, track_running_stats=True,
+              scaler=False, exits="all"):
+        return _multiexit(name, channel_divisor, exit_pool, input_shape, num_classes, level, width,
+                          track_running_stats=track_running_stats, scaler=scaler, exits=exits)
+    return build
 
 
-def _build_multiexit_vgg_small(input_shape, num_classes, *, level=NUM_EXITS, width=1.0, track_running_stats=True,
-                               scaler=False, exits="all"):
-    """multiexit_vgg with a quarter of the spec's channels (8/16/32/64 on 28x28 and 32x32): the same
-    family, light enough for CPU campaigns; variants (level, width, HeteroFL's options) work as for
-    multiexit_vgg."""
-    return _multiexit("multiexit_vgg_small", 4, input_shape, num_classes, level, width,
-                      track_running_stats=track_running_stats, scaler=scaler, exits=exits)
+# multiexit_vgg_small: a quarter of the spec's channels (8/16/32/64 on 28x28 and 32x32), the same
+# family, light enough for CPU campaigns. The *_pooled models average each exit head's input over
+# the positions (exit_pool "average", multiexit.py), so that a shallow exit cannot read the layout.
+_MULTIEXIT_MODELS = {
+    "multiexit_vgg": (1, "none"),
+    "multiexit_vgg_small": (4, "none"),
+    "multiexit_vgg_pooled": (1, "average"),
+    "multiexit_vgg_small_pooled": (4, "average"),
+}
 
 
 _MULTIEXIT_NEEDS = f"CxHxW or CxL (sides >= {MIN_SIDE})"
@@ -110,9 +115,8 @@ def _builtin_models() -> dict[str, ModelSpec]:
         ModelSpec("cifar10net", lambda shape, classes: CIFAR10Net(classes), _exact((3, 32, 32)), "3x32x32"),
         ModelSpec("femnist_cnn", lambda shape, classes: FEMNISTCNN(shape[0], classes), _any_channels(28), "Cx28x28"),
         ModelSpec("vgg11", lambda shape, classes: VGG11(shape[0], classes), _any_channels(32), "Cx32x32"),
-        ModelSpec("multiexit_vgg", _build_multiexit_vgg, _image_or_series_for_multiexit, _MULTIEXIT_NEEDS),
-        ModelSpec("multiexit_vgg_small", _build_multiexit_vgg_small, _image_or_series_for_multiexit,
-                  _MULTIEXIT_NEEDS),
+        *(ModelSpec(name, _multiexit_builder(name, divisor, pool), _image_or_series_for_multiexit, _MULTIEXIT_NEEDS)
+          for name, (divisor, pool) in _MULTIEXIT_MODELS.items()),
         ModelSpec("mlp", lambda shape, classes: MLP(shape, classes), lambda got: True, "any"),
     )
     return {spec.name: spec for spec in specs}
@@ -154,8 +158,8 @@ def variant_options(name: str) -> tuple[str, ...]:
 def build_model(name: str, input_shape: tuple, num_classes: int, **variant) -> nn.Module:
     """Build model ``name`` for samples of ``input_shape`` (no batch dim) and ``num_classes``.
 
-    ``variant``: options of models that have variants (``multiexit_vgg``: ``level``, ``width`` and
-    HeteroFL's ``track_running_stats``, ``scaler``, ``exits``);
+    ``variant``: options of models that have variants (``multiexit_vgg`` and its kin: ``level``,
+    ``width`` and HeteroFL's ``track_running_stats``, ``scaler``, ``exits``);
     any option a model does not take is a ConfigError.
     """
     spec = MODELS[MODELS.resolve(name)]

@@ -2,8 +2,8 @@
 
 Structure (as in eis-lab/HypeMeFed, models/{svhn,stl10}/vgg.py): four blocks of
 [conv3x3(pad 1)-BN-ReLU-conv3x3(pad 1)-BN-ReLU-maxpool 2]. Block 0 is shared; blocks 1, 2, 3
-each end in an exit head, flatten -> dropout 0.5 -> linear to the classes. The head does not pool,
-so its input is the block's channels x its output positions (28x28 inputs: 28->14->7->3->1).
+each end in an exit head, flatten -> dropout 0.5 -> linear to the classes. By default the head does
+not pool, so its input is the block's channels x its output positions (28x28 inputs: 28->14->7->3->1).
 
 Variants (built as separate models whose state_dicts line up with the full one):
 - ``level`` e in 1..3: holds blocks 0..e and exits 1..e; forward returns ``[exit1, ..., exit_e]``.
@@ -24,6 +24,15 @@ above):
   in training and passes through at evaluation (the authors' ``modules.Scaler``).
 - ``exits`` "last": only the deepest exit head is built (under its full-model name, ``exits.{level-1}``)
   and forward returns ``[its logits]``: HeteroFL's model has one classifier.
+
+``exit_pool`` "average" (models ``multiexit_vgg_pooled``, ``multiexit_vgg_small_pooled``): every exit
+head averages its input over the positions first, mean -> dropout 0.5 -> linear, so a head's input
+is the block's channels alone, as DepthFL's ResNet exits end in global average pooling (adap/flower,
+baselines/depthfl/depthfl/resnet.py, ``nn.AdaptiveAvgPool2d(1)`` before each ``middle_fc``). A shallow
+exit then loses the spatial layout and depth matters; without it, exit 1 on 28x28 inputs reads
+channels x 7x7 positions, nearly as strong a classifier as the full model on Fashion-MNIST. Only the
+heads' linear inputs change (names and every other tensor stay); width slicing keeps the first c
+inputs, the first c channels. Default "none": the network above, unchanged.
 """
 import math
 
@@ -38,6 +47,7 @@ WIDE_CHANNELS = (64, 128, 256, 512)
 WIDE_FROM = 64
 # Four 2x max-pools leave at least one position only on sides of 16 or more.
 MIN_SIDE = 2 ** (NUM_EXITS + 1)
+EXIT_POOLS = ("none", "average")
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
@@ -92,15 +102,18 @@ class ConvBlock(nn.Module):
 
 
 class ExitHead(nn.Module):
-    """flatten -> dropout 0.5 -> linear to the classes."""
+    """flatten -> dropout 0.5 -> linear to the classes; with ``pool``, the mean over the positions
+    in place of the flatten (no parameters: the state_dict names are the same)."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    def __init__(self, in_features: int, num_classes: int, pool: bool = False):
         super().__init__()
+        self.pool = pool
         self.dropout = nn.Dropout(0.5)
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(torch.flatten(x, 1)))
+        features = x.mean(dim=tuple(range(2, x.dim()))) if self.pool else torch.flatten(x, 1)
+        return self.linear(self.dropout(features))
 
 
 class MultiExitVGG(nn.Module):
@@ -108,12 +121,18 @@ class MultiExitVGG(nn.Module):
 
     Parameters with 1x28x28 inputs and 10 classes (channels 32/64/128/256; exit inputs
     64x7x7, 128x3x3, 256x1x1): 96,746 at level 1, 330,228 at level 2, 1,219,070 at level 3.
+    With ``exit_pool="average"`` the exit inputs are 64, 128, 256 (the 256x1x1 exit is unchanged):
+    66,026 at level 1, 289,268 at level 2, 1,178,110 at level 3. The quarter-channel network
+    (8/16/32/64): 4,418 / 18,764 / 75,094 pooled against 12,098 / 29,004 / 85,334 without.
     """
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int, level: int = NUM_EXITS,
                  width: float = 1.0, channels: tuple[int, ...] | None = None, *,
-                 track_running_stats: bool = True, scaler: bool = False, exits: str = "all"):
+                 track_running_stats: bool = True, scaler: bool = False, exits: str = "all",
+                 exit_pool: str = "none"):
         super().__init__()
+        if exit_pool not in EXIT_POOLS:
+            raise ValueError(f"exit_pool must be one of {EXIT_POOLS}, got {exit_pool!r}")
         in_channels, *spatial = input_shape
         full = channels or default_channels(input_shape)
         channels = [hidden_channels(c, width) for c in full[:level + 1]]
@@ -125,9 +144,12 @@ class MultiExitVGG(nn.Module):
         # exits "last": the shallower heads are parameter-free placeholders, so the deepest head
         # keeps the full model's name (exits.{level-1}) and nothing else is in the state
         self.held = [exits == "all" or b == level for b in range(1, level + 1)]
-        # Block b's output keeps floor(side / 2^(b+1)) positions per side (pools floor).
+        # Block b's output keeps floor(side / 2^(b+1)) positions per side (pools floor); a pooled
+        # head reads one value per channel.
+        pool = exit_pool == "average"
         self.exits = nn.ModuleList(
-            ExitHead(channels[b] * math.prod(side // 2 ** (b + 1) for side in spatial), num_classes)
+            ExitHead(channels[b] * (1 if pool else math.prod(side // 2 ** (b + 1) for side in spatial)),
+                     num_classes, pool=pool)
             if self.held[b - 1] else nn.Identity()
             for b in range(1, level + 1)
         )
