@@ -19,9 +19,11 @@ PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 PROGRAMS = ["mungekey", "munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scontrol", "scancel"]
 PORTS = (6817, 6818)
 
+# Every file under the cluster's base directory; the slurmd files per node name (%n), so the
+# same text serves one slurmd here and one per node in tests/cluster/netns_slurm.py
 SLURM_CONF = """\
-ClusterName=testcluster
-SlurmctldHost={node}(127.0.0.1)
+ClusterName={cluster}
+SlurmctldHost={host}({address})
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -30,11 +32,11 @@ AuthInfo=socket={base}/munge/munge.socket,cred_expire=5
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool
+SlurmdSpoolDir={base}/spool/%n
 SlurmctldPidFile={base}/run/slurmctld.pid
-SlurmdPidFile={base}/run/slurmd.pid
+SlurmdPidFile={base}/run/slurmd-%n.pid
 SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd.log
+SlurmdLogFile={base}/log/slurmd-%n.log
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -47,8 +49,8 @@ ReturnToService=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName={partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -148,9 +150,12 @@ class SlurmCluster:
 
     # ---- what a cluster of other nodes changes (tests/cluster/netns_slurm.py) ----------------
     def config_text(self) -> str:
-        return SLURM_CONF.format(node=self.node, base=self.base, ports=self.ports, cpus=os.cpu_count() or 1)
+        nodes = f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory=1000 State=UNKNOWN"
+        return SLURM_CONF.format(cluster="testcluster", host=self.node, address="127.0.0.1", base=self.base,
+                                 ports=self.ports, nodes=nodes, partition="debug", names=self.node)
 
     def start_slurmds(self) -> None:
+        (self.base / "spool" / self.node).mkdir(exist_ok=True)
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
 
     def nodes_idle(self) -> bool:

@@ -14,44 +14,13 @@ import socket
 import subprocess
 from pathlib import Path
 
-from slurm_cluster import SlurmCluster, _port_in_use
+from slurm_cluster import SLURM_CONF, SlurmCluster, _port_in_use
 
 from . import netns_cluster
 
 PROGRAMS = ["mungekey", "munged", "slurmctld", "slurmd", "sbatch", "sinfo", "squeue", "scancel", "srun"]
 PORTS = (6917, 6918)      # slurmctld (on the gateway), slurmd (on each node's own address)
 
-SLURM_CONF = """\
-ClusterName=fedmpinetns
-SlurmctldHost={host}({gateway})
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-CredType=cred/munge
-AuthInfo=socket={base}/munge/munge.socket,cred_expire=5
-SlurmctldPort={ports[0]}
-SlurmdPort={ports[1]}
-StateSaveLocation={base}/state
-SlurmdSpoolDir={base}/spool/%n
-SlurmctldPidFile={base}/run/slurmctld.pid
-SlurmdPidFile={base}/run/slurmd-%n.pid
-SlurmctldLogFile={base}/log/slurmctld.log
-SlurmdLogFile={base}/log/slurmd-%n.log
-MailProg=/bin/true
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1
-MpiDefault=none
-ReturnToService=2
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-{nodes}
-PartitionName=nodes Nodes={names} Default=YES MaxTime=INFINITE State=UP
-"""
 
 
 def unavailable_reason() -> str | None:
@@ -94,8 +63,9 @@ class NetnsSlurm(SlurmCluster):
         nodes = self.cluster.nodes
         lines = [f"NodeName={node} NodeAddr={netns_cluster.node_address(i)} CPUs={os.cpu_count() or 1} "
                  f"RealMemory=1000 State=UNKNOWN" for i, node in enumerate(nodes)]
-        return SLURM_CONF.format(host=socket.gethostname().split(".")[0], gateway=netns_cluster.GATEWAY,
-                                 base=self.base, ports=self.ports, nodes="\n".join(lines), names=",".join(nodes))
+        return SLURM_CONF.format(cluster="fedmpinetns", host=socket.gethostname().split(".")[0],
+                                 address=netns_cluster.GATEWAY, base=self.base, ports=self.ports,
+                                 nodes="\n".join(lines), partition="nodes", names=",".join(nodes))
 
     def start_slurmds(self) -> None:
         hosts = self.base / "etc" / "hosts"
