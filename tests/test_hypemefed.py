@@ -391,6 +391,7 @@ def resume(tiered_cfg, out, extra=()):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("hypemefed_resume")     # one worker: the module's uninterrupted run, made once
 def test_sigkill_then_resume_is_bit_identical_with_the_hypernetworks(work, tiered_cfg, uninterrupted_hypemefed):
     out, rc, _ = interrupted(work, tiered_cfg, "killed", signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -405,6 +406,7 @@ def test_sigkill_then_resume_is_bit_identical_with_the_hypernetworks(work, tiere
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("hypemefed_resume")     # one worker: the module's uninterrupted run, made once
 def test_sigterm_checkpoints_and_resume_is_bit_identical(work, tiered_cfg, uninterrupted_hypemefed):
     no_checkpoints = ["--set", "checkpoint.every=0"]
     out, rc, stderr = interrupted(work, tiered_cfg, "terminated", signal.SIGTERM, no_checkpoints)

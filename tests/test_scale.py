@@ -28,7 +28,9 @@ import pytest
 from fedmpi.engine.checkpoint import read_checkpoint_file
 from helpers import Streaming, fedmpi, needs_mpiexec, read_results, same_bits, write_config
 
-pytestmark = pytest.mark.slow     # one module fixture: four runs of 1,000 clients, up to 8 ranks
+# one module fixture, four runs of 1,000 clients on up to 8 ranks: one xdist worker for both tests,
+# or each worker would make its own
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scale_runs")]
 
 RANKS = 8
 CLIENTS = 1000
