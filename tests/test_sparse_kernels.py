@@ -57,6 +57,23 @@ def within(value, exact, scale, k, what):
     assert worst <= 1.0, f"{what}: error {float(err.max()):.3g} exceeds the γ_K bound (ratio {worst:.2f})"
 
 
+@pytest.fixture
+def weight_grad_path(request, monkeypatch):
+    """The kernel mode of a parametrised test; for "active", the weight gradient's path forced:
+    ``sampled`` (sampled_addmm) or ``gathered`` (row blocks of the dense product, blocks of 64
+    values so that most cases span several blocks, the last one partial)."""
+    mode = request.param
+    if mode.startswith("active-"):
+        import fedmpi.sparse_kernels.kernels as kernels
+
+        gathered = mode == "active-gathered"
+        monkeypatch.setattr(SparseStructure, "gathers", lambda self, k: gathered)
+        monkeypatch.setattr(kernels, "BLOCK_VALUES", 64)
+        return "active"
+    return mode
+
+
+GRAD_MODES = ["dense", "active-sampled", "active-gathered"]
 LINEAR_CASES = [  # (batch, in, out, density)
     (20, 300, 70, 0.1), (7, 64, 33, 0.5), (5, 40, 10, 0.0), (3, 17, 9, 1.0)]
 CONV_CASES = [  # (batch, C, H, W, O, kernel, stride, padding, dilation, density)
@@ -65,9 +82,10 @@ CONV_CASES = [  # (batch, C, H, W, O, kernel, stride, padding, dilation, density
     (2, 1, 28, 28, 8, 5, 1, 2, 1, 0.4)]
 
 
-@pytest.mark.parametrize("weight_grad", ["dense", "active"])
+@pytest.mark.parametrize("weight_grad_path", GRAD_MODES, indirect=True)
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_grad):
+def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_grad_path):
+    weight_grad = weight_grad_path
     batch, fan_in, fan_out, density = case
     torch.manual_seed(1)
     layer = nn.Linear(fan_in, fan_out)
@@ -93,9 +111,10 @@ def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_g
                "weight gradient (active)")
 
 
-@pytest.mark.parametrize("weight_grad", ["dense", "active"])
+@pytest.mark.parametrize("weight_grad_path", GRAD_MODES, indirect=True)
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_grad):
+def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_grad_path):
+    weight_grad = weight_grad_path
     batch, channels, height, width, out_channels, kernel, stride, padding, dilation, density = case
     torch.manual_seed(3)
     conv = nn.Conv2d(channels, out_channels, kernel, stride=stride, padding=padding, dilation=dilation)
@@ -129,6 +148,20 @@ def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_g
         assert conv.weight.grad is None
         within(source.grad, gw64.reshape(-1)[structure.flat], gwa.reshape(-1)[structure.flat],
                batch * positions, "weight gradient (active)")
+
+
+def test_weight_gradient_path_follows_the_measured_costs():
+    """The cost model's choices where they were measured (docs/timing.md): fc1 of the FEMNIST CNN
+    (3136 → 2048) at batch 20 takes the row blocks at density 0.1 (2.1 against 2.7-2.9 ms) and
+    sampled_addmm at 0.03 (0.9 against 1.7 ms); at batch 64, density 0.1, sampled_addmm (4.0
+    against 5.2 ms); conv2 (64 × 800 weights, 20 images of 14×14: k = 3920) the row blocks even at
+    density 0.01 (1.9 against 3.5 ms: sampled_addmm first copies the 3920 × 800 columns)."""
+    def structure(shape, density):
+        return SparseStructure(random_mask(shape, density, 0))
+
+    fc1 = {d: structure((2048, 3136), d) for d in (0.03, 0.1)}
+    assert fc1[0.1].gathers(20) and not fc1[0.03].gathers(20) and not fc1[0.1].gathers(64)
+    assert structure((64, 32, 5, 5), 0.01).gathers(20 * 14 * 14)
 
 
 def test_first_layer_needs_no_input_gradient_and_active_grads_accumulate():

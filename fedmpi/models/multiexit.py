@@ -39,6 +39,8 @@ import math
 import torch
 from torch import nn
 
+from fedmpi.models.nets import MaxPool2d
+
 NUM_EXITS = 3
 # Channels of blocks 0..3: HypeMeFed's SVHN (32x32) model, and its STL-10 (96x96) and UniMiB-SHAR
 # (151 samples) models, which take inputs whose every spatial side is at least WIDE_FROM.
@@ -51,7 +53,7 @@ EXIT_POOLS = ("none", "average")
 
 _LAYERS = {
     1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d),
-    2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d),
+    2: (nn.Conv2d, nn.BatchNorm2d, MaxPool2d),
 }
 
 

@@ -40,6 +40,17 @@ import torch.nn.functional as F
 from torch import nn
 
 WEIGHT_GRAD_MODES = ("dense", "active")
+# The weight gradient at the active positions, ``(a @ b)`` sampled (a: rows × k, b: k × cols), has
+# two paths; a cost model picks the cheaper from the shapes and the density alone (so every rank
+# picks alike), its constants fitted on the 2-core Intel Xeon development machine (one thread,
+# fc1 of the FEMNIST CNN at batch 20, 32 and 64 and its convolutions: bench/sampled_paths.py):
+# - sampled_addmm: one dot product of length k per active position, after torch copies b
+#   transposed (k × cols values);
+# - row blocks of the dense product, each small enough to stay in cache, gathered at the active
+#   positions.
+SAMPLED_NS_PER_VALUE, SAMPLED_NS_PER_K, COPY_NS = 3.3, 0.047, 1.0
+GEMM_NS_PER_MAC, GATHER_NS = 0.011, 1.0
+BLOCK_VALUES = 1 << 18     # a row block's product: 1 MiB of float32, inside a core's L2
 
 # torch warns once per process that sparse CSR support is "beta"; the operations used here (CSR
 # construction, sparse.mm, sampled_addmm on CPU) are the stable, MKL-backed ones. Spend that one
@@ -83,12 +94,13 @@ class SparseStructure:
         self.crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(index)
         self.col = c.to(index)
         # Wᵀ: sort the active positions by (column, row); stable sort of the columns keeps rows sorted
-        self.perm_t = torch.sort(c, stable=True).indices
+        self.perm_t = torch.sort(c, stable=True).indices.to(index)
         counts_t = torch.bincount(c, minlength=cols)
         self.crow_t = torch.cat([counts_t.new_zeros(1), counts_t.cumsum(0)]).to(index)
-        self.col_t = r[self.perm_t].to(index)
+        self.col_t = r[self.perm_t.to(torch.int64)].to(index)
         self.flat_index = self.flat.to(index)
         self._pattern: torch.Tensor | None = None   # the mask as CSR, for sampled products
+        self._blocks: list | None = None             # row blocks for the product-and-gather path
 
     @property
     def density(self) -> float:
@@ -107,13 +119,40 @@ class SparseStructure:
                                        (self.cols, self.rows), check_invariants=False)
 
     def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Values of ``a @ b`` (rows × k @ k × cols) at the active positions, CSR order."""
+        """Values of ``a @ b`` (rows × k @ k × cols) at the active positions, CSR order, by the
+        path the cost model expects to be faster (``gathers``)."""
         if self.nnz == 0:
             return a.new_zeros(0)
+        if self.gathers(a.shape[1]):
+            return self._product_gathered(a, b)
+        return self._sampled_addmm(a, b)
+
+    def _sampled_addmm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         # built once per structure, not once per step: with beta = 0 only its indices matter
         if self._pattern is None or self._pattern.dtype != a.dtype or self._pattern.device != a.device:
             self._pattern = self.csr(a.new_zeros(self.nnz))
         return torch.sparse.sampled_addmm(self._pattern, a, b, beta=0.0).values()
+
+    def gathers(self, k: int) -> bool:
+        """Whether the sampled product of inner length ``k`` takes the row-block path: its dense
+        products cost per matrix position, sampled_addmm per active position (see the constants)."""
+        sampled = self.nnz * (SAMPLED_NS_PER_VALUE + SAMPLED_NS_PER_K * k) + COPY_NS * k * self.cols
+        gathered = self.rows * self.cols * k * GEMM_NS_PER_MAC + self.nnz * GATHER_NS
+        return gathered < sampled
+
+    def _product_gathered(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self._blocks is None:
+            step = max(1, BLOCK_VALUES // max(self.cols, 1))
+            crow = self.crow.to(torch.int64)
+            self._blocks = [(r0, min(r0 + step, self.rows), int(crow[r0]), int(crow[min(r0 + step, self.rows)]),
+                             self.flat[int(crow[r0]):int(crow[min(r0 + step, self.rows)])] - r0 * self.cols)
+                            for r0 in range(0, self.rows, step)]
+        out = a.new_empty(self.nnz)
+        block = a.new_empty(self._blocks[0][1] * self.cols)
+        for r0, r1, start, stop, positions in self._blocks:
+            product = torch.mm(a[r0:r1], b, out=block[:(r1 - r0) * self.cols].view(r1 - r0, self.cols))
+            torch.index_select(product.view(-1), 0, positions, out=out[start:stop])
+        return out
 
 
 def _check(structure: SparseStructure, source: torch.Tensor, weight_grad: str) -> None:
