@@ -113,3 +113,25 @@ def test_members_in_numeric_order(tmp_path):
     assert members(groups, "tier_accuracy") == ["tier_accuracy[1]", "tier_accuracy[2]", "tier_accuracy[10]"]
     assert members(groups, "exit_accuracy") == []
     assert np.isfinite(groups[0].runs[0].final("tier_accuracy[10]"))
+
+
+def test_last_quarter_and_its_change_by_hand(tmp_path):
+    """8 rounds, evaluated at rounds 2, 4, 5, 6, 7, 8: the quarter before the last is rounds 5-6,
+    the last 7-8 (round 4's value lies in the first half and must not count)."""
+    from fedmpi.figures.heterogeneous import heterogeneous_table, quarter_means
+
+    accuracy = [NAN, 0.30, NAN, 0.50, 0.60, 0.62, 0.70, 0.66]
+    for seed, shift in ((0, 0.0), (1, 0.02)):
+        extra = {"tier_accuracy[1]": ("float64", [0.5] * 8)}
+        write_run_with_writer(tmp_path / f"h{seed}.h5",
+                              make_config(algorithm="hypemefed", seed=seed, experiment="q", rounds=8),
+                              make_rounds([a + shift for a in accuracy], MIB), extra_rounds=extra)
+    groups = group_runs(read_runs(tmp_path))
+    run = [r for r in groups[0].runs if r.seed == 0][0]
+    assert quarter_means(run) == pytest.approx(((0.60 + 0.62) / 2, (0.70 + 0.66) / 2))
+    lines = [l for l in heterogeneous_table(groups).splitlines() if l.startswith("| ")]
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    row = dict(zip(cells[0], cells[1]))
+    # seed 0: 0.68, before it 0.61; seed 1: each 0.02 higher
+    assert row["last quarter"] == "0.6900 ± 0.0141"
+    assert row["change from the quarter before"] == "0.0700 ± 0.0000"

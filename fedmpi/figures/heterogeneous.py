@@ -9,8 +9,9 @@ run that has ``exit_accuracy[*]`` or ``tier_accuracy[*]`` columns):
   their tier's submodel -- depth exit, width slice or both -- on their local test splits), the
   same way;
 - ``<stem>_heterogeneous_table.md``: a table like the paper's main table, a row per method:
-  ``client_accuracy`` (the paper's metric), ``test_accuracy``, each exit, each tier, the upload per
-  client and the modelled time.
+  ``client_accuracy`` (the paper's metric; also its mean over the last quarter of the rounds and
+  the change from the quarter before, to tell a flat curve from a rising one), ``test_accuracy``,
+  each exit, each tier, the upload per client and the modelled time.
 
 Bars and table cells are the mean over seeds ± the sample standard deviation (none for one seed)
 of each run's final evaluated value. A method without a column (FedAvg at full depth declares no
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from fedmpi.figures.common import algorithm_class, algorithm_label
@@ -89,6 +91,18 @@ def final_values(group, name: str) -> list[float]:
     return [run.final(name) if name in run.rounds else math.nan for run in group.runs if run.rounds_done]
 
 
+def quarter_means(run, name: str = "client_accuracy") -> tuple[float, float]:
+    """The means of ``name``'s evaluated values over rounds (R/2, 3R/4] and (3R/4, R], R the rounds
+    run (NaN for a quarter without one): whether the curve has flattened."""
+    rounds, values, total = run.round_numbers(), run.column(name), run.rounds_done
+
+    def mean(low, high):
+        chosen = (rounds > low) & (rounds <= high) & np.isfinite(values)
+        return float(values[chosen].mean()) if chosen.any() else math.nan
+
+    return mean(total / 2, 3 * total / 4), mean(3 * total / 4, total)
+
+
 def upload_mib_per_client(run) -> float:
     return run.final("cum_upload_bytes") / run.clients_total / MIB
 
@@ -134,7 +148,8 @@ def _bars(path: Path, title: str, y_label: str, groups, columns: list[str], what
 def heterogeneous_table(groups) -> str:
     """Markdown: a row per method, mean ± std over seeds of the final evaluated values."""
     exits, tiers = members(groups, "exit_accuracy"), members(groups, "tier_accuracy")
-    headers = (["method", "seeds", "client_accuracy (deepest exit, local test)", "test_accuracy"]
+    headers = (["method", "seeds", "client_accuracy (deepest exit, local test)", "last quarter",
+                "change from the quarter before", "test_accuracy"]
                + [f"exit {family_member(c)}" for c in exits] + [f"tier {family_member(c)}" for c in tiers]
                + ["upload per client (MiB)", "modelled time (s)"])
     rows = []
@@ -144,6 +159,8 @@ def heterogeneous_table(groups) -> str:
             continue
         rows.append([method_name(group), len(runs),
                      format_mean_std(final_values(group, "client_accuracy")),
+                     format_mean_std([quarter_means(r)[1] for r in runs]),
+                     format_mean_std([quarter_means(r)[1] - quarter_means(r)[0] for r in runs]),
                      format_mean_std(final_values(group, "test_accuracy")),
                      *[format_mean_std(final_values(group, c)) for c in exits + tiers],
                      format_mean_std([upload_mib_per_client(r) for r in runs], 3),
@@ -152,7 +169,9 @@ def heterogeneous_table(groups) -> str:
     span = str(rounds[0]) if len(rounds) == 1 else f"{rounds[0]}–{rounds[-1]}"
     note = (f"Final evaluated round of each run ({span} rounds); mean ± sample std over seeds. "
             "client_accuracy: the paper's metric, the mean over clients of each client's tier submodel "
-            "(its depth exit and width slice) on its local test split; test_accuracy: the full model's "
+            "(its depth exit and width slice) on its local test split; last quarter: its mean over the "
+            "evaluations of the last quarter of the rounds, and its change from the quarter before (near "
+            "0 where the curve has flattened); test_accuracy: the full model's "
             "deepest exit on the global test set; exit e: exit e on the global test set, at the narrowest "
             "width holding it; tier t: client_accuracy over tier t's clients; "
             "upload per client: cumulative upload / clients.total; modelled time: cum_sim_seconds "
