@@ -14,15 +14,13 @@ repeat, the thread's CPU time, one torch thread; median ms.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]   # fedmpi; interleaved.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
@@ -31,7 +29,7 @@ from torch import nn  # noqa: E402
 
 import fedmpi.models.nets as nets  # noqa: E402
 from fedmpi.models import build_model  # noqa: E402
-from fedmpi.timing.measure import _timed  # noqa: E402
+from interleaved import arguments, time_cases, write_json  # noqa: E402
 
 POOLS = {  # name: (input shape without batch, kernel, stride)
     "mnistnet pool 1 (3x3 s1)": ((10, 24, 24), 3, 1), "mnistnet pool 2 (3x3 s1)": ((20, 18, 18), 3, 1),
@@ -83,32 +81,12 @@ def cases(generator):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per measurement")
-    parser.add_argument("--json", help="write every sample here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.min_time <= 0:
-        print("pooling.py: --repeats must be >= 1 and --min-time > 0", file=sys.stderr)
+    args = arguments(__doc__, "pooling.py", argv)
+    if args == 2:
         return 2
-    if args.json and Path(args.json).exists() and not args.force:
-        print(f"pooling.py: --json {args.json} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
     steps = cases(torch.Generator().manual_seed(0))
-    keys = [(case, which) for case in steps for which in ("torch", "fedmpi")]
-    inner = {}
-    for case, which in keys:        # warm-up; steps per measurement
-        use(which)
-        steps[case]()
-        inner[case, which] = max(1, int(args.min_time / max(_timed(steps[case], 1), 1e-6)))
-    times = {key: [] for key in keys}
-    for r in range(args.repeats):
-        shift = (r * 3) % len(keys)
-        for case, which in keys[shift:] + keys[:shift]:
-            use(which)
-            times[case, which].append(_timed(steps[case], inner[case, which]))
+    calls = {(case, which): steps[case] for case in steps for which in ("torch", "fedmpi")}
+    times = time_cases(calls, args.repeats, args.min_time, before=lambda key: use(key[1]))
     use("fedmpi")
     print(f"ms, median of {args.repeats} interleaved repeats; ratio = fedmpi / torch (paired)")
     rows = []
@@ -118,9 +96,7 @@ def main(argv=None) -> int:
         print(f"{case[0]:>26}  {case[1]:<28} torch {statistics.median(t) * 1e3:8.2f}  "
               f"fedmpi {statistics.median(f) * 1e3:8.2f}  ratio {ratio:.2f}")
         rows.append({"case": case[0], "part": case[1], "torch": t, "fedmpi": f, "ratio": ratio})
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"repeats": args.repeats, "rows": rows}, indent=1))
+    write_json(args.json, {"repeats": args.repeats, "rows": rows})
     return 0
 
 

@@ -15,21 +15,19 @@ ms over repeats. The cost model's constants in kernels.py come from this table.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]   # fedmpi; interleaved.py
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 from fedmpi.sparse_kernels import SparseStructure  # noqa: E402
-from fedmpi.timing.measure import _timed  # noqa: E402
+from interleaved import arguments, time_cases, write_json  # noqa: E402
 
 CASES = {  # name: (rows, k, cols)
     "fc1 batch 20": (2048, 20, 3136), "fc1 batch 32": (2048, 32, 3136), "fc1 batch 64": (2048, 64, 3136),
@@ -38,19 +36,9 @@ DENSITIES = (0.01, 0.03, 0.05, 0.07, 0.1, 0.2)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--min-time", type=float, default=0.05, help="seconds per measurement")
-    parser.add_argument("--json", help="write every sample here")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.min_time <= 0:
-        print("sampled_paths.py: --repeats must be >= 1 and --min-time > 0", file=sys.stderr)
+    args = arguments(__doc__, "sampled_paths.py", argv)
+    if args == 2:
         return 2
-    if args.json and Path(args.json).exists() and not args.force:
-        print(f"sampled_paths.py: --json {args.json} exists; pass --force to overwrite it", file=sys.stderr)
-        return 2
-    torch.set_num_threads(1)
     generator = torch.Generator().manual_seed(0)
     steps = {}
     for name, (rows, k, cols) in CASES.items():
@@ -59,16 +47,7 @@ def main(argv=None) -> int:
             structure = SparseStructure(torch.rand(rows, cols, generator=generator) < density)
             steps[name, density, "sampled"] = (structure, lambda s=structure, a=a, b=b: s._sampled_addmm(a, b))
             steps[name, density, "blocks"] = (structure, lambda s=structure, a=a, b=b: s._product_gathered(a, b))
-    inner = {}
-    for key, (_, step) in steps.items():      # warm-up; steps per measurement
-        step()
-        inner[key] = max(1, int(args.min_time / max(_timed(step, 1), 1e-6)))
-    keys = list(steps)
-    times = {key: [] for key in keys}
-    for r in range(args.repeats):
-        shift = (r * 7) % len(keys)
-        for key in keys[shift:] + keys[:shift]:
-            times[key].append(_timed(steps[key][1], inner[key]))
+    times = time_cases({key: step for key, (_, step) in steps.items()}, args.repeats, args.min_time)
     print(f"ms per call, median of {args.repeats}; 'model' is the cost model's pick, '*' marks the faster measured path")
     print(f"{'case':>13} {'density':>7} {'sampled':>8} {'blocks':>8}  model")
     rows_out = []
@@ -81,9 +60,7 @@ def main(argv=None) -> int:
                   f"{ms['blocks']:7.2f}{'*' if faster == 'blocks' else ' '}  {pick}")
             rows_out.append({"case": name, "rows": rows, "k": k, "cols": cols, "density": density, "pick": pick,
                              "seconds": {p: times[name, density, p] for p in ("sampled", "blocks")}})
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"repeats": args.repeats, "rows": rows_out}, indent=1))
+    write_json(args.json, {"repeats": args.repeats, "rows": rows_out})
     return 0
 
 
