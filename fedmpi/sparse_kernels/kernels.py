@@ -20,7 +20,8 @@ The layer's weight has two forms, one per gradient mode:
   step, which bounds the gain.
 - ``"active"``: the layer trains its active values only, as a compact vector in CSR order (what a
   sparse-training deployment stores): no gather from and no scatter into a dense weight, and the
-  gradient is a sampled dense-dense product (SDDMM) at the active positions. ``SparseKernels``
+  gradient is the dense-dense product at the active positions only: a sampled product (SDDMM)
+  or, where a cost model expects it faster, row blocks of the dense product gathered there. ``SparseKernels``
   holds these vectors as ``nn.Parameter``s for the duration of local training
   (``compact_parameters``: the optimizer steps them instead of the dense weights) and writes them
   back into the dense weights afterwards (``write_back``). Weights after training equal those of
