@@ -151,11 +151,12 @@ def test_sparse_conv2d_matches_masked_dense_forward_and_gradients(case, weight_g
 
 
 def test_weight_gradient_path_follows_the_measured_costs():
-    """The cost model's choices where they were measured (docs/timing.md): fc1 of the FEMNIST CNN
-    (3136 → 2048) at batch 20 takes the row blocks at density 0.1 (2.1 against 2.7-2.9 ms) and
-    sampled_addmm at 0.03 (0.9 against 1.7 ms); at batch 64, density 0.1, sampled_addmm (4.0
-    against 5.2 ms); conv2 (64 × 800 weights, 20 images of 14×14: k = 3920) the row blocks even at
-    density 0.01 (1.9 against 3.5 ms: sampled_addmm first copies the 3920 × 800 columns)."""
+    """The cost model's choices where bench/sampled_paths.py measured a clear winner (idle Intel
+    Xeon machine, ms): fc1 of the FEMNIST CNN (3136 → 2048) at batch 20 takes the row blocks at
+    density 0.1 (1.93 against sampled_addmm's 2.41) and sampled_addmm at 0.03 (0.77 against
+    1.56); at batch 64, density 0.1, sampled_addmm (3.40 against 4.54); conv2 (64 × 800 weights, 20
+    images of 14×14: k = 3920) the row blocks even at density 0.01 (1.76 against 6.60:
+    sampled_addmm first copies the 3920 × 800 columns)."""
     def structure(shape, density):
         return SparseStructure(random_mask(shape, density, 0))
 

@@ -49,8 +49,13 @@ WEIGHT_GRAD_MODES = ("dense", "active")
 #   transposed (k × cols values);
 # - row blocks of the dense product, each small enough to stay in cache, gathered at the active
 #   positions.
-SAMPLED_NS_PER_VALUE, SAMPLED_NS_PER_K, COPY_NS = 3.3, 0.047, 1.0
-GEMM_NS_PER_MAC, GATHER_NS = 0.011, 1.0
+# Line fits to bench/sampled_paths.py on the idle machine (ns): sampled_addmm 3.25 + 0.028·k per
+# active position and 1.6 per value of b; the blocks 0.038 + 0.0088·k per position of the matrix
+# (the products, written to cache) and 0.85 per active position (the gather). The fits miss where
+# AVX-512 favours a dot length (fc1 at batch 32, density 0.1: the blocks are picked, sampled_addmm
+# measured 0.5 ms faster).
+SAMPLED_NS_PER_VALUE, SAMPLED_NS_PER_K, COPY_NS = 3.25, 0.028, 1.6
+BLOCK_NS_PER_VALUE, GEMM_NS_PER_MAC, GATHER_NS = 0.038, 0.0088, 0.85
 BLOCK_VALUES = 1 << 18     # a row block's product: 1 MiB of float32, inside a core's L2
 
 # torch warns once per process that sparse CSR support is "beta"; the operations used here (CSR
@@ -138,7 +143,7 @@ class SparseStructure:
         """Whether the sampled product of inner length ``k`` takes the row-block path: its dense
         products cost per matrix position, sampled_addmm per active position (see the constants)."""
         sampled = self.nnz * (SAMPLED_NS_PER_VALUE + SAMPLED_NS_PER_K * k) + COPY_NS * k * self.cols
-        gathered = self.rows * self.cols * k * GEMM_NS_PER_MAC + self.nnz * GATHER_NS
+        gathered = self.rows * self.cols * (BLOCK_NS_PER_VALUE + k * GEMM_NS_PER_MAC) + self.nnz * GATHER_NS
         return gathered < sampled
 
     def _product_gathered(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
