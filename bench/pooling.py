@@ -7,7 +7,7 @@ Pools: MNISTNet's two 3×3 stride-1 pools (10 channels of 24×24, 20 of 18×18),
 evaluation batch (forward under no_grad). Models: a training step (forward, cross-entropy,
 backward) and an evaluation forward of ``mnistnet``, ``femnist_cnn`` and ``multiexit_vgg_small``
 with either pooling (the other is swapped in by replacing ``nets.max_pool2d`` and
-``nets.MaxPool2d.forward``, as tests/test_models.py does). Interleaved repeats, order rotated every
+``nets.MaxPool2d.forward``, as tests/test_pooling.py does). Interleaved repeats, order rotated every
 repeat, the thread's CPU time, one torch thread; median ms.
 
     OMP_NUM_THREADS=1 python bench/pooling.py [--repeats 7] [--min-time 0.05] [--json FILE] [--force]

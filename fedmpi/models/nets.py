@@ -15,7 +15,7 @@ from torch import nn
 # slices (grad mode off), one row of the window and then one column at a time: 10-20x faster for evaluation batches
 # and the same values (a maximum is exact). Where a gradient is needed, torch's kernel runs on a
 # channels-last copy from 8 channels on: 2-6x faster (slower for 3 channels), with the same values
-# and the same argmax, so the same gradients, ties included (tests/test_models.py).
+# and the same argmax, so the same gradients, ties included (tests/test_pooling.py).
 CHANNELS_LAST_POOL_FROM = 8
 
 
