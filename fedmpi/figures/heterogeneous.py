@@ -157,10 +157,11 @@ def heterogeneous_table(groups) -> str:
         runs = [r for r in group.runs if r.rounds_done]
         if not runs:
             continue
+        quarters = [quarter_means(r) for r in runs]
         rows.append([method_name(group), len(runs),
                      format_mean_std(final_values(group, "client_accuracy")),
-                     format_mean_std([quarter_means(r)[1] for r in runs]),
-                     format_mean_std([quarter_means(r)[1] - quarter_means(r)[0] for r in runs]),
+                     format_mean_std([last for _, last in quarters]),
+                     format_mean_std([last - before for before, last in quarters]),
                      format_mean_std(final_values(group, "test_accuracy")),
                      *[format_mean_std(final_values(group, c)) for c in exits + tiers],
                      format_mean_std([upload_mib_per_client(r) for r in runs], 3),

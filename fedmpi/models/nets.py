@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 # torch's CPU max-pool kernel is slow for these networks' shapes (MNISTNet's 3x3 stride-1 pools: about
-# 20 ns per output). Where no gradient is needed (evaluation) the maximum is taken over shifted
-# slices (grad mode off), one row of the window and then one column at a time: 10-20x faster for evaluation batches
-# and the same values (a maximum is exact). Where a gradient is needed, torch's kernel runs on a
+# 20 ns per output). With grad mode off (evaluation) the maximum is taken over shifted slices, one
+# row of the window and then one column at a time: 4-8x faster for evaluation batches
+# (bench/pooling.py) and the same values (a maximum is exact). Where a gradient is needed, torch's kernel runs on a
 # channels-last copy from 8 channels on: 2-6x faster (slower for 3 channels), with the same values
 # and the same argmax, so the same gradients, ties included (tests/test_pooling.py).
 CHANNELS_LAST_POOL_FROM = 8
@@ -41,8 +41,8 @@ def max_pool2d(x: torch.Tensor, kernel_size, stride=None, padding=0) -> torch.Te
         return F.max_pool2d(x, kernel_size, stride, padding)
     kernel = _pair(kernel_size)
     steps = kernel if stride is None or stride == [] else _pair(stride)
-    # grad mode off, not requires_grad: torch.func's transforms (grouped training) track gradients of
-    # tensors that do not say so
+    # grad mode, not requires_grad, decides: torch.func's transforms (grouped training) track
+    # gradients of tensors that do not say so
     if not torch.is_grad_enabled() and _pair(padding) == (0, 0):
         return _sliding_max(_sliding_max(x, kernel[1], steps[1], -1), kernel[0], steps[0], -2).contiguous()
     if x.shape[1] >= CHANNELS_LAST_POOL_FROM:

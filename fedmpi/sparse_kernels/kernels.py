@@ -147,12 +147,14 @@ class SparseStructure:
         return gathered < sampled
 
     def _product_gathered(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if self._blocks is None:
+        if self._blocks is None:    # (first row, end row, first value, end value, positions in the block)
             step = max(1, BLOCK_VALUES // max(self.cols, 1))
-            crow = self.crow.to(torch.int64)
-            self._blocks = [(r0, min(r0 + step, self.rows), int(crow[r0]), int(crow[min(r0 + step, self.rows)]),
-                             self.flat[int(crow[r0]):int(crow[min(r0 + step, self.rows)])] - r0 * self.cols)
-                            for r0 in range(0, self.rows, step)]
+            crow = self.crow.tolist()
+            self._blocks = []
+            for r0 in range(0, self.rows, step):
+                r1 = min(r0 + step, self.rows)
+                start, stop = crow[r0], crow[r1]
+                self._blocks.append((r0, r1, start, stop, self.flat[start:stop] - r0 * self.cols))
         out = a.new_empty(self.nnz)
         block = a.new_empty(self._blocks[0][1] * self.cols)
         for r0, r1, start, stop, positions in self._blocks:
