@@ -223,13 +223,25 @@ def test_grouping_never_changes_a_bit():
                 assert_same_tensors(a, b)
 
 
-def test_scales_are_the_exponents_of_the_largest_weighted_summand():
+@pytest.fixture(params=[None, 97], ids=["chunk-default", "chunk-97"])
+def chunk(request, monkeypatch):
+    """The sums' chunk size (fedmpi/aggregation/quantise.py ``CHUNK``); 97 splits these tests'
+    tensors into several chunks and a ragged last one, as a model's tensors are."""
+    import fedmpi.aggregation.fixed_point as fixed_point
+    import fedmpi.aggregation.quantise as quantise
+    if request.param is not None:
+        monkeypatch.setattr(quantise, "CHUNK", request.param)
+        monkeypatch.setattr(fixed_point, "CHUNK", request.param)
+    return request.param
+
+
+def test_scales_are_the_exponents_of_the_largest_weighted_summand(chunk):
     # against the definition, in float64 upload by upload: repeated and distinct weights (the
     # float32 running maximum per weight), masks (ignored outside), a missing tensor, float64 and
-    # integer tensors (taken in float64), zero weights
+    # integer tensors (taken in float64), zero weights; with chunks of 97 elements too
     rng = np.random.default_rng(11)
-    shapes = {"a": (6, 5), "m": (40,), "d": (3,), "i": (4,)}
-    updates = random_updates(rng, {"a": (6, 5), "m": (40,)}, 9, masked=("m",), spread=40)
+    shapes = {"a": (6, 50), "m": (400,), "d": (3,), "i": (4,)}
+    updates = random_updates(rng, {"a": (6, 50), "m": (400,)}, 9, masked=("m",), spread=40)
     for k, update in enumerate(updates):
         update.values["m"][~update.masks["m"]] = np.float32(1e30)   # outside the mask: never counted
         update.values["d"] = rng.standard_normal(3) * 2.0 ** rng.uniform(-60, 60, 3)
@@ -276,13 +288,13 @@ def test_own_scales_replace_the_per_upload_range_check_with_the_same_integers():
                             own_scales=own[0])
 
 
-def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch):
+def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch, chunk):
     """With trusted scales, unmasked float32 tensors take one float64 add per upload where no
     summand leaves the grid (fedmpi/aggregation/quantise.py ``_on_grid_sum``) and redo the other elements:
     the integers of the per-upload multiply-truncate-add path, here on values spread over 2^±60
     with zeros, −0, subnormals and values 2^-25 below their neighbours (off the grid), weights
     from 0 to 2^29, packed uploads sharing one mask, and a group beyond 2^11 uploads (the
-    truncating path again)."""
+    truncating path again); with chunks of 97 elements too."""
     import fedmpi.aggregation.fixed_point as fixed_point
     import fedmpi.aggregation.quantise as quantise
 

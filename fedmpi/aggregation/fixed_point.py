@@ -11,8 +11,8 @@ import numpy as np
 
 from ..update import ModelUpdate
 from .common import MISSING_POLICIES, _cast, _shared_packed_positions
-from .quantise import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight, _label,
-                       _on_grid_candidates, _on_grid_sum, _quantised_sum)
+from .quantise import (CHUNK, FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight,
+                       _label, _on_grid_candidates, _on_grid_sum, _quantised_sum)
 
 
 class FixedPointSum:
@@ -209,32 +209,35 @@ class FixedPointSum:
         products. Other dtypes take w·|θ| in float64 per upload. NaN propagates: found by the
         caller."""
         size = positions.size if positions is not None else self.segments[name].stop - self.segments[name].start
-        largest = np.zeros(size, dtype=np.float64)
-        magnitude = np.empty(size, dtype=np.float32)
-        running = np.empty(size, dtype=np.float32)
-        x = None
-        any_masked = False
+        groups, any_masked = [], False          # (w, [(flat θ, flat mask or None), ...]) per distinct weight
         for w, group in _by_weight(weights):
-            running.fill(0)
-            for k in group:
-                taken = self._flat_values(updates[k], name, _label(labels, k), positions)
-                if taken is None:
-                    continue
-                values, held = taken
-                any_masked |= held is not None
-                if values.dtype == np.float32:
-                    np.abs(values, out=magnitude)
-                    if held is not None:
-                        np.copyto(magnitude, 0, where=~held)    # ignored outside the mask, even if not finite
-                    np.maximum(running, magnitude, out=running)
-                else:
-                    x = np.empty(size, dtype=np.float64) if x is None else x
-                    np.multiply(values, np.float64(w), out=x, dtype=np.float64)
-                    np.abs(x, out=x)
-                    if held is not None:
-                        np.copyto(x, 0.0, where=~held)
-                    np.maximum(largest, x, out=largest)
-            np.maximum(largest, np.multiply(running, np.float64(w), dtype=np.float64), out=largest)
+            taken = [t for k in group if (t := self._flat_values(updates[k], name, _label(labels, k), positions))]
+            any_masked |= any(held is not None for _, held in taken)
+            groups.append((np.float64(w), taken))
+        largest = np.zeros(size, dtype=np.float64)
+        buffers = min(CHUNK, size)
+        magnitude, running = np.empty(buffers, dtype=np.float32), np.empty(buffers, dtype=np.float32)
+        x = np.empty(buffers, dtype=np.float64)
+        for start in range(0, size, CHUNK):      # every upload per chunk, as _on_grid_sum
+            stop = min(start + CHUNK, size)
+            largest_c, magnitude_c, running_c, x_c = (largest[start:stop], magnitude[:stop - start],
+                                                      running[:stop - start], x[:stop - start])
+            for w, taken in groups:
+                running_c.fill(0)
+                for values, held in taken:
+                    values_c, held_c = values[start:stop], None if held is None else held[start:stop]
+                    if values.dtype == np.float32:
+                        np.abs(values_c, out=magnitude_c)
+                        if held_c is not None:
+                            np.copyto(magnitude_c, 0, where=~held_c)   # ignored outside the mask, even if not finite
+                        np.maximum(running_c, magnitude_c, out=running_c)
+                    else:
+                        np.multiply(values_c, w, out=x_c, dtype=np.float64)
+                        np.abs(x_c, out=x_c)
+                        if held_c is not None:
+                            np.copyto(x_c, 0.0, where=~held_c)
+                        np.maximum(largest_c, x_c, out=largest_c)
+                np.maximum(largest_c, np.multiply(running_c, w, dtype=np.float64), out=largest_c)
         return largest, any_masked
 
     def _raise_not_finite(self, updates, weights, labels, name: str):

@@ -20,6 +20,10 @@ FIXED_POINT_BITS = 42                 # B
 MAX_CONTRIBUTIONS = 2 ** 20           # summands per element: |Σ q| < 2^20·2^42 = 2^62, no int64 overflow
 MAX_SUM_WEIGHT = 2 ** 29              # w·θ is exact in float64 for float32 θ (24 + 29 = 53 bits)
 NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without a nonzero summand
+# Elements per chunk where every upload is added chunk by chunk: the chunk's running sums (float64
+# and float32, 192 KiB) stay in a core's L2 while the uploads stream through, instead of going
+# to memory once per upload. The same operations per element in the same order: the same bits.
+CHUNK = 1 << 14
 
 
 def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
@@ -73,11 +77,15 @@ def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) 
     running minimum of |θ| as the test."""
     total = torch.zeros(factor.size, dtype=torch.float64)
     smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
-    for _, w, values, _ in held_by:
-        if w:
-            theta = tensor_view(values)
-            total.add_(theta, alpha=float(w))     # w·θ is exact in float64, and so is the running sum here
-            torch.minimum(smallest, theta.abs(), out=smallest)
+    magnitude = torch.empty(min(CHUNK, factor.size), dtype=torch.float32)
+    thetas = [(float(w), tensor_view(values)) for _, w, values, _ in held_by if w]
+    for start in range(0, factor.size, CHUNK):   # every upload per chunk: the running sums stay in cache
+        total_c, smallest_c = total[start:start + CHUNK], smallest[start:start + CHUNK]
+        magnitude_c = magnitude[:total_c.numel()]
+        for w, theta in thetas:
+            theta_c = theta[start:start + CHUNK]
+            total_c.add_(theta_c, alpha=w)       # w·θ is exact in float64, and so is the running sum here
+            torch.minimum(smallest_c, torch.abs(theta_c, out=magnitude_c), out=smallest_c)
     quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
     # 2^(e−19) in float64 (0 where no summand is nonzero: every value there is 0 and on the grid)
     threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - ON_GRID_MARGIN))
