@@ -3,8 +3,8 @@ the layer's mask), by every path torch and its MKL offer on the CPU, timed side 
 sparse kernels (fedmpi/sparse_kernels/kernels.py) permute W's values into Wᵀ's order every step.
 
 - ``permuted`` (the kernels' path): the values permuted into Wᵀ's CSR order (``csr_t``, one
-  ``index_select``), then ``Wᵀ_csr · gyᵀ`` through MKL; also each half alone (``permutation``,
-  ``product``);
+  ``index_select`` into a buffer kept between calls), then ``Wᵀ_csr · gyᵀ`` through MKL; also
+  each half alone (``permutation``, ``product``);
 - ``dense @ csr``: ``torch.mm(gy, W_csr)``;
 - ``csc``: ``W_csr.t()``, a CSC tensor, ``@ gyᵀ``;
 - ``mkl transposed``: MKL's own transposed product, ``mkl_sparse_s_mm`` with
@@ -93,7 +93,7 @@ def paths(s: SparseStructure, values: torch.Tensor, gy: torch.Tensor, x: torch.T
     csr = s.csr(values)
     calls = {
         "permuted": lambda: torch.sparse.mm(s.csr_t(values), gy.t().contiguous()).t(),
-        "permutation": lambda: values.index_select(0, s.perm_t),
+        "permutation": lambda out=torch.empty_like(values): torch.index_select(values, 0, s.perm_t, out=out),
         "product": lambda t=s.csr_t(values), g=gy.t().contiguous(): torch.sparse.mm(t, g).t(),
         "dense @ csr": lambda: torch.mm(gy, csr),
         "csc": lambda: (csr.t() @ gy.t().contiguous()).t(),

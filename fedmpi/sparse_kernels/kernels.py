@@ -107,6 +107,7 @@ class SparseStructure:
         self.flat_index = self.flat.to(index)
         self._pattern: torch.Tensor | None = None   # the mask as CSR, for sampled products
         self._blocks: list | None = None             # row blocks for the product-and-gather path
+        self._buffers: dict[str, torch.Tensor] = {}  # scratch reused between calls (_scratch)
 
     @property
     def density(self) -> float:
@@ -121,8 +122,20 @@ class SparseStructure:
                                        check_invariants=False)
 
     def csr_t(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_csr_tensor(self.crow_t, self.col_t, values.index_select(0, self.perm_t),
-                                       (self.cols, self.rows), check_invariants=False)
+        """Wᵀ as CSR, its values permuted into a buffer kept for the next call: the matrix lives
+        only for one product, and a fresh buffer of nnz values costs page faults every step."""
+        permuted = self._scratch("permuted", values, self.nnz)
+        torch.index_select(values.detach(), 0, self.perm_t, out=permuted)
+        return torch.sparse_csr_tensor(self.crow_t, self.col_t, permuted, (self.cols, self.rows),
+                                       check_invariants=False)
+
+    def _scratch(self, name: str, like: torch.Tensor, size: int) -> torch.Tensor:
+        """A buffer of ``size`` values of ``like``'s dtype and device, reused between calls (never
+        handed out beyond the call that fills it)."""
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < size or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[name] = like.new_empty(size)
+        return buffer[:size]
 
     def sampled(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Values of ``a @ b`` (rows × k @ k × cols) at the active positions, CSR order, by the
@@ -158,7 +171,7 @@ class SparseStructure:
                 positions = (self.flat[start:stop] - r0 * self.cols).to(torch.int32)
                 self._blocks.append((r0, r1, start, stop, positions))
         out = a.new_empty(self.nnz)
-        block = a.new_empty(self._blocks[0][1] * self.cols)
+        block = self._scratch("block", a, self._blocks[0][1] * self.cols)
         for r0, r1, start, stop, positions in self._blocks:
             product = torch.mm(a[r0:r1], b, out=block[:(r1 - r0) * self.cols].view(r1 - r0, self.cols))
             torch.index_select(product.view(-1), 0, positions, out=out[start:stop])
