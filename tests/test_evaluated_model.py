@@ -211,3 +211,26 @@ def test_the_evaluated_model_is_the_aggregate_of_the_rounds_uploads(name, tmp_pa
                 mine = uploaded[int(key.removeprefix("client"))]
                 assert set(masks) == set(mine) and all(np.array_equal(masks[n], mine[n]) for n in mine)
                 assert all(np.array_equal(weights[n], record["evaluated"]["global"][0][n]) for n in weights)
+
+
+def test_kept_chunk_results_own_their_memory():
+    """The evaluator keeps every chunk's per-sample results until all models are evaluated
+    (LotteryFL: 400 personalised models). They must be numpy copies, not views of torch's
+    buffers: kept views pinned small blocks between the chunks' large temporaries, and the heap
+    grew with every model (fedmpi/engine/evaluation.py ``_evaluate_chunk``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from fedmpi.engine.evaluation import SampleSet
+
+    x, y = torch.randn(10, 3), torch.tensor([0, 1] * 5)
+    evaluator = Evaluator(None, SimpleNamespace(device="cpu"), {"test": (x, y)},
+                          SimpleNamespace(local_test_in_train=False), chunk=4)
+    network = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        correct, losses = evaluator._evaluate_chunk(network, SampleSet("test", None), 4)
+    assert len(losses) == 4 and all(len(c) == 4 for c in correct)
+    assert losses.flags.owndata and all(c.flags.owndata for c in correct)
+    assert losses.tolist() == pytest.approx(torch.nn.functional.cross_entropy(
+        network(x[4:8]), y[4:8], reduction="none").tolist())

@@ -128,8 +128,11 @@ class Evaluator:
             xb, yb = x[idx], y[idx]
         xb, yb = xb.to(self.trainer.device), yb.to(self.trainer.device)
         exits = exit_outputs(network(xb))
-        correct = [(logits.argmax(dim=1) == yb).cpu().numpy() for logits in exits]
-        losses = F.cross_entropy(exits[-1], yb, reduction="none").cpu().numpy()
+        # copies, not views of torch's buffers: these small results outlive the chunk's large
+        # temporaries, and kept views let the heap grow with every model evaluated (LotteryFL
+        # evaluates up to 400 personalised models a round)
+        correct = [(logits.argmax(dim=1) == yb).cpu().numpy().copy() for logits in exits]
+        losses = F.cross_entropy(exits[-1], yb, reduction="none").cpu().numpy().copy()
         return correct, losses
 
     # -- assembly on the server -----------------------------------------------------------------
