@@ -20,10 +20,12 @@ FIXED_POINT_BITS = 42                 # B
 MAX_CONTRIBUTIONS = 2 ** 20           # summands per element: |Σ q| < 2^20·2^42 = 2^62, no int64 overflow
 MAX_SUM_WEIGHT = 2 ** 29              # w·θ is exact in float64 for float32 θ (24 + 29 = 53 bits)
 NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without a nonzero summand
-# Elements per chunk where every upload is added chunk by chunk: the chunk's running sums (float64
-# and float32, 192 KiB) stay in a core's L2 while the uploads stream through, instead of going
-# to memory once per upload. The same operations per element in the same order: the same bits.
-CHUNK = 1 << 14
+# Elements per chunk where every upload is added chunk by chunk: the chunk's running values
+# (float64 sum, float32 minimum and scratch: 1 MiB) stay in a core's L2 while the uploads stream
+# through, instead of going to memory once per upload; fewer, larger chunks cost fewer calls
+# (2^16 ran the overhead workload's rounds 3 % faster than 2^14: bench/perf/ab.py). The same
+# operations per element in the same order: the same bits.
+CHUNK = 1 << 16
 
 
 def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
