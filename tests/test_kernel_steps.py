@@ -3,7 +3,6 @@ dense-masked step and the sparse steps end with the same weights — and its Pru
 the density asked for."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -11,7 +10,7 @@ import torch
 import yaml
 from torch import nn
 
-from helpers import REPO
+from helpers import load_bench_script
 
 from fedmpi.algorithms.prunefl import PruneFL
 from fedmpi.config.defaults import DEFAULTS
@@ -20,14 +19,7 @@ from fedmpi.timing.measure import exact_mask
 from fedmpi.training.optim import OptimizerSpec
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("kernel_steps", REPO / "bench" / "kernel_steps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kernel_steps = _load_script()
+kernel_steps = load_bench_script("kernel_steps")
 
 OPTIMIZERS = {
     "sgd": OptimizerSpec("sgd", lr=0.5),

@@ -2,24 +2,16 @@
 through ctypes included, computes gy · W (checked against the dense product on an odd shape)."""
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import load_bench_script
 
 from fedmpi.sparse_kernels import SparseStructure
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("transposed_paths", REPO / "bench" / "transposed_paths.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-transposed_paths = _load_script()
+transposed_paths = load_bench_script("transposed_paths")
 
 
 def test_every_path_is_the_dense_product():
