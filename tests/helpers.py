@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
 
 
 def load_bench_script(name: str):
@@ -40,7 +41,6 @@ def load_bench_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-PY = sys.executable
 
 
 # ------------------------------------------------------------------------------ mpiexec

@@ -227,11 +227,9 @@ def test_grouping_never_changes_a_bit():
 def chunk(request, monkeypatch):
     """The sums' chunk size (fedmpi/aggregation/quantise.py ``CHUNK``); 97 splits these tests'
     tensors into several chunks and a ragged last one, as a model's tensors are."""
-    import fedmpi.aggregation.fixed_point as fixed_point
     import fedmpi.aggregation.quantise as quantise
     if request.param is not None:
         monkeypatch.setattr(quantise, "CHUNK", request.param)
-        monkeypatch.setattr(fixed_point, "CHUNK", request.param)
     return request.param
 
 

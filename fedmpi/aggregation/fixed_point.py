@@ -11,8 +11,8 @@ import numpy as np
 
 from ..update import ModelUpdate
 from .common import MISSING_POLICIES, _cast, _shared_packed_positions
-from .quantise import (CHUNK, FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight,
-                       _label, _on_grid_candidates, _on_grid_sum, _quantised_sum)
+from .quantise import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight, _label,
+                       _on_grid_candidates, _on_grid_sum, _quantised_sum, chunks)
 
 
 class FixedPointSum:
@@ -215,17 +215,17 @@ class FixedPointSum:
             any_masked |= any(held is not None for _, held in taken)
             groups.append((np.float64(w), taken))
         largest = np.zeros(size, dtype=np.float64)
-        buffers = min(CHUNK, size)
-        magnitude, running = np.empty(buffers, dtype=np.float32), np.empty(buffers, dtype=np.float32)
-        x = np.empty(buffers, dtype=np.float64)
-        for start in range(0, size, CHUNK):      # every upload per chunk, as _on_grid_sum
-            stop = min(start + CHUNK, size)
-            largest_c, magnitude_c, running_c, x_c = (largest[start:stop], magnitude[:stop - start],
-                                                      running[:stop - start], x[:stop - start])
+        spans = chunks(size)
+        width = spans[0].stop if spans else 0
+        magnitude, running = np.empty(width, dtype=np.float32), np.empty(width, dtype=np.float32)
+        x = np.empty(width, dtype=np.float64)
+        for span in spans:                       # every upload per chunk, as _on_grid_sum
+            n = span.stop - span.start
+            largest_c, magnitude_c, running_c, x_c = largest[span], magnitude[:n], running[:n], x[:n]
             for w, taken in groups:
                 running_c.fill(0)
                 for values, held in taken:
-                    values_c, held_c = values[start:stop], None if held is None else held[start:stop]
+                    values_c, held_c = values[span], None if held is None else held[span]
                     if values.dtype == np.float32:
                         np.abs(values_c, out=magnitude_c)
                         if held_c is not None:

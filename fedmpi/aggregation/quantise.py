@@ -28,6 +28,11 @@ NO_SUMMAND = int(np.iinfo(np.int16).min)   # the exponent of an element without 
 CHUNK = 1 << 16
 
 
+def chunks(size: int) -> list[slice]:
+    """The element ranges (of at most ``CHUNK``) the sums take every upload through, in order."""
+    return [slice(start, min(start + CHUNK, size)) for start in range(0, size, CHUNK)]
+
+
 def _quantised_sum(held_by, factor: np.ndarray, labels, name: str, *, check_range: bool) -> np.ndarray:
     """Σ_k trunc(w_k·θ_k·2^(B−e)) per element (int64) over ``held_by`` (k, w, values, mask or None)."""
     limit = 2.0 ** FIXED_POINT_BITS
@@ -79,13 +84,14 @@ def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) 
     running minimum of |θ| as the test."""
     total = torch.zeros(factor.size, dtype=torch.float64)
     smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
-    magnitude = torch.empty(min(CHUNK, factor.size), dtype=torch.float32)
+    spans = chunks(factor.size)
+    magnitude = torch.empty(spans[0].stop if spans else 0, dtype=torch.float32)
     thetas = [(float(w), tensor_view(values)) for _, w, values, _ in held_by if w]
-    for start in range(0, factor.size, CHUNK):   # every upload per chunk: the running sums stay in cache
-        total_c, smallest_c = total[start:start + CHUNK], smallest[start:start + CHUNK]
-        magnitude_c = magnitude[:total_c.numel()]
+    for span in spans:                           # every upload per chunk: the running sums stay in cache
+        total_c, smallest_c = total[span], smallest[span]
+        magnitude_c = magnitude[:span.stop - span.start]
         for w, theta in thetas:
-            theta_c = theta[start:start + CHUNK]
+            theta_c = theta[span]
             total_c.add_(theta_c, alpha=w)       # w·θ is exact in float64, and so is the running sum here
             torch.minimum(smallest_c, torch.abs(theta_c, out=magnitude_c), out=smallest_c)
     quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
