@@ -1,16 +1,20 @@
 """The input gradient of a sparse Linear layer, ``gx = gy · W`` (gy: batch × out, W: out × in at
-the layer's mask), by every path torch and its MKL offer on the CPU, timed side by side: why the
-sparse kernels (fedmpi/sparse_kernels/kernels.py) permute W's values into Wᵀ's order every step.
+the layer's mask), by every path torch and its MKL offer on the CPU and by fedmpi's AVX-512
+kernel, timed side by side: which path the sparse kernels (fedmpi/sparse_kernels/kernels.py) take.
 
-- ``permuted`` (the kernels' path): the values permuted into Wᵀ's CSR order (``csr_t``, one
-  ``index_select`` into a buffer kept between calls), then ``Wᵀ_csr · gyᵀ`` through MKL; also
+- ``simd transposed`` (the kernels' path where fedmpi/sparse_kernels/simd.py is usable):
+  csr_simd.c's ``Wᵀ · gyᵀ`` straight from W's CSR (no permuted copy), gyᵀ padded to 32 columns
+  (the copy included);
+- ``permuted`` (the kernels' path elsewhere): the values permuted into Wᵀ's CSR order (``csr_t``,
+  one ``index_select`` into a buffer kept between calls), then ``Wᵀ_csr · gyᵀ`` through MKL; also
   each half alone (``permutation``, ``product``);
 - ``dense @ csr``: ``torch.mm(gy, W_csr)``;
 - ``csc``: ``W_csr.t()``, a CSC tensor, ``@ gyᵀ``;
 - ``mkl transposed``: MKL's own transposed product, ``mkl_sparse_s_mm`` with
   ``SPARSE_OPERATION_TRANSPOSE`` on W's CSR, row-major and column-major dense operands, called
   through the MKL symbols libtorch_cpu exports (left out, and said so, where it exports none);
-- for scale, the forward product ``W_csr · xᵀ`` (the kernels' forward).
+- for scale, the forward product ``W_csr · xᵀ``: MKL's (``forward``) and csr_simd.c's
+  (``simd forward``, xᵀ's padded copy included).
 
 fc1 of the FEMNIST CNN (3136 → 2048) at batch 20, random masks of density 0.05, 0.1 and 0.2.
 Every path's result is checked against the dense product first. Timing as bench/interleaved.py
@@ -32,7 +36,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from fedmpi.sparse_kernels import SparseStructure  # noqa: E402
+from fedmpi.sparse_kernels import SparseStructure, simd  # noqa: E402
 from interleaved import arguments, time_cases, write_json  # noqa: E402
 
 ROWS, COLS, BATCH = 2048, 3136, 20
@@ -99,6 +103,9 @@ def paths(s: SparseStructure, values: torch.Tensor, gy: torch.Tensor, x: torch.T
         "csc": lambda: (csr.t() @ gy.t().contiguous()).t(),
         "forward": lambda: torch.sparse.mm(csr, x.t().contiguous()).t(),
     }
+    if simd.available() and s.crow.dtype == torch.int32:
+        calls["simd transposed"] = lambda: simd.csr_t_mm(s, values, simd.padded(gy))[:, :len(gy)].t()
+        calls["simd forward"] = lambda: simd.csr_mm(s, values, simd.padded(x))[:, :len(x)].t()
     if lib is not None and s.crow.dtype == torch.int32:
         calls["mkl transposed, row-major"] = lambda: mkl_transposed(lib, s, values, gy, ROW_MAJOR)
         calls["mkl transposed, column-major"] = lambda: mkl_transposed(lib, s, values, gy, COLUMN_MAJOR)
@@ -107,7 +114,7 @@ def paths(s: SparseStructure, values: torch.Tensor, gy: torch.Tensor, x: torch.T
 
 def check(calls: dict, dense: torch.Tensor, gy: torch.Tensor, x: torch.Tensor) -> None:
     """Every product path against the dense products (float32 sums of ≤ 3136 terms)."""
-    want = {"forward": x @ dense.t()}
+    want = {"forward": x @ dense.t(), "simd forward": x @ dense.t()}
     for name, call in calls.items():
         if name in ("permutation", "product"):
             continue
@@ -125,6 +132,8 @@ def main(argv=None) -> int:
     if lib is None:
         print("transposed_paths.py: libtorch_cpu exports no MKL sparse BLAS here; the MKL rows are left out",
               file=sys.stderr)
+    if not simd.available():
+        print(f"transposed_paths.py: the simd rows are left out ({simd.UNAVAILABLE_BECAUSE})", file=sys.stderr)
     generator = torch.Generator().manual_seed(0)
     gy, x = torch.randn(BATCH, ROWS, generator=generator), torch.randn(BATCH, COLS, generator=generator)
     steps = {}

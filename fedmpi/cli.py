@@ -55,11 +55,14 @@ def _versions() -> dict:
     import torch
     from mpi4py import MPI
 
+    from .sparse_kernels import simd
+
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version, "mpi4py": mpi4py.__version__,
             "mpi": MPI.Get_library_version().splitlines()[0].strip(),
             # floats differ across CPU kinds: record which kernels this machine ran
-            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "sparse_linear_products": "csr_simd" if simd.available() else f"mkl ({simd.UNAVAILABLE_BECAUSE})"}
 
 
 def _cpu_model() -> str:

@@ -8,6 +8,7 @@ later wheels.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -68,11 +69,12 @@ def installed(tmp_path):
     work = tmp_path
     source = work / "source"
     source.mkdir()
-    for name in ("pyproject.toml", "README.md", "MANIFEST.in", "LICENSE"):
+    for name in ("pyproject.toml", "setup.py", "README.md", "MANIFEST.in", "LICENSE"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, source / name)
+    # not the editable install's in-place build of the C kernels: the wheel must build its own
     shutil.copytree(REPO / "fedmpi", source / "fedmpi",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     wheels = work / "wheels"
     build = _run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
                   "--quiet", "-w", wheels, source], work, timeout=300)
@@ -154,8 +156,12 @@ def test_the_installed_wheel_runs_reports_plots_and_writes_slurm_jobs_outside_th
     Every command runs; the failures are reported together."""
     project, venv, site, wheel, head = installed
     problems = []
-    if TEMPLATE_IN_PACKAGE not in zipfile.ZipFile(wheel).namelist():
+    names = zipfile.ZipFile(wheel).namelist()
+    if TEMPLATE_IN_PACKAGE not in names:
         problems.append(f"the wheel lacks {TEMPLATE_IN_PACKAGE}")
+    built = any(re.fullmatch(r"fedmpi/sparse_kernels/_csr_simd\..*\.so", n) for n in names)
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) and not built:
+        problems.append("a C compiler is here, but the wheel lacks the built fedmpi/sparse_kernels/_csr_simd")
     where = _run([venv / "bin" / "python", "-c", "import fedmpi; print(fedmpi.__file__)"], project,
                  env=_clean_env())
     # not the checkout's editable install: then this test would say nothing about the wheel
@@ -172,8 +178,18 @@ def test_the_installed_wheel_runs_reports_plots_and_writes_slurm_jobs_outside_th
                             f"environment, not fedmpi's")
         elif commit != f"installed fedmpi {attrs['fedmpi_version']}":
             problems.append(f"git_commit is {commit!r}, not 'installed fedmpi VERSION'")
+        products = json.loads(attrs["versions"])["sparse_linear_products"]
+        if built and _cpu_has_avx512f() and products != "csr_simd":
+            problems.append(f"the installed wheel's sparse Linear products are {products!r}, not csr_simd")
     problems += _installed_sweep(project, venv, site)
     assert not problems, "\n\n".join(problems)
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        return " avx512f " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
 
 
 def _git_commit_of_copy(root: Path, project_name: str) -> tuple[str, str]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from fedmpi.config import DEFAULTS
 from fedmpi.models import build_model
-from fedmpi.sparse_kernels import (SparseKernelPolicy, SparseKernels, SparseStructure, sparse_conv2d,
+from fedmpi.sparse_kernels import (SparseKernelPolicy, SparseKernels, SparseStructure, simd, sparse_conv2d,
                                    sparse_linear, supports)
 from fedmpi.training import LocalTrainer, SquaredGradientAccumulator
 
@@ -73,9 +73,27 @@ def weight_grad_path(request, monkeypatch):
     return mode
 
 
+@pytest.fixture(params=["mkl", "simd"])
+def product_path(request, monkeypatch):
+    """Which CSR products a Linear layer runs: MKL's (torch.sparse.mm, sampled_addmm or the
+    gathered blocks) or csr_simd.c's (one torch thread, as fedmpi's ranks run; skipped where the
+    extension is not built or the CPU lacks AVX-512F)."""
+    if request.param == "mkl":
+        monkeypatch.setattr(simd, "usable", lambda *args: False)
+    else:
+        if not simd.available():
+            pytest.skip(f"csr_simd not usable here: {simd.UNAVAILABLE_BECAUSE}")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
+    return request.param
+
+
 GRAD_MODES = ["dense", "active-sampled", "active-gathered"]
-LINEAR_CASES = [  # (batch, in, out, density)
-    (20, 300, 70, 0.1), (7, 64, 33, 0.5), (5, 40, 10, 0.0), (3, 17, 9, 1.0)]
+LINEAR_CASES = [  # (batch, in, out, density); batches 16, 17, 33, 64: every padded width of csr_simd.c,
+    # 65: past it (MKL runs)
+    (20, 300, 70, 0.1), (7, 64, 33, 0.5), (5, 40, 10, 0.0), (3, 17, 9, 1.0), (16, 50, 40, 0.3),
+    (17, 129, 31, 0.2), (33, 70, 90, 0.15), (64, 45, 21, 0.4), (65, 30, 12, 0.3)]
 CONV_CASES = [  # (batch, C, H, W, O, kernel, stride, padding, dilation, density)
     (4, 8, 14, 14, 16, 5, 1, 2, 1, 0.2), (3, 6, 11, 9, 12, 3, 2, 1, 1, 0.3),
     (2, 5, 12, 13, 7, (3, 2), (2, 1), (1, 0), (1, 2), 0.5), (2, 16, 2, 2, 32, 3, 1, 1, 1, 0.05),
@@ -84,7 +102,7 @@ CONV_CASES = [  # (batch, C, H, W, O, kernel, stride, padding, dilation, density
 
 @pytest.mark.parametrize("weight_grad_path", GRAD_MODES, indirect=True)
 @pytest.mark.parametrize("case", LINEAR_CASES)
-def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_grad_path):
+def test_sparse_linear_matches_masked_dense_forward_and_gradients(case, weight_grad_path, product_path):
     weight_grad = weight_grad_path
     batch, fan_in, fan_out, density = case
     torch.manual_seed(1)
@@ -255,7 +273,7 @@ def _trainer_case():
 
 
 @pytest.mark.parametrize("with_hook", [False, True])
-def test_trainer_with_sparse_kernels_gives_the_same_weights(with_hook):
+def test_trainer_with_sparse_kernels_gives_the_same_weights(with_hook, product_path):
     """3 local steps of SGD with momentum and weight decay, every masked layer sparse. Tolerance:
     the layer outputs differ by float rounding (≤ γ_K, see the module doc: relative ~1e-5 at
     K = 3136); through three steps at lr 0.05 that moves a weight by far less than 1e-6, while a

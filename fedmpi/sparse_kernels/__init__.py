@@ -8,9 +8,10 @@ decides which layers run sparse from their density and a profile's measured brea
 Results equal the masked dense layer up to float rounding: the same products summed in another
 order.
 """
+from . import simd
 from .kernels import (WEIGHT_GRAD_MODES, SparseStructure, sparse_conv2d, sparse_forward, sparse_linear,
                       supports)
 from .swap import SparseKernelPolicy, SparseKernels, masked_weight_modules
 
 __all__ = ["WEIGHT_GRAD_MODES", "SparseKernelPolicy", "SparseKernels", "SparseStructure", "masked_weight_modules",
-           "sparse_conv2d", "sparse_forward", "sparse_linear", "supports"]
+           "simd", "sparse_conv2d", "sparse_forward", "sparse_linear", "supports"]

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import simd
+
 WEIGHT_GRAD_MODES = ("dense", "active")
 # The weight gradient at the active positions, ``(a @ b)`` sampled (a: rows × k, b: k × cols), has
 # two paths; a cost model picks the cheaper from the shapes and the density alone (so every rank
@@ -201,32 +203,42 @@ class _SparseLinear(torch.autograd.Function):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
         values = _active_values(source, structure, weight_grad)
-        xt = x2.t().contiguous()
-        y = torch.sparse.mm(structure.csr(values), xt).t()          # (B, out)
+        ctx.simd = simd.usable(structure, x2.shape[0], x2.dtype, x2.device)
+        if ctx.simd:     # xᵀ padded: the input of the forward and of the sampled weight gradient
+            xt = simd.padded(x2)
+            y = simd.csr_mm(structure, values, xt)[:, :x2.shape[0]].t()
+        else:
+            xt = x2.t().contiguous()
+            y = torch.sparse.mm(structure.csr(values), xt).t()          # (B, out)
         if bias is not None:
             y = y + bias
         else:
             y = y.contiguous()
         ctx.structure, ctx.weight_grad = structure, weight_grad
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2, values)
+        ctx.save_for_backward(x2, values, xt if ctx.simd else None)
         ctx.lead = lead
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x2, values = ctx.saved_tensors
+        x2, values, xt = ctx.saved_tensors
         structure = ctx.structure
         gy2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_w = grad_b = None
         active = ctx.needs_input_grad[1] and ctx.weight_grad == "active"
         # gyᵀ copied once, for both products that take it contiguous
-        gy_t = gy2.t().contiguous() if ctx.needs_input_grad[0] or active else None
+        if ctx.needs_input_grad[0] or active:
+            gy_t = simd.padded(gy2) if ctx.simd else gy2.t().contiguous()
         if ctx.needs_input_grad[0]:
-            gx = torch.sparse.mm(structure.csr_t(values), gy_t).t()
+            gx = (simd.csr_t_mm(structure, values, gy_t)[:, :x2.shape[0]] if ctx.simd
+                  else torch.sparse.mm(structure.csr_t(values), gy_t)).t()
             grad_x = gx.reshape(*ctx.lead, x2.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = structure.sampled(gy_t, x2) if active else gy2.t().mm(x2)
+            if active:
+                grad_w = simd.sddmm(structure, gy_t, xt) if ctx.simd else structure.sampled(gy_t, x2)
+            else:
+                grad_w = gy2.t().mm(x2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(0)
         return grad_x, grad_w, grad_b, None, None

@@ -1,0 +1,97 @@
+"""The AVX-512 CSR products of ``csr_simd.c`` for Linear layers (a batch of at most 64 rows), and
+whether they can run here.
+
+They replace MKL's (``torch.sparse.mm``) forward and input-gradient products and the active
+weight gradient's sampled product where ``usable`` says so: the extension was built (setup.py
+builds it where a C compiler is; a failed build leaves the MKL paths), the CPU has AVX-512F,
+torch runs one thread (the kernels are serial; with more threads MKL's parallel ones run), the
+indices are int32 and the values float32 on the CPU, and the batch is at most ``MAX_BATCH``.
+``FEDMPI_SPARSE_SIMD=0`` in the environment turns them off (to compare paths). Dense operands are
+passed padded to ``ld`` columns, a multiple of 16, with zeros (``padded``).
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+
+import torch
+
+MAX_BATCH = 64
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def _load():
+    """The built library, or the reason it is not used."""
+    if os.environ.get("FEDMPI_SPARSE_SIMD", "1") == "0":
+        return None, "FEDMPI_SPARSE_SIMD=0"
+    spec = importlib.util.find_spec("fedmpi.sparse_kernels._csr_simd")
+    if spec is None or not spec.origin:
+        return None, ("the extension fedmpi.sparse_kernels._csr_simd is not built (pip install builds it "
+                      "where a C compiler is; its output says why it did not)")
+    lib = ctypes.CDLL(spec.origin)
+    lib.fedmpi_simd_available.restype = ctypes.c_int
+    if not lib.fedmpi_simd_available():
+        return None, "this CPU has no AVX-512F"
+    for name, args in (("fedmpi_csr_mm", [_I64, _I64, _P, _P, _P, _P, _P]),
+                       ("fedmpi_csr_t_mm", [_I64, _I64, _I64, _P, _P, _P, _P, _P]),
+                       ("fedmpi_sddmm", [_I64, _I64, _P, _P, _P, _P, _P])):
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, ctypes.c_int
+    return lib, None
+
+
+_LIB, UNAVAILABLE_BECAUSE = _load()
+
+
+def available() -> bool:
+    return _LIB is not None
+
+
+def usable(structure, batch: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the products of ``structure``'s CSR matrix with a dense side of ``batch`` columns
+    run here (module doc)."""
+    return (_LIB is not None and 0 < batch <= MAX_BATCH and torch.get_num_threads() == 1
+            and dtype == torch.float32 and device.type == "cpu" and structure.crow.dtype == torch.int32)
+
+
+def padded(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix``ᵀ (n × k from k × n) as a new row-major n × ld array, columns k..ld-1 zero."""
+    k, n = matrix.shape
+    ld = 16 * -(-k // 16)
+    out = matrix.new_empty(n, ld)
+    out[:, :k] = matrix.t()
+    out[:, k:] = 0
+    return out
+
+
+def _check(code: int) -> None:
+    if code != 0:
+        raise RuntimeError("csr_simd: unsupported row stride (a multiple of 16, at most 64)")
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def csr_mm(structure, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """W · B (rows × ld) for B padded (cols × ld, ``padded``)."""
+    c = b.new_empty(structure.rows, b.shape[1])
+    _check(_LIB.fedmpi_csr_mm(structure.rows, b.shape[1], _ptr(structure.crow), _ptr(structure.col),
+                              _ptr(values.contiguous()), _ptr(b), _ptr(c)))
+    return c
+
+
+def csr_t_mm(structure, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Wᵀ · A (cols × ld) for A padded (rows × ld): no permuted copy of W's values."""
+    c = a.new_empty(structure.cols, a.shape[1])
+    _check(_LIB.fedmpi_csr_t_mm(structure.rows, structure.cols, a.shape[1], _ptr(structure.crow),
+                                _ptr(structure.col), _ptr(values.contiguous()), _ptr(a), _ptr(c)))
+    return c
+
+
+def sddmm(structure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(A Bᵀ) at the active positions, CSR order, for A (rows × ld) and B (cols × ld) padded."""
+    out = a.new_empty(structure.nnz)
+    _check(_LIB.fedmpi_sddmm(structure.rows, a.shape[1], _ptr(structure.crow), _ptr(structure.col),
+                             _ptr(a), _ptr(b), _ptr(out)))
+    return out
