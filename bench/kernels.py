@@ -16,7 +16,7 @@ contention still do), or elapsed time (``--clock wall``).
 
     python bench/kernels.py [--models femnist_cnn vgg11] [--repeats 7] [--min-time 0.05]
                             [--densities 0.01,0.02,...] [--clock cpu|wall]
-                            [--json results/perf/kernels.json]
+                            [--json results/perf/kernels.json] [--force]
 
 A quick look while developing (noisy): --repeats 2 --min-time 0.005 --densities 0.05,0.1,0.3.
 """
@@ -106,7 +106,12 @@ def main(argv=None) -> int:
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                         help="cpu: the thread's CPU time (robust on a shared machine); wall: elapsed time")
     parser.add_argument("--json", default=str(ROOT / "results" / "perf" / "kernels.json"))
+    parser.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     args = parser.parse_args(argv)
+    if Path(args.json).exists() and not args.force:
+        print(f"kernels.py: --json {args.json} exists; pass --force to overwrite it, or another --json path",
+              file=sys.stderr)
+        return 2
     if args.repeats < 5:
         print(f"kernels.py: --repeats {args.repeats} < 5: a development run, not a measurement", file=sys.stderr)
     densities = sorted({float(d) for d in args.densities.split(",") if d.strip()} | {TARGET_DENSITY})
