@@ -1,4 +1,5 @@
-"""Real sparse kernels for masked Linear and Conv2d layers (CPU, torch sparse CSR through MKL).
+"""Real sparse kernels for masked Linear and Conv2d layers (CPU, torch sparse CSR through MKL;
+Linear layers' products in fedmpi's own AVX-512 C where ``simd.py`` finds them usable).
 
 ``kernels.py``: the index structure of a mask (``SparseStructure``) and the sparse autograd
 kernels (``sparse_linear``, ``sparse_conv2d``, ``sparse_forward``), with their two weight forms,

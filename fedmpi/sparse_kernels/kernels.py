@@ -1,9 +1,11 @@
-"""Real sparse kernels for masked Linear and Conv2d layers (CPU, torch sparse CSR through MKL).
+"""Real sparse kernels for masked Linear and Conv2d layers (CPU: torch sparse CSR through MKL, and
+for Linear layers fedmpi's own AVX-512 products where ``simd.usable`` says they run).
 
 A masked layer computes with ``weight ⊙ mask``; the dense kernel spends the same time whatever the
 mask. Here the layer's active weights become a CSR matrix and the products touch only them:
 
-- Linear ``y = x Wᵀ + b``: ``yᵀ = W_csr · xᵀ``; input gradient ``gxᵀ = (Wᵀ)_csr · gyᵀ``.
+- Linear ``y = x Wᵀ + b``: ``yᵀ = W_csr · xᵀ``; input gradient ``gxᵀ = (Wᵀ)_csr · gyᵀ`` (MKL, on the
+  values permuted into Wᵀ's order) or ``Wᵀ · gyᵀ`` straight from W's CSR (``simd.csr_t_mm``).
 - Conv2d (groups 1): im2col (``F.unfold``) turns the input into columns ``X`` (C·kh·kw × B·L),
   ``Y = W_csr · X`` (W viewed as O × C·kh·kw); input gradient ``(Wᵀ)_csr · gY`` folded back with
   ``F.fold`` (col2im).
@@ -20,8 +22,9 @@ The layer's weight has two forms, one per gradient mode:
   step, which bounds the gain.
 - ``"active"``: the layer trains its active values only, as a compact vector in CSR order (what a
   sparse-training deployment stores): no gather from and no scatter into a dense weight, and the
-  gradient is the dense-dense product at the active positions only: a sampled product (SDDMM)
-  or, where a cost model expects it faster, row blocks of the dense product gathered there. ``SparseKernels``
+  gradient is the dense-dense product at the active positions only: a sampled product (SDDMM;
+  ``simd.sddmm`` for Linear layers where it runs) or, where a cost model expects it faster than
+  torch's, row blocks of the dense product gathered there. ``SparseKernels``
   holds these vectors as ``nn.Parameter``s for the duration of local training
   (``compact_parameters``: the optimizer steps them instead of the dense weights) and writes them
   back into the dense weights afterwards (``write_back``). Weights after training equal those of
