@@ -41,7 +41,7 @@ help:
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py fedmpi/sparse_kernels/csr_simd.c Makefile examples/topk_fedavg/pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py fedmpi/sparse_kernels/csr_simd.c fedmpi/aggregation/grid_pass.c Makefile examples/topk_fedavg/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 	  { echo "fedmpi needs Python >= 3.10 (PYTHON=$(PYTHON))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

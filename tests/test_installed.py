@@ -159,9 +159,10 @@ def test_the_installed_wheel_runs_reports_plots_and_writes_slurm_jobs_outside_th
     names = zipfile.ZipFile(wheel).namelist()
     if TEMPLATE_IN_PACKAGE not in names:
         problems.append(f"the wheel lacks {TEMPLATE_IN_PACKAGE}")
-    built = any(re.fullmatch(r"fedmpi/sparse_kernels/_csr_simd\..*\.so", n) for n in names)
-    if shutil.which(sysconfig.get_config_var("CC").split()[0]) and not built:
-        problems.append("a C compiler is here, but the wheel lacks the built fedmpi/sparse_kernels/_csr_simd")
+    compiled = ("fedmpi/sparse_kernels/_csr_simd", "fedmpi/aggregation/_grid_pass")   # setup.py's extensions
+    built = {lib for lib in compiled if any(re.fullmatch(re.escape(lib) + r"\..*\.so", n) for n in names)}
+    if shutil.which(sysconfig.get_config_var("CC").split()[0]) and len(built) < len(compiled):
+        problems.append(f"a C compiler is here, but the wheel lacks the built {sorted(set(compiled) - built)}")
     where = _run([venv / "bin" / "python", "-c", "import fedmpi; print(fedmpi.__file__)"], project,
                  env=_clean_env())
     # not the checkout's editable install: then this test would say nothing about the wheel
@@ -179,7 +180,7 @@ def test_the_installed_wheel_runs_reports_plots_and_writes_slurm_jobs_outside_th
         elif commit != f"installed fedmpi {attrs['fedmpi_version']}":
             problems.append(f"git_commit is {commit!r}, not 'installed fedmpi VERSION'")
         products = json.loads(attrs["versions"])["sparse_linear_products"]
-        if built and _cpu_has_avx512f() and products != "csr_simd":
+        if compiled[0] in built and _cpu_has_avx512f() and products != "csr_simd":
             problems.append(f"the installed wheel's sparse Linear products are {products!r}, not csr_simd")
     problems += _installed_sweep(project, venv, site)
     assert not problems, "\n\n".join(problems)

@@ -202,7 +202,7 @@ def test_all_zero_elements_stay_exactly_zero_and_do_not_widen_the_grid():
     assert not np.signbit(averaged["t"][3])
 
 
-def test_grouping_never_changes_a_bit():
+def test_grouping_never_changes_a_bit(grid_path):
     """Random summands split into random groups (some empty), in random orders: the two phases
     give the all-at-once result bit for bit."""
     rng = np.random.default_rng(7)
@@ -233,7 +233,51 @@ def chunk(request, monkeypatch):
     return request.param
 
 
-def test_scales_are_the_exponents_of_the_largest_weighted_summand(chunk):
+@pytest.fixture(params=["native", "numpy"])
+def grid_path(request, monkeypatch):
+    """Which code makes the pass over the uploads (quantise.py ``grid_pass``): grid_pass.c
+    (skipped where it is not built) or numpy and torch."""
+    import fedmpi.aggregation.quantise as quantise
+    if request.param == "numpy":
+        monkeypatch.setattr(quantise, "_NATIVE", None)
+    elif quantise._NATIVE is None:
+        pytest.skip(f"grid_pass.c is not usable here: {quantise.NATIVE_UNAVAILABLE_BECAUSE}")
+    return request.param
+
+
+def test_both_grid_passes_give_the_same_bits(chunk):
+    """grid_pass.c against numpy and torch on values spread over 2^±60 with zeros, −0, subnormals,
+    repeated and zero weights, a ragged size: every array bit for bit."""
+    import fedmpi.aggregation.quantise as quantise
+    if quantise._NATIVE is None:
+        pytest.skip(f"grid_pass.c is not usable here: {quantise.NATIVE_UNAVAILABLE_BECAUSE}")
+    rng = np.random.default_rng(5)
+    size, count = 1000, 13
+    thetas = [(rng.standard_normal(size) * 2.0 ** rng.uniform(-60, 60, size)).astype(np.float32)
+              for _ in range(count)]
+    for t in thetas:
+        t[rng.integers(0, size, 30)] = 0
+        t[rng.integers(0, size, 10)] = np.float32(-0.0)
+        t[rng.integers(0, size, 10)] = np.float32(2.0 ** -140)
+    weights = [0, 2 ** 29, 7, 7, 1, 0, 60, 7, 3000, 1, 1, 2, 5]
+    native = quantise.grid_pass(thetas, weights)
+    quantise._NATIVE, kept = None, quantise._NATIVE
+    try:
+        numpy_pass = quantise.grid_pass(thetas, weights)
+    finally:
+        quantise._NATIVE = kept
+    assert native.largest.tobytes() == numpy_pass.largest.tobytes()
+    assert native.total.tobytes() == numpy_pass.total.tobytes()
+    assert np.array_equal(native.smallest, numpy_pass.smallest)     # a −0 minimum equals +0
+    assert native.finite and numpy_pass.finite
+    # against the definitions, in float64 upload by upload
+    assert np.array_equal(native.largest, np.max([np.abs(t.astype(np.float64)) * w
+                                                  for t, w in zip(thetas, weights)], axis=0))
+    summed = [t for t, w in zip(thetas, weights) if w]
+    assert np.array_equal(native.smallest, np.min(np.abs(summed), axis=0))
+
+
+def test_scales_are_the_exponents_of_the_largest_weighted_summand(chunk, grid_path):
     # against the definition, in float64 upload by upload: repeated and distinct weights (the
     # float32 running maximum per weight), masks (ignored outside), a missing tensor, float64 and
     # integer tensors (taken in float64), zero weights; with chunks of 97 elements too
@@ -286,7 +330,7 @@ def test_own_scales_replace_the_per_upload_range_check_with_the_same_integers():
                             own_scales=own[0])
 
 
-def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch, chunk):
+def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch, chunk, grid_path):
     """With trusted scales, unmasked float32 tensors take one float64 add per upload where no
     summand leaves the grid (fedmpi/aggregation/quantise.py ``_on_grid_sum``) and redo the other elements:
     the integers of the per-upload multiply-truncate-add path, here on values spread over 2^±60
@@ -297,25 +341,20 @@ def test_the_on_grid_sum_gives_the_truncating_sums_integers(monkeypatch, chunk):
     import fedmpi.aggregation.quantise as quantise
 
     # how often the one-add path ran, and how many elements it handed back to the truncating one
-    calls = {"on grid": 0, "redone": 0, "inside": False}
-    on_grid_sum, quantised_sum = quantise._on_grid_sum, quantise._quantised_sum
+    calls = {"on grid": 0, "redone": 0}
+    on_grid_sum, off_grid_sum = quantise._on_grid_sum, quantise._off_grid_sum
 
     def counted_on_grid(*args):
         calls["on grid"] += 1
-        calls["inside"] = True
-        try:
-            return on_grid_sum(*args)
-        finally:
-            calls["inside"] = False
+        return on_grid_sum(*args)
 
-    def counted_quantised(held_by, factor, *args, **kwargs):
-        if calls["inside"]:
-            calls["redone"] += factor.size
-        return quantised_sum(held_by, factor, *args, **kwargs)
+    def counted_off_grid(held_by, off_grid, *args):
+        calls["redone"] += off_grid.size
+        return off_grid_sum(held_by, off_grid, *args)
 
     # FixedPointSum calls the one-add path; that path hands elements back to quantise's own sum
     monkeypatch.setattr(fixed_point, "_on_grid_sum", counted_on_grid)
-    monkeypatch.setattr(quantise, "_quantised_sum", counted_quantised)
+    monkeypatch.setattr(quantise, "_off_grid_sum", counted_off_grid)
     rng = np.random.default_rng(21)
     shapes = {"w": (40, 30), "b": (30,), "s": ()}
     for trial in range(4):
@@ -385,12 +424,14 @@ def test_uploads_sharing_one_mask_are_summed_packed_with_the_same_bits():
     assert whole.tobytes() == grouped.tobytes()
 
 
-def test_non_finite_summands_are_refused_naming_the_tensor_unless_masked_out():
+def test_non_finite_summands_are_refused_naming_the_tensor_unless_masked_out(grid_path):
     good = ModelUpdate({"w": np.ones(3, np.float32), "b": np.ones(2, np.float32)})
     for bad_value in (np.nan, np.inf, -np.inf):
         bad = ModelUpdate({"w": np.array([1, bad_value, 1], np.float32), "b": np.ones(2, np.float32)})
-        with pytest.raises(ValueError, match=r"tensor 'w'.*NaN or inf"):
-            fixed_point_average([good, bad], [1, 1], {"w": np.zeros(3, np.float32), "b": np.zeros(2, np.float32)})
+        for weights in ([1, 1], [1, 0]):    # weight 0 too: 0·inf is NaN, as the float64 definition says
+            with pytest.raises(ValueError, match=r"tensor 'w'.*NaN or inf"):
+                fixed_point_average([good, bad], weights, {"w": np.zeros(3, np.float32),
+                                                           "b": np.zeros(2, np.float32)})
     # outside the upload's mask a value is ignored, as average_over_holders ignores it
     hidden = ModelUpdate({"w": np.array([1, np.nan, 1], np.float32)}, {"w": np.array([True, False, True])})
     averaged, _ = fixed_point_average([good, hidden], [1, 1], {"w": np.zeros(3, np.float32)}, "zero")

@@ -11,8 +11,8 @@ import numpy as np
 
 from ..update import ModelUpdate
 from .common import MISSING_POLICIES, _cast, _shared_packed_positions
-from .quantise import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, _by_weight, _label,
-                       _on_grid_candidates, _on_grid_sum, _quantised_sum, chunks)
+from .quantise import (FIXED_POINT_BITS, MAX_CONTRIBUTIONS, MAX_SUM_WEIGHT, NO_SUMMAND, GridPass, _by_weight,
+                       _label, _on_grid_candidates, _on_grid_sum, _quantised_sum, chunks, grid_pass)
 
 
 class FixedPointSum:
@@ -47,21 +47,33 @@ class FixedPointSum:
 
     # -- phase 1 ------------------------------------------------------------------------------
     def scales(self, updates: list[ModelUpdate], weights: list[int], labels: list | None = None) -> np.ndarray:
-        """This group's per-element maximum exponents and per-tensor mask flags (int16).
+        """This group's per-element maximum exponents and per-tensor mask flags (int16)."""
+        return self.first_pass(updates, weights, labels).scales
+
+    def first_pass(self, updates: list[ModelUpdate], weights: list[int], labels: list | None = None) -> "FirstPass":
+        """This group's scales (``scales``), and for tensors whose uploads are all unmasked float32
+        the on-grid running sums of the same pass (``grid_pass``), for ``partial_sums(own=...)``.
 
         The largest exponent over the summands is the exponent of the largest |summand| (frexp's
         exponent grows with |x|), so only max_k |w_k·θ_k| per element is kept, and frexp runs once
-        per tensor (``_largest``)."""
+        per tensor."""
         weights = _checked_sum_weights(weights, len(updates))
         scales = np.full(self.size + len(self.names), NO_SUMMAND, dtype=np.int16)
         exponents, masked = scales[:self.size], scales[self.size:]
         masked[:] = 0
+        grid = {}
         for t, name in enumerate(self.names):
             # every holder sent the same mask (FedDST between readjustments): its positions only
             positions = _shared_packed_positions(updates, name)
-            largest, any_masked = self._largest(updates, weights, labels, name, positions)
+            held_by = self._held_by(updates, weights, labels, name, positions)
+            if _on_grid_candidates(held_by):    # one pass for the maxima and the running sums
+                done = grid[name] = grid_pass([v for _, _, v, _ in held_by], [w for _, w, _, _ in held_by])
+                largest, finite, any_masked = done.largest, done.finite, False
+            else:
+                largest, any_masked = self._largest(updates, weights, labels, name, positions)
+                finite = bool(np.all(np.isfinite(largest)))
             masked[t] = int(any_masked or positions is not None)
-            if not np.all(np.isfinite(largest)):
+            if not finite:
                 self._raise_not_finite(updates, weights, labels, name)
             _, exponent = np.frexp(largest)                  # int32 in [-1073, 1025]; 0 for 0
             exponent[largest == 0] = NO_SUMMAND              # a zero must not widen the grid
@@ -69,20 +81,26 @@ class FixedPointSum:
                 exponents[self.segments[name]] = exponent.astype(np.int16)
             else:
                 exponents[self.segments[name]][positions] = exponent.astype(np.int16)   # elsewhere NO_SUMMAND
-        return scales
+        return FirstPass(scales, tuple(weights), len(updates), grid)
 
     # -- phase 2 ------------------------------------------------------------------------------
     def partial_sums(self, updates: list[ModelUpdate], weights: list[int], scales: np.ndarray,
-                     labels: list | None = None, *, own_scales: np.ndarray | None = None) -> np.ndarray:
+                     labels: list | None = None, *, own_scales: np.ndarray | None = None,
+                     own: "FirstPass | None" = None) -> np.ndarray:
         """This group's Σ q_k per element and its votes (int64), on the grid of the round's scales.
 
-        ``own_scales``: what ``scales`` gave for these same updates. When the round's scales are
-        at least those everywhere, no summand can leave the grid, which is checked once here
-        instead of on every upload."""
+        ``own_scales``: what ``scales`` gave for these same updates; ``own``: what ``first_pass``
+        gave for them (its scales, and its running sums, which spare a second pass). When the
+        round's scales are at least this group's own everywhere, no summand can leave the grid,
+        which is checked once here instead of on every upload."""
         if len(updates) > MAX_CONTRIBUTIONS:
             raise ValueError(f"{len(updates)} uploads in one fixed-point sum; at most {MAX_CONTRIBUTIONS} "
                              f"(2^20) fit in int64")
         weights = _checked_sum_weights(weights, len(updates))
+        if own is not None:
+            if own.weights != tuple(weights) or own.uploads != len(updates):
+                raise ValueError("own: the first pass of other uploads or weights")
+            own_scales = own.scales
         exponents, masked, vote_segments = self._layout(scales)
         if own_scales is not None:
             own_exponents, own_masked, _ = self._layout(own_scales)
@@ -91,10 +109,11 @@ class FixedPointSum:
                                  "with an element-wise maximum")
         sums = np.zeros(vote_segments[self.names[-1]].stop if self.names else 0, dtype=np.int64)
         self._quantise_into(updates, weights, labels, exponents, masked, vote_segments, sums,
-                            check_range=own_scales is None)
+                            check_range=own_scales is None, grid=own.grid if own is not None else {})
         return sums
 
-    def _quantise_into(self, updates, weights, labels, exponents, masked, vote_segments, sums, *, check_range: bool):
+    def _quantise_into(self, updates, weights, labels, exponents, masked, vote_segments, sums, *, check_range: bool,
+                       grid: dict):
         """Phase 2's work: add each upload's quantised summands and votes into ``sums``;
         ``check_range``: check that every upload stays on the grid (else the scales were checked once)."""
         numerators = sums[:self.size]
@@ -111,18 +130,13 @@ class FixedPointSum:
                                      f"scales over every upload of the round")
                 e = e[positions]
             factor = np.ldexp(1.0, np.where(e == NO_SUMMAND, 0, FIXED_POINT_BITS - e))
-            # (k, w, flat values, flat mask or None) of the uploads holding the tensor
-            held_by = []
-            for k, w in enumerate(weights):
-                taken = self._flat_values(updates[k], name, _label(labels, k), positions)
-                if taken is None:
-                    continue
-                if taken[1] is not None and not masked[t]:
+            held_by = self._held_by(updates, weights, labels, name, positions)
+            for k, _, _, held in held_by:
+                if held is not None and not masked[t]:
                     raise ValueError(f"{name}: upload {_label(labels, k)} has a mask the scales did not see; "
                                      f"compute the scales over every upload of the round")
-                held_by.append((k, w, *taken))
             if not check_range and _on_grid_candidates(held_by):
-                quantised_sum = _on_grid_sum(held_by, e, factor, labels, name)
+                quantised_sum = _on_grid_sum(held_by, e, factor, labels, name, grid.get(name))
             else:
                 quantised_sum = _quantised_sum(held_by, factor, labels, name, check_range=check_range)
             votes = sums[vote_segments[name]]
@@ -177,6 +191,11 @@ class FixedPointSum:
             vote_segments[name] = slice(start, start + count)
             start += count
         return scales[:self.size], masked, vote_segments
+
+    def _held_by(self, updates, weights, labels, name: str, positions) -> list[tuple]:
+        """(k, w, flat values, flat mask or None) of the uploads holding the tensor."""
+        return [(k, w, *taken) for k, w in enumerate(weights)
+                if (taken := self._flat_values(updates[k], name, _label(labels, k), positions)) is not None]
 
     def _flat_values(self, update: ModelUpdate, name: str, label, positions: np.ndarray | None):
         """(θ flat, flat mask or None) of one upload's tensor, or None when it lacks the tensor.
@@ -247,11 +266,23 @@ class FixedPointSum:
             if taken is None:
                 continue
             values, held = taken
-            summands = np.multiply(values, np.float64(weights[k]), dtype=np.float64)
+            with np.errstate(invalid="ignore"):     # 0·inf: NaN, which is what is looked for
+                summands = np.multiply(values, np.float64(weights[k]), dtype=np.float64)
             if not np.all(np.isfinite(summands if held is None else summands[held])):
                 raise ValueError(f"tensor {name!r} of upload {_label(labels, k)} holds NaN or inf: the "
                                  f"fixed-point sum needs finite values")
         raise AssertionError("unreachable: a non-finite maximum without a non-finite summand")
+
+
+@dataclass
+class FirstPass:
+    """``FixedPointSum.first_pass``'s result: the group's ``scales``, the ``weights`` and number of
+    ``uploads`` it saw, and per tensor its ``grid_pass`` (the on-grid running sums)."""
+
+    scales: np.ndarray
+    weights: tuple
+    uploads: int
+    grid: dict[str, GridPass]
 
 
 @dataclass
@@ -272,8 +303,9 @@ def fixed_point_average(updates: list[ModelUpdate], weights: list[int], referenc
     """``average_over_holders`` with ``FixedPointSum``, all at once: the reference the worker
     ranks' two phases reproduce bit for bit."""
     summer = FixedPointSum({name: np.shape(ref) for name, ref in reference.items()})
-    scales = summer.scales(updates, weights)
-    return summer.average(summer.partial_sums(updates, weights, scales, own_scales=scales), scales, reference, missing)
+    first = summer.first_pass(updates, weights)
+    return summer.average(summer.partial_sums(updates, weights, first.scales, own=first), first.scales, reference,
+                          missing)
 
 
 def _checked_sum_weights(weights, count: int) -> list[int]:

@@ -1,12 +1,24 @@
 """The fixed-point grid and the integer sums on it, for ``FixedPointSum`` (``fixed_point.py``):
-the truncating sum (``_quantised_sum``) and the one-add sum where nothing is truncated
-(``_on_grid_sum``)."""
+the truncating sum (``_quantised_sum``), the one pass over a group's uploads that gives the
+scales' maxima and the sums where nothing is truncated (``grid_pass``, in C where
+``grid_pass.c`` is built), and those sums' integers (``_on_grid_sum``)."""
 from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .. import native
 from ..update import tensor_view
+
+_NATIVE, NATIVE_UNAVAILABLE_BECAUSE = native.load("fedmpi.aggregation._grid_pass")
+if _NATIVE is not None:
+    _NATIVE.fedmpi_grid_pass.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
+    _NATIVE.fedmpi_grid_pass.restype = ctypes.c_int
+    _NATIVE.fedmpi_off_grid_sum.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    _NATIVE.fedmpi_off_grid_sum.restype = None
 
 # A float64 sum depends on the order of its terms, so summing each worker rank's clients and then
 # the ranks' partial sums would change the last bits with the rank count. Integers add exactly, in
@@ -73,35 +85,94 @@ def _on_grid_candidates(held_by) -> bool:
         held is None and values.dtype == np.float32 for _, _, values, held in held_by)
 
 
-def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
-    """``_quantised_sum``'s integers in one pass per upload where no truncation happens.
+@dataclass
+class GridPass:
+    """One pass over a group's float32 uploads of a tensor (``grid_pass``), per element:
+    ``largest`` max_k w_k·|θ_k| (float64, every upload), ``total`` Σ w_k·θ_k and ``smallest``
+    min |θ_k| (float64, float32; uploads with w_k > 0), ``finite``: every w_k·|θ_k| is finite."""
+
+    largest: np.ndarray
+    total: np.ndarray
+    smallest: np.ndarray
+    finite: bool
+
+
+def grid_pass(thetas: list[np.ndarray], weights: list[int]) -> GridPass:
+    """``GridPass`` of flat float32 arrays of one size, every upload per chunk (the running
+    values stay in cache): grid_pass.c where it is built, else numpy and torch, the same numbers.
+    The maxima and minima are exact; the totals are exact where ``_on_grid_finish`` uses them."""
+    size = thetas[0].size if thetas else 0
+    largest, total = np.zeros(size), np.zeros(size)
+    smallest = np.full(size, np.inf, dtype=np.float32)
+    if _NATIVE is not None and thetas:
+        # the uploads in the order the numpy path takes them (by weight): the same totals' bits
+        # even where they are not exact (those elements are redone, but a test compares them)
+        order = [k for _, group in _by_weight(weights) for k in group]
+        flat = [np.ascontiguousarray(thetas[k]) for k in order]
+        pointers = (ctypes.c_void_p * len(flat))(*[t.ctypes.data for t in flat])
+        w = np.asarray([weights[k] for k in order], dtype=np.float64)
+        bad = _NATIVE.fedmpi_grid_pass(size, len(flat), pointers, w.ctypes.data, largest.ctypes.data,
+                                       total.ctypes.data, smallest.ctypes.data)
+        return GridPass(largest, total, smallest, not bad)
+    total_t, smallest_t = torch.from_numpy(total), torch.from_numpy(smallest)
+    spans = chunks(size)
+    width = spans[0].stop if spans else 0
+    magnitude, running = torch.empty(width, dtype=torch.float32), torch.empty(width, dtype=torch.float32)
+    groups = [(float(w), [tensor_view(thetas[k]) for k in group]) for w, group in _by_weight(weights)]
+    for span in spans:
+        n = span.stop - span.start
+        largest_c, total_c, smallest_c = largest[span], total_t[span], smallest_t[span]
+        magnitude_c, running_c = magnitude[:n], running[:n]
+        for w, group in groups:
+            running_c.fill_(0)
+            for theta in group:
+                theta_c = theta[span]
+                torch.abs(theta_c, out=magnitude_c)
+                torch.maximum(running_c, magnitude_c, out=running_c)     # NaN propagates
+                if w:
+                    total_c.add_(theta_c, alpha=w)    # w·θ is exact in float64
+                    torch.minimum(smallest_c, magnitude_c, out=smallest_c)
+            # max_k |θ_k| of the weight's group, times w once: exact in float64 (0·inf: NaN, found)
+            with np.errstate(invalid="ignore"):
+                np.maximum(largest_c, np.multiply(running_c.numpy(), w, dtype=np.float64), out=largest_c)
+    return GridPass(largest, total, smallest, bool(np.all(np.isfinite(largest))))
+
+
+def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str,
+                 done: GridPass | None = None) -> np.ndarray:
+    """``_quantised_sum``'s integers with one add per upload where no truncation happens.
 
     Where every summand's |θ_k| ≥ 2^(e−19), each w_k·θ_k (integer w_k) is a multiple of the grid
     step 2^(e−B), so trunc does nothing and the float64 running sum Σ w_k·θ_k stays exact (at most
     2^11 summands below 2^e each: below 2^53 steps): scaled by 2^(B−e), it is the int64 sum. The
     few elements with a smaller summand (a value near zero next to larger ones) are redone by
-    ``_quantised_sum``. One add per upload instead of a multiply, a cast and an add, with the
-    running minimum of |θ| as the test."""
-    total = torch.zeros(factor.size, dtype=torch.float64)
-    smallest = torch.full((factor.size,), np.inf, dtype=torch.float32)
-    spans = chunks(factor.size)
-    magnitude = torch.empty(spans[0].stop if spans else 0, dtype=torch.float32)
-    thetas = [(float(w), tensor_view(values)) for _, w, values, _ in held_by if w]
-    for span in spans:                           # every upload per chunk: the running sums stay in cache
-        total_c, smallest_c = total[span], smallest[span]
-        magnitude_c = magnitude[:span.stop - span.start]
-        for w, theta in thetas:
-            theta_c = theta[span]
-            total_c.add_(theta_c, alpha=w)       # w·θ is exact in float64, and so is the running sum here
-            torch.minimum(smallest_c, torch.abs(theta_c, out=magnitude_c), out=smallest_c)
-    quantised_sum = (total.numpy() * factor).astype(np.int64)      # exact: integers below 2^53
+    ``_quantised_sum``. The sums and the running minimum of |θ| come from ``grid_pass``
+    (``done``: the pass the scales already made over these uploads)."""
+    if done is None:
+        done = grid_pass([values for _, _, values, _ in held_by], [w for _, w, _, _ in held_by])
+    quantised_sum = (done.total * factor).astype(np.int64)      # exact: integers below 2^53
     # 2^(e−19) in float64 (0 where no summand is nonzero: every value there is 0 and on the grid)
     threshold = np.ldexp(1.0, np.where(e == NO_SUMMAND, -1100, e - ON_GRID_MARGIN))
-    off_grid = np.flatnonzero(smallest.numpy() < threshold)
+    off_grid = np.flatnonzero(done.smallest < threshold)
     if off_grid.size:
-        quantised_sum[off_grid] = _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by],
-                                                 factor[off_grid], labels, name, check_range=False)
+        quantised_sum[off_grid] = _off_grid_sum(held_by, off_grid, factor[off_grid], labels, name)
     return quantised_sum
+
+
+def _off_grid_sum(held_by, off_grid: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
+    """``_quantised_sum`` of the elements ``off_grid`` (unmasked uploads, trusted scales): in C
+    where grid_pass.c is built, the same integers."""
+    if _NATIVE is None:
+        return _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by], factor, labels,
+                              name, check_range=False)
+    flat = [np.ascontiguousarray(values) for _, _, values, _ in held_by]
+    pointers = (ctypes.c_void_p * len(flat))(*[t.ctypes.data for t in flat])
+    w = np.asarray([w for _, w, _, _ in held_by], dtype=np.float64)
+    factor, index = np.ascontiguousarray(factor), np.ascontiguousarray(off_grid, dtype=np.int64)
+    out = np.empty(off_grid.size, dtype=np.int64)
+    _NATIVE.fedmpi_off_grid_sum(off_grid.size, index.ctypes.data, len(flat), pointers, w.ctypes.data,
+                                factor.ctypes.data, out.ctypes.data)
+    return out
 
 
 def _by_weight(weights: list[int]) -> list[tuple[int, list[int]]]:

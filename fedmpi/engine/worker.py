@@ -122,11 +122,11 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
     labels = [f"from client {u.client_id}" for u in uploads]
     client_weights = [weights[u.client_id] for u in uploads]
     PHASES.mark("sum: decode")
-    own_scales = summer.scales(updates, client_weights, labels)
+    own = summer.first_pass(updates, client_weights, labels)
     PHASES.mark("sum: scales")
-    scales = comm.allreduce_max_int16(own_scales)
+    scales = comm.allreduce_max_int16(own.scales)
     PHASES.mark("sum: max-reduce")
-    partial = summer.partial_sums(updates, client_weights, scales, labels, own_scales=own_scales)
+    partial = summer.partial_sums(updates, client_weights, scales, labels, own=own)
     PHASES.mark("sum: partial sums")
     sums = comm.reduce_sum_int64(partial)
     PHASES.mark("sum: reduce")

@@ -11,7 +11,7 @@
  *   csr_t_mm  C = Wᵀ · A       A: rows x ld, C: cols x ld (zeroed here)
  *   sddmm     out[n] = A[r] · B[c] for each active position n = (r, c), in CSR order
  *
- * Built by setup.py as an optional extension and loaded with ctypes (no Python API): where it
+ * Built by setup.py as an optional extension and loaded with ctypes (fedmpi/native.py): where it
  * cannot be built, or the CPU lacks AVX-512F, simd.py reports it unavailable and the MKL paths run.
  */
 #include <stdint.h>

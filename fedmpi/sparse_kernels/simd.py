@@ -6,16 +6,17 @@ weight gradient's sampled product where ``usable`` says so: the extension was bu
 builds it where a C compiler is; a failed build leaves the MKL paths), the CPU has AVX-512F,
 torch runs one thread (the kernels are serial; with more threads MKL's parallel ones run), the
 indices are int32 and the values float32 on the CPU, and the batch is at most ``MAX_BATCH``.
-``FEDMPI_SPARSE_SIMD=0`` in the environment turns them off (to compare paths). Dense operands are
-passed padded to ``ld`` columns, a multiple of 16, with zeros (``padded``).
+``FEDMPI_SPARSE_SIMD=0`` (or ``FEDMPI_NATIVE=0``, every compiled part) in the environment turns
+them off (to compare paths). Dense operands are passed padded to ``ld`` columns, a multiple of
+16, with zeros (``padded``).
 """
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 
 import torch
+
+from .. import native
 
 MAX_BATCH = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -23,13 +24,9 @@ _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 def _load():
     """The built library, or the reason it is not used."""
-    if os.environ.get("FEDMPI_SPARSE_SIMD", "1") == "0":
-        return None, "FEDMPI_SPARSE_SIMD=0"
-    spec = importlib.util.find_spec("fedmpi.sparse_kernels._csr_simd")
-    if spec is None or not spec.origin:
-        return None, ("the extension fedmpi.sparse_kernels._csr_simd is not built (pip install builds it "
-                      "where a C compiler is; its output says why it did not)")
-    lib = ctypes.CDLL(spec.origin)
+    lib, why = native.load("fedmpi.sparse_kernels._csr_simd", "FEDMPI_SPARSE_SIMD")
+    if lib is None:
+        return None, why
     lib.fedmpi_simd_available.restype = ctypes.c_int
     if not lib.fedmpi_simd_available():
         return None, "this CPU has no AVX-512F"
