@@ -555,3 +555,43 @@ def test_tensor_view_shares_a_read_only_decoded_array_without_a_warning():
         tensor = tensor_view(values)
     assert tensor.data_ptr() == values.ctypes.data
     assert tensor.tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_encode_into_given_memory_gives_the_same_bytes():
+    rng = np.random.default_rng(3)
+    mask = rng.random((6, 5)) < 0.4
+    update = ModelUpdate({"w": rng.standard_normal((6, 5)).astype(np.float32),
+                          "b": rng.standard_normal(5).astype(np.float32)}, {"w": mask})
+    given = []
+
+    def allocate(nbytes):
+        given.append(np.full(nbytes, 0xAB, dtype=np.uint8))
+        return given[-1]
+
+    plain, into = encode(update), encode(update, allocate=allocate)
+    assert into.data is given[0] and into.data.tobytes() == plain.data.tobytes()
+    assert into.layout == plain.layout
+
+
+def test_upload_arena_reuses_one_block_from_the_second_round():
+    from fedmpi.comm.arena import ALIGN, UploadArena
+
+    arena = UploadArena()
+    sizes = [1000, 37, 4096, 5]
+    for round_ in range(3):
+        arena.reset()
+        buffers = [arena.take(n) for n in sizes]
+        assert [b.size for b in buffers] == sizes
+        for i, b in enumerate(buffers):      # writable and disjoint: each keeps what was written
+            b[:] = i
+        assert all(np.all(b == i) for i, b in enumerate(buffers))
+        in_block = [np.shares_memory(b, arena._block) for b in buffers]
+        # round 1 has no block yet; from round 2 on every buffer comes from it, cache-line aligned
+        assert in_block == [round_ > 0] * len(sizes)
+        if round_:
+            assert all(b.ctypes.data % ALIGN == 0 for b in buffers)
+    arena.reset()
+    bigger = [arena.take(n) for n in sizes + [10_000]]     # more than the block: the excess is fresh
+    assert not np.shares_memory(bigger[-1], arena._block)
+    arena.reset()
+    assert all(np.shares_memory(arena.take(n), arena._block) for n in sizes + [10_000])

@@ -104,9 +104,10 @@ def _checked_block(name: str, block, shape: tuple[int, ...]) -> Block:
 
 
 def encode(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = None,
-           schema: dict[str, tuple] | None = None) -> Encoded:
+           schema: dict[str, tuple] | None = None, *, allocate=None) -> Encoded:
     """``reference_masks``: the masks the receiver holds (compared with each mask as sent, flat);
-    ``schema``: registered name → shape the receiver knows, used only to price the header."""
+    ``schema``: registered name → shape the receiver knows, used only to price the header;
+    ``allocate(nbytes)``: where the payload goes (a uint8 array of that size; default a new one)."""
     reference_masks = reference_masks or {}
     layout: list[LayoutRow] = []
     pieces: list[np.ndarray] = []
@@ -143,8 +144,12 @@ def encode(update: ModelUpdate, reference_masks: dict[str, np.ndarray] | None = 
                 pieces.append(np.flatnonzero(flat_mask).astype(positions_dtype).view(np.uint8))
         layout.append(LayoutRow(name, dtype, shape, block, encoding, kept_values.size))
         pieces.append(kept_values.view(np.uint8))
-    data = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
-    return Encoded(layout, data, schema)
+    if not pieces:
+        return Encoded(layout, np.zeros(0, np.uint8), schema)
+    if allocate is None:
+        return Encoded(layout, np.concatenate(pieces), schema)
+    data = allocate(sum(piece.size for piece in pieces))
+    return Encoded(layout, np.concatenate(pieces, out=data), schema)
 
 
 def _take(data: np.ndarray, offset: int, dtype: np.dtype, count: int, copy: bool = True) -> tuple[np.ndarray, int]:

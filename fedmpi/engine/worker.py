@@ -13,6 +13,7 @@ import torch
 from .. import rng
 from ..aggregation import FixedPointSum, RoundSums
 from ..algorithms import ClientTask
+from ..comm.arena import UploadArena
 from ..comm.codec import BITMAP, INDEX, Encoded, MaskPositions, decode, encode
 from ..update import ModelUpdate
 from .context import RunContext
@@ -55,14 +56,19 @@ def make_client_task(ctx: RunContext, round_: int, client: int, received: ModelU
                       local_test=local_test, initial_weights=initial_weights)
 
 
-def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray):
+def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarray,
+                  arena: UploadArena | None = None):
     """Train this rank's clients in id order; returns (reports, uploads), both in that order.
+    ``arena``: where the uploads are encoded, reused from the previous round (a worker rank's,
+    whose uploads are summed or gathered within the round; rank 0 keeps its own).
 
     With ``local.client_batch`` = G > 1 and an algorithm that ``trains_together``, the
     clients go in blocks of G (the server's assignment keeps blocks whole, so cutting this rank's
     sorted list into G's gives them back) trained together; a block's compute time is shared among
     its clients by sample count."""
     reports, uploads = [], []
+    if arena is not None:
+        arena.reset()
     sums_here = ctx.cfg["aggregation"]["where"] == "workers"
     group = ctx.cfg["local"]["client_batch"]
     grouped = group > 1 and ctx.algorithm.trains_together()
@@ -89,7 +95,8 @@ def train_clients(ctx: RunContext, round_: int, task: RankTask, buffer: np.ndarr
             c = client_task.client_id
             compute = elapsed * len(client_task.y) / samples if len(block) > 1 else elapsed
             sent_masks = received[c][0].masks
-            upload = encode(result.update, sent_masks, schema=ctx.info.shapes)
+            upload = encode(result.update, sent_masks, schema=ctx.info.shapes,
+                            allocate=arena.take if arena is not None else None)
             changed = None
             if sums_here:   # the server never sees this upload: tell it the masks it changed
                 changed = {row.name for row in upload.layout if row.encoding in (BITMAP, INDEX)}
@@ -135,6 +142,7 @@ def sum_uploads(ctx: RunContext, comm, uploads: list[Upload], weights: dict[int,
 
 def work(ctx: RunContext, comm, evaluator, terminate_requested) -> None:
     """The worker loop: one iteration per round until the server says stop."""
+    arena = UploadArena()
     while True:
         PHASES.next_round()
         plan = comm.bcast_object()
@@ -146,7 +154,7 @@ def work(ctx: RunContext, comm, evaluator, terminate_requested) -> None:
         task = comm.scatter_objects(None)
         buffer = comm.bcast_buffer(None) if plan.broadcast else comm.scatter_buffers(None)
         PHASES.mark("receive")
-        reports, uploads = train_clients(ctx, plan.round, task, buffer)
+        reports, uploads = train_clients(ctx, plan.round, task, buffer, arena)
         PHASES.mark("train")
         comm.gather_objects(RankReport(reports, terminate_requested()))
         PHASES.mark("report")
