@@ -90,37 +90,28 @@ int fedmpi_simd_available(void) {
 ALL(1) ALL(2) ALL(3) ALL(4)
 
 /* The entry points: ld in {16, 32, 48, 64}; return 0 on success, -1 for another ld. */
+#define BY_WIDTH(name, ...)                                                                           \
+    switch (ld) {                                                                                    \
+    case 16: name##_1(__VA_ARGS__); return 0;                                                        \
+    case 32: name##_2(__VA_ARGS__); return 0;                                                        \
+    case 48: name##_3(__VA_ARGS__); return 0;                                                        \
+    case 64: name##_4(__VA_ARGS__); return 0;                                                        \
+    }                                                                                                \
+    return -1;
+
 int fedmpi_csr_mm(int64_t rows, int64_t ld, const int32_t *crow, const int32_t *col, const float *val,
                   const float *b, float *c) {
-    switch (ld) {
-    case 16: csr_mm_1(rows, crow, col, val, b, c); return 0;
-    case 32: csr_mm_2(rows, crow, col, val, b, c); return 0;
-    case 48: csr_mm_3(rows, crow, col, val, b, c); return 0;
-    case 64: csr_mm_4(rows, crow, col, val, b, c); return 0;
-    }
-    return -1;
+    BY_WIDTH(csr_mm, rows, crow, col, val, b, c)
 }
 
 int fedmpi_csr_t_mm(int64_t rows, int64_t cols, int64_t ld, const int32_t *crow, const int32_t *col,
                     const float *val, const float *a, float *c) {
-    switch (ld) {
-    case 16: csr_t_mm_1(rows, cols, crow, col, val, a, c); return 0;
-    case 32: csr_t_mm_2(rows, cols, crow, col, val, a, c); return 0;
-    case 48: csr_t_mm_3(rows, cols, crow, col, val, a, c); return 0;
-    case 64: csr_t_mm_4(rows, cols, crow, col, val, a, c); return 0;
-    }
-    return -1;
+    BY_WIDTH(csr_t_mm, rows, cols, crow, col, val, a, c)
 }
 
 int fedmpi_sddmm(int64_t rows, int64_t ld, const int32_t *crow, const int32_t *col, const float *a,
                  const float *b, float *out) {
-    switch (ld) {
-    case 16: sddmm_1(rows, crow, col, a, b, out); return 0;
-    case 32: sddmm_2(rows, crow, col, a, b, out); return 0;
-    case 48: sddmm_3(rows, crow, col, a, b, out); return 0;
-    case 64: sddmm_4(rows, crow, col, a, b, out); return 0;
-    }
-    return -1;
+    BY_WIDTH(sddmm, rows, crow, col, a, b, out)
 }
 
 #else   /* not x86-64 with GCC or Clang: nothing here runs; simd.py falls back to MKL */
