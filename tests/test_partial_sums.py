@@ -454,6 +454,11 @@ def test_refused_inputs():
     small = summer.scales([ModelUpdate({"t": np.full(2, 0.5, np.float32)})], [1])
     with pytest.raises(ValueError, match="scales"):
         summer.partial_sums([ModelUpdate({"t": np.full(2, 4.0, np.float32)})], [1], small)
+    # a first pass is the running sums of its own uploads and weights only
+    first = summer.first_pass([update, update], [1, 2])
+    for uploads, weights in (([update, update], [2, 1]), ([update], [1])):
+        with pytest.raises(ValueError, match="first pass of other uploads"):
+            summer.partial_sums(uploads, weights, first.scales, own=first)
 
 
 # ------------------------------------------------------------------------------ algorithm hooks
