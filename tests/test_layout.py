@@ -117,3 +117,18 @@ def test_the_docs_key_table_is_every_key_with_its_declared_default():
     assert sorted(set(documented) - set(keys)) == [], "docs/interface.md lists keys that do not exist"
     wrong = {k: (documented[k], v) for k, v in keys.items() if not _same_default(documented[k], v)}
     assert not wrong, f"defaults in docs/interface.md that differ from the declared ones: {wrong}"
+
+
+def test_the_compiled_parts_load_only_when_first_used():
+    """``fedmpi run`` imports the engine before MPI_Init; a C library loaded by then made MPICH's
+    PMI-2 start-up fail under srun (tests/test_two_node_slurm.py). Importing everything a run
+    imports before it initialises MPI must load none of them."""
+    import subprocess
+    import sys
+
+    probe = ("import fedmpi.cli, fedmpi.engine, fedmpi.training; "
+             "from fedmpi.aggregation import quantise; from fedmpi.sparse_kernels import simd; "
+             "print(quantise._NATIVE, simd._LIB)")     # None: not loaded yet (False: not usable)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "None"], out.stdout

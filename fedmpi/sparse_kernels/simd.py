@@ -37,17 +37,24 @@ def _load():
     return lib, None
 
 
-_LIB, UNAVAILABLE_BECAUSE = _load()
+# loaded at the first question (``available``), not at import: a library loaded before MPI_Init
+# has made MPICH's PMI-2 start-up under srun fail (fedmpi/aggregation/quantise.py says more)
+_LIB = None                   # None: not loaded yet; False: not usable
+UNAVAILABLE_BECAUSE = None    # why not, once ``available`` has looked
 
 
 def available() -> bool:
-    return _LIB is not None
+    global _LIB, UNAVAILABLE_BECAUSE
+    if _LIB is None:
+        lib, UNAVAILABLE_BECAUSE = _load()
+        _LIB = lib if lib is not None else False
+    return bool(_LIB)
 
 
 def usable(structure, batch: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether the products of ``structure``'s CSR matrix with a dense side of ``batch`` columns
     run here (module doc)."""
-    return (_LIB is not None and 0 < batch <= MAX_BATCH and torch.get_num_threads() == 1
+    return (available() and 0 < batch <= MAX_BATCH and torch.get_num_threads() == 1
             and dtype == torch.float32 and device.type == "cpu" and structure.crow.dtype == torch.int32)
 
 
