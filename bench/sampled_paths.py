@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     times = time_cases({key: step for key, (_, step) in steps.items()}, args.repeats, args.min_time)
     print(f"ms per call, median of {args.repeats}; 'model' is the cost model's pick, '*' marks the faster measured path")
     if not simd.available():
-        print(f"sampled_paths.py: the simd column is empty ({simd.UNAVAILABLE_BECAUSE})", file=sys.stderr)
+        print(f"sampled_paths.py: the simd column is empty ({simd.unavailable_because()})", file=sys.stderr)
     print(f"{'case':>13} {'density':>7} {'sampled':>8} {'blocks':>8} {'simd':>8}  model")
     rows_out = []
     for name, (rows, k, cols) in CASES.items():

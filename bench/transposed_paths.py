@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         print("transposed_paths.py: libtorch_cpu exports no MKL sparse BLAS here; the MKL rows are left out",
               file=sys.stderr)
     if not simd.available():
-        print(f"transposed_paths.py: the simd rows are left out ({simd.UNAVAILABLE_BECAUSE})", file=sys.stderr)
+        print(f"transposed_paths.py: the simd rows are left out ({simd.unavailable_because()})", file=sys.stderr)
     generator = torch.Generator().manual_seed(0)
     gy, x = torch.randn(BATCH, ROWS, generator=generator), torch.randn(BATCH, COLS, generator=generator)
     steps = {}

@@ -62,7 +62,7 @@ def _versions() -> dict:
             "mpi": MPI.Get_library_version().splitlines()[0].strip(),
             # floats differ across CPU kinds: record which kernels this machine ran
             "cpu": _cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "sparse_linear_products": "csr_simd" if simd.available() else f"mkl ({simd.UNAVAILABLE_BECAUSE})"}
+            "sparse_linear_products": "csr_simd" if simd.available() else f"mkl ({simd.unavailable_because()})"}
 
 
 def _cpu_model() -> str:

@@ -128,7 +128,20 @@ def test_the_compiled_parts_load_only_when_first_used():
 
     probe = ("import fedmpi.cli, fedmpi.engine, fedmpi.training; "
              "from fedmpi.aggregation import quantise; from fedmpi.sparse_kernels import simd; "
-             "print(quantise._NATIVE, simd._LIB)")     # None: not loaded yet (False: not usable)
+             "print(quantise.GRID_PASS.loaded, simd.LIBRARY.loaded)")     # None: not looked for yet
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["None", "None"], out.stdout
+
+
+def test_a_compiled_part_that_does_not_load_leaves_the_torch_numpy_path(tmp_path, monkeypatch):
+    """A library built for another machine (a shared file system) must not stop the run."""
+    import types
+
+    from fedmpi import native
+
+    broken = tmp_path / "_broken.so"
+    broken.write_text("not a shared object")
+    monkeypatch.setattr(native.importlib.util, "find_spec", lambda module: types.SimpleNamespace(origin=str(broken)))
+    library = native.Library("fedmpi.aggregation._broken", {})
+    assert library.get() is None and "does not load here" in library.why

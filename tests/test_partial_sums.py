@@ -239,9 +239,9 @@ def grid_path(request, monkeypatch):
     (skipped where it is not built) or numpy and torch."""
     import fedmpi.aggregation.quantise as quantise
     if request.param == "numpy":
-        monkeypatch.setattr(quantise, "_NATIVE", False)
-    elif quantise._native() is None:
-        pytest.skip(f"grid_pass.c is not usable here: {quantise.NATIVE_UNAVAILABLE_BECAUSE}")
+        monkeypatch.setattr(quantise.GRID_PASS, "loaded", False)
+    elif quantise.GRID_PASS.get() is None:
+        pytest.skip(f"grid_pass.c is not usable here: {quantise.GRID_PASS.why}")
     return request.param
 
 
@@ -249,8 +249,8 @@ def test_both_grid_passes_give_the_same_bits(chunk):
     """grid_pass.c against numpy and torch on values spread over 2^±60 with zeros, −0, subnormals,
     repeated and zero weights, a ragged size: every array bit for bit."""
     import fedmpi.aggregation.quantise as quantise
-    if quantise._native() is None:
-        pytest.skip(f"grid_pass.c is not usable here: {quantise.NATIVE_UNAVAILABLE_BECAUSE}")
+    if quantise.GRID_PASS.get() is None:
+        pytest.skip(f"grid_pass.c is not usable here: {quantise.GRID_PASS.why}")
     rng = np.random.default_rng(5)
     size, count = 1000, 13
     thetas = [(rng.standard_normal(size) * 2.0 ** rng.uniform(-60, 60, size)).astype(np.float32)
@@ -261,11 +261,11 @@ def test_both_grid_passes_give_the_same_bits(chunk):
         t[rng.integers(0, size, 10)] = np.float32(2.0 ** -140)
     weights = [0, 2 ** 29, 7, 7, 1, 0, 60, 7, 3000, 1, 1, 2, 5]
     native = quantise.grid_pass(thetas, weights)
-    quantise._NATIVE, kept = False, quantise._NATIVE
+    quantise.GRID_PASS.loaded, kept = False, quantise.GRID_PASS.loaded
     try:
         numpy_pass = quantise.grid_pass(thetas, weights)
     finally:
-        quantise._NATIVE = kept
+        quantise.GRID_PASS.loaded = kept
     assert native.largest.tobytes() == numpy_pass.largest.tobytes()
     assert native.total.tobytes() == numpy_pass.total.tobytes()
     assert np.array_equal(native.smallest, numpy_pass.smallest)     # a −0 minimum equals +0

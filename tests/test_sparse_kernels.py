@@ -82,7 +82,7 @@ def product_path(request, monkeypatch):
         monkeypatch.setattr(simd, "usable", lambda *args: False)
     else:
         if not simd.available():
-            pytest.skip(f"csr_simd not usable here: {simd.UNAVAILABLE_BECAUSE}")
+            pytest.skip(f"csr_simd not usable here: {simd.unavailable_because()}")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         request.addfinalizer(lambda: torch.set_num_threads(threads))

@@ -13,26 +13,11 @@ import torch
 from .. import native
 from ..update import tensor_view
 
-# grid_pass.c's library, loaded at the first sum (``_native``), not at import: a library loaded
-# before MPI_Init has made MPICH's PMI-2 start-up under srun fail (tests/test_two_node_slurm.py).
-# None: not loaded yet; False: not usable (``NATIVE_UNAVAILABLE_BECAUSE`` says why; tests set it
-# to take the numpy path).
-_NATIVE = None
-NATIVE_UNAVAILABLE_BECAUSE = None
-
-
-def _native():
-    """The loaded library, or None where it is not usable."""
-    global _NATIVE, NATIVE_UNAVAILABLE_BECAUSE
-    if _NATIVE is None:
-        lib, NATIVE_UNAVAILABLE_BECAUSE = native.load("fedmpi.aggregation._grid_pass")
-        if lib is not None:
-            lib.fedmpi_grid_pass.argtypes = [ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5
-            lib.fedmpi_grid_pass.restype = ctypes.c_int
-            lib.fedmpi_off_grid_sum.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4
-            lib.fedmpi_off_grid_sum.restype = None
-        _NATIVE = lib if lib is not None else False
-    return _NATIVE or None
+# grid_pass.c, loaded at the first sum (native.Library says why not at import)
+GRID_PASS = native.Library("fedmpi.aggregation._grid_pass", {
+    "fedmpi_grid_pass": ([ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5, ctypes.c_int),
+    "fedmpi_off_grid_sum": ([ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4, None),
+})
 
 # A float64 sum depends on the order of its terms, so summing each worker rank's clients and then
 # the ranks' partial sums would change the last bits with the rank count. Integers add exactly, in
@@ -118,16 +103,15 @@ def grid_pass(thetas: list[np.ndarray], weights: list[int]) -> GridPass:
     size = thetas[0].size if thetas else 0
     largest, total = np.zeros(size), np.zeros(size)
     smallest = np.full(size, np.inf, dtype=np.float32)
-    lib = _native()
+    lib = GRID_PASS.get()
     if lib is not None and thetas:
         # the uploads in the order the numpy path takes them (by weight): the same totals' bits
         # even where they are not exact (those elements are redone, but a test compares them)
         order = [k for _, group in _by_weight(weights) for k in group]
         flat = [np.ascontiguousarray(thetas[k]) for k in order]
-        pointers = (ctypes.c_void_p * len(flat))(*[t.ctypes.data for t in flat])
         w = np.asarray([weights[k] for k in order], dtype=np.float64)
-        bad = lib.fedmpi_grid_pass(size, len(flat), pointers, w.ctypes.data, largest.ctypes.data,
-                                       total.ctypes.data, smallest.ctypes.data)
+        bad = lib.fedmpi_grid_pass(size, len(flat), native.pointers(flat), w.ctypes.data, largest.ctypes.data,
+                                   total.ctypes.data, smallest.ctypes.data)
         return GridPass(largest, total, smallest, not bad)
     total_t, smallest_t = torch.from_numpy(total), torch.from_numpy(smallest)
     spans = chunks(size)
@@ -177,17 +161,16 @@ def _on_grid_sum(held_by, e: np.ndarray, factor: np.ndarray, labels, name: str,
 def _off_grid_sum(held_by, off_grid: np.ndarray, factor: np.ndarray, labels, name: str) -> np.ndarray:
     """``_quantised_sum`` of the elements ``off_grid`` (unmasked uploads, trusted scales): in C
     where grid_pass.c is built, the same integers."""
-    lib = _native()
+    lib = GRID_PASS.get()
     if lib is None:
         return _quantised_sum([(k, w, values[off_grid], None) for k, w, values, _ in held_by], factor, labels,
                               name, check_range=False)
     flat = [np.ascontiguousarray(values) for _, _, values, _ in held_by]
-    pointers = (ctypes.c_void_p * len(flat))(*[t.ctypes.data for t in flat])
     w = np.asarray([w for _, w, _, _ in held_by], dtype=np.float64)
     factor, index = np.ascontiguousarray(factor), np.ascontiguousarray(off_grid, dtype=np.int64)
     out = np.empty(off_grid.size, dtype=np.int64)
-    lib.fedmpi_off_grid_sum(off_grid.size, index.ctypes.data, len(flat), pointers, w.ctypes.data,
-                                factor.ctypes.data, out.ctypes.data)
+    lib.fedmpi_off_grid_sum(off_grid.size, index.ctypes.data, len(flat), native.pointers(flat), w.ctypes.data,
+                            factor.ctypes.data, out.ctypes.data)
     return out
 
 

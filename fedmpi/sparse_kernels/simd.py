@@ -22,33 +22,23 @@ MAX_BATCH = 64
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 
 
-def _load():
-    """The built library, or the reason it is not used."""
-    lib, why = native.load("fedmpi.sparse_kernels._csr_simd", "FEDMPI_SPARSE_SIMD")
-    if lib is None:
-        return None, why
-    lib.fedmpi_simd_available.restype = ctypes.c_int
-    if not lib.fedmpi_simd_available():
-        return None, "this CPU has no AVX-512F"
-    for name, args in (("fedmpi_csr_mm", [_I64, _I64, _P, _P, _P, _P, _P]),
-                       ("fedmpi_csr_t_mm", [_I64, _I64, _I64, _P, _P, _P, _P, _P]),
-                       ("fedmpi_sddmm", [_I64, _I64, _P, _P, _P, _P, _P])):
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, ctypes.c_int
-    return lib, None
-
-
-# loaded at the first question (``available``), not at import: a library loaded before MPI_Init
-# has made MPICH's PMI-2 start-up under srun fail (fedmpi/aggregation/quantise.py says more)
-_LIB = None                   # None: not loaded yet; False: not usable
-UNAVAILABLE_BECAUSE = None    # why not, once ``available`` has looked
+LIBRARY = native.Library("fedmpi.sparse_kernels._csr_simd", {
+    "fedmpi_simd_available": ([], ctypes.c_int),
+    "fedmpi_csr_mm": ([_I64, _I64, _P, _P, _P, _P, _P], ctypes.c_int),
+    "fedmpi_csr_t_mm": ([_I64, _I64, _I64, _P, _P, _P, _P, _P], ctypes.c_int),
+    "fedmpi_sddmm": ([_I64, _I64, _P, _P, _P, _P, _P], ctypes.c_int),
+}, disable="FEDMPI_SPARSE_SIMD",
+    usable=lambda lib: None if lib.fedmpi_simd_available() else "this CPU has no AVX-512F")
 
 
 def available() -> bool:
-    global _LIB, UNAVAILABLE_BECAUSE
-    if _LIB is None:
-        lib, UNAVAILABLE_BECAUSE = _load()
-        _LIB = lib if lib is not None else False
-    return bool(_LIB)
+    return LIBRARY.get() is not None
+
+
+def unavailable_because() -> str | None:
+    """Why the products do not run here (None where they do)."""
+    LIBRARY.get()
+    return LIBRARY.why
 
 
 def usable(structure, batch: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -80,7 +70,7 @@ def _ptr(t: torch.Tensor) -> int:
 def csr_mm(structure, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """W · B (rows × ld) for B padded (cols × ld, ``padded``)."""
     c = b.new_empty(structure.rows, b.shape[1])
-    _check(_LIB.fedmpi_csr_mm(structure.rows, b.shape[1], _ptr(structure.crow), _ptr(structure.col),
+    _check(LIBRARY.get().fedmpi_csr_mm(structure.rows, b.shape[1], _ptr(structure.crow), _ptr(structure.col),
                               _ptr(values.contiguous()), _ptr(b), _ptr(c)))
     return c
 
@@ -88,7 +78,7 @@ def csr_mm(structure, values: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def csr_t_mm(structure, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Wᵀ · A (cols × ld) for A padded (rows × ld): no permuted copy of W's values."""
     c = a.new_empty(structure.cols, a.shape[1])
-    _check(_LIB.fedmpi_csr_t_mm(structure.rows, structure.cols, a.shape[1], _ptr(structure.crow),
+    _check(LIBRARY.get().fedmpi_csr_t_mm(structure.rows, structure.cols, a.shape[1], _ptr(structure.crow),
                                 _ptr(structure.col), _ptr(values.contiguous()), _ptr(a), _ptr(c)))
     return c
 
@@ -96,6 +86,6 @@ def csr_t_mm(structure, values: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def sddmm(structure, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(A Bᵀ) at the active positions, CSR order, for A (rows × ld) and B (cols × ld) padded."""
     out = a.new_empty(structure.nnz)
-    _check(_LIB.fedmpi_sddmm(structure.rows, a.shape[1], _ptr(structure.crow), _ptr(structure.col),
+    _check(LIBRARY.get().fedmpi_sddmm(structure.rows, a.shape[1], _ptr(structure.crow), _ptr(structure.col),
                              _ptr(a), _ptr(b), _ptr(out)))
     return out
