@@ -70,7 +70,7 @@ class FixedPointSum:
                 done = grid[name] = grid_pass([v for _, _, v, _ in held_by], [w for _, w, _, _ in held_by])
                 largest, finite, any_masked = done.largest, done.finite, False
             else:
-                largest, any_masked = self._largest(updates, weights, labels, name, positions)
+                largest, any_masked = self._largest(held_by, positions, name)
                 finite = bool(np.all(np.isfinite(largest)))
             masked[t] = int(any_masked or positions is not None)
             if not finite:
@@ -219,8 +219,9 @@ class FixedPointSum:
                 raise ValueError(f"{name}: upload {label} has a mask of {held.size} entries for {values.size} values")
         return values.reshape(-1), held
 
-    def _largest(self, updates, weights, labels, name: str, positions: np.ndarray | None):
-        """(max_k |w_k·θ_k| per element as float64, whether some upload masks the tensor).
+    def _largest(self, held_by: list[tuple], positions: np.ndarray | None, name: str):
+        """(max_k |w_k·θ_k| per element as float64, whether some upload masks the tensor), over
+        ``held_by`` (``_held_by``'s uploads of tensor ``name``).
 
         Per distinct weight w, the running maximum of |θ_k| is kept in float32 for float32 θ
         (|θ| and the maximum are exact there, at half the memory traffic of float64), then
@@ -229,8 +230,8 @@ class FixedPointSum:
         caller."""
         size = positions.size if positions is not None else self.segments[name].stop - self.segments[name].start
         groups, any_masked = [], False          # (w, [(flat θ, flat mask or None), ...]) per distinct weight
-        for w, group in _by_weight(weights):
-            taken = [t for k in group if (t := self._flat_values(updates[k], name, _label(labels, k), positions))]
+        for w, group in _by_weight([w for _, w, _, _ in held_by]):
+            taken = [held_by[i][2:] for i in group]
             any_masked |= any(held is not None for _, held in taken)
             groups.append((np.float64(w), taken))
         largest = np.zeros(size, dtype=np.float64)
